@@ -1,0 +1,177 @@
+//! Command-line definitions. Parsing only: `config` turns these into validated settings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ntp-dtls",
+    version,
+    about = "Carry NTP over DTLS 1.2, one NTP datagram per DTLS record, so unmodified NTP clients \
+             and servers exchange time over an authenticated channel.",
+    after_help = "Security policy (fixed, no switch weakens it): DTLS 1.2 only, \
+                  TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 only, extended master secret required, \
+                  cookie exchange, certificate chain and DNS/IP SAN checks.\n\n\
+                  Typical use:\n  \
+                  ntp-dtls certs --out certs --server-name time.example.net\n  \
+                  ntp-dtls server --cert certs/server.pem --key certs/server.key.pem\n  \
+                  ntp-dtls client --server time.example.net:1123 --ca certs/ca.pem\n  \
+                  ntpdate -q 127.0.0.1"
+)]
+pub struct Cli {
+    /// Log level filter (error, warn, info, debug, trace); RUST_LOG overrides it
+    #[arg(long, global = true, default_value = "info", env = "NTP_DTLS_LOG")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Client-side relay: local NTP clients in, one persistent DTLS association per upstream out
+    Client(ClientArgs),
+    /// Server-side relay: DTLS associations in, plain NTP to the time server (chronyd) out
+    Server(ServerArgs),
+    /// Generate a lab PKI: CA, server and client certificates and keys (ECDSA P-256)
+    Certs(CertsArgs),
+    /// Query an NTP server, plain or over DTLS, and print offset, delay and stratum
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// TOML file with one or more [[tunnel]] entries (see README); excludes the tunnel flags
+    #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key"])]
+    pub config: Option<PathBuf>,
+
+    /// Local UDP address the NTP clients query
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Server relay to connect to, HOST:PORT (host names are resolved at start-up)
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "config")]
+    pub server: Option<String>,
+
+    /// Name expected in the server certificate's DNS or IP SAN [default: the host of --server]
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// CA certificate(s) the server's chain must lead to (PEM)
+    #[arg(long, value_name = "FILE", required_unless_present = "config")]
+    pub ca: Option<PathBuf>,
+
+    /// Client certificate chain (PEM), for servers that require mutual authentication
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// TOML file with the server settings (see README); flags given as well override it
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+
+    /// UDP address to accept DTLS associations on [default: 0.0.0.0:1123]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Time server to forward to, HOST:PORT, or "builtin" to answer from this host's clock
+    /// [default: 127.0.0.1:123]
+    #[arg(long, value_name = "ADDR|builtin")]
+    pub upstream: Option<String>,
+
+    /// Server certificate chain (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Require every client to present a certificate chaining to this CA (mutual authentication)
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Stratum the builtin time source announces [default: 2]
+    #[arg(long, value_name = "N")]
+    pub stratum: Option<u8>,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Directory to write the PKI into
+    #[arg(long, value_name = "DIR", default_value = "certs")]
+    pub out: PathBuf,
+
+    /// DNS name or IP address for the server certificate (repeat for more; the first is the CN)
+    #[arg(long = "server-name", value_name = "NAME", required = true)]
+    pub server_names: Vec<String>,
+
+    /// DNS name or IP address for the client certificate [default: ntp-dtls-client]
+    #[arg(long = "client-name", value_name = "NAME")]
+    pub client_names: Vec<String>,
+
+    /// Validity in days
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+
+    /// Overwrite existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// NTP server (or server relay with --dtls), HOST:PORT
+    #[arg(value_name = "HOST:PORT")]
+    pub server: String,
+
+    /// Number of queries
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub count: u32,
+
+    /// Seconds between queries
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+
+    /// Seconds to wait for each reply (and for the DTLS handshake)
+    #[arg(long, default_value_t = 2.0)]
+    pub timeout: f64,
+
+    /// Speak DTLS to a server relay instead of plain NTP
+    #[arg(long, requires = "ca")]
+    pub dtls: bool,
+
+    /// CA certificate(s) the server relay's chain must lead to (with --dtls)
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// Name expected in the server certificate [default: the host of HOST:PORT]
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// Client certificate chain (PEM), for mutual authentication
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// Private key of --cert
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Output format
+    #[arg(long, value_enum, default_value_t = QueryFormat::Text)]
+    pub format: QueryFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryFormat {
+    Text,
+    /// One line per reply: offset_s delay_s stratum
+    Raw,
+}

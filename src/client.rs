@@ -1,0 +1,407 @@
+//! The client-side relay: local NTP clients in, one persistent DTLS association per upstream out.
+//!
+//! Each tunnel is one task that owns its local socket, its upstream socket and engine, and its
+//! table of outstanding requests: no locks on the datagram path. chronyd and `ntpdate -u` send
+//! every request from a fresh source port, so the association is made at start-up and shared;
+//! a request never waits for a handshake. Replies find their way back through the pending table,
+//! matched by origin timestamp.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::{ClientConfig, Tunnel};
+use crate::daemon::{Shutdown, notify_ready};
+use crate::engine::{DtlsEngine, Engine, Event, Failure};
+use crate::ntp;
+use crate::pending::{InsertError, InsertOutcome, PendingTable};
+use crate::stats::{Counter, Stats};
+
+/// Outstanding requests per tunnel. NTP clients poll at most a few times a second each; this
+/// leaves room for bursts from many local clients.
+pub const PENDING_CAPACITY: usize = 4096;
+/// How long a request waits for its reply. ntpdate and sntp give up after a second or two.
+pub const PENDING_TTL: Duration = Duration::from_secs(8);
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Large enough for any datagram we accept (NTP is at most ntp::MAX_PACKET_LEN; DTLS adds 37).
+const BUFFER_LEN: usize = 2048;
+
+/// Runs every tunnel until shutdown. Returns an error only for start-up failures.
+///
+/// Tunnel tasks are local to this thread: each owns its engine (rtc-dtls's is not `Sync`), and
+/// nothing on a datagram's path crosses threads.
+pub async fn run(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    tokio::task::LocalSet::new()
+        .run_until(run_tunnels(config, shutdown))
+        .await
+}
+
+async fn run_tunnels(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let mut locals = Vec::with_capacity(config.tunnels.len());
+    for tunnel in &config.tunnels {
+        let socket = UdpSocket::bind(tunnel.listen)
+            .await
+            .with_context(|| format!("{}: cannot listen on {}", tunnel.name, tunnel.listen))?;
+        locals.push(socket);
+    }
+
+    let mut outcomes = Vec::new();
+    let mut tasks = Vec::new();
+    let mut listening = Vec::new();
+    for (tunnel, local) in config.tunnels.into_iter().zip(locals) {
+        listening.push(local.local_addr().unwrap_or(tunnel.listen).to_string());
+        let (first_outcome, outcome) = oneshot::channel();
+        outcomes.push(outcome);
+        let task = TunnelTask::new(tunnel, local, stats.clone(), first_outcome);
+        tasks.push(tokio::task::spawn_local(task.run(shutdown.clone())));
+    }
+
+    // Ready once every tunnel's first association is up or has failed once: a supervisor that
+    // waits for us then knows whether time can flow.
+    let mut up = 0;
+    for outcome in outcomes {
+        if outcome.await.unwrap_or(false) {
+            up += 1;
+        }
+    }
+    let listen = listening.join(",");
+    info!(listen = %listen, tunnels = listening.len(), associations_up = up, "ready");
+    notify_ready(&format!("{up} of {} associations up", listening.len()));
+
+    for task in tasks {
+        if let Err(e) = task.await {
+            warn!(error = %e, "tunnel task ended abnormally");
+        }
+    }
+    let summary: Vec<String> = stats
+        .nonzero()
+        .into_iter()
+        .map(|(label, value)| format!("{label}={value}"))
+        .collect();
+    info!(counters = %summary.join(" "), "stopped");
+    Ok(())
+}
+
+/// The association towards the server relay, from its own ephemeral source port.
+struct Upstream {
+    socket: UdpSocket,
+    engine: Engine,
+    established: bool,
+}
+
+struct TunnelTask {
+    tunnel: Tunnel,
+    local: UdpSocket,
+    stats: Arc<Stats>,
+    pending: PendingTable<SocketAddr>,
+    upstream: Option<Upstream>,
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    /// The reason of the last refusal, so a failing server is logged once, not every retry.
+    last_failure: Option<String>,
+    first_outcome: Option<oneshot::Sender<bool>>,
+    events: Vec<Event>,
+}
+
+impl TunnelTask {
+    fn new(
+        tunnel: Tunnel,
+        local: UdpSocket,
+        stats: Arc<Stats>,
+        first_outcome: oneshot::Sender<bool>,
+    ) -> Self {
+        TunnelTask {
+            tunnel,
+            local,
+            stats,
+            pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
+            upstream: None,
+            retry_at: Some(Instant::now()),
+            backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
+            last_failure: None,
+            first_outcome: Some(first_outcome),
+            events: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, mut shutdown: Shutdown) {
+        let mut local_buf = [0u8; BUFFER_LEN];
+        let mut upstream_buf = [0u8; BUFFER_LEN];
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                received = self.local.recv_from(&mut local_buf) => match received {
+                    Ok((len, from)) => self.on_request(&local_buf[..len], from),
+                    Err(e) => debug!(tunnel = %self.tunnel.name, error = %e, "local receive error"),
+                },
+                received = recv_upstream(self.upstream.as_ref(), &mut upstream_buf) => match received {
+                    Ok(len) => self.on_upstream(&upstream_buf[..len]).await,
+                    // ICMP port unreachable and the like: the server relay is not there (yet).
+                    Err(e) => {
+                        self.stats.incr(Counter::DropUpstreamError);
+                        debug!(tunnel = %self.tunnel.name, error = %e, "upstream receive error");
+                    }
+                },
+                _ = sleep_until(deadline) => self.on_timer(Instant::now()).await,
+            }
+            self.flush().await;
+        }
+        if let Some(mut upstream) = self.upstream.take() {
+            if upstream.established {
+                upstream.engine.close(Instant::now(), self.tunnel.server);
+                flush_upstream(&mut upstream, &self.stats).await;
+                info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = "shutdown", "association closed");
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let engine = self
+            .upstream
+            .as_ref()
+            .and_then(|u| u.engine.poll_timeout(self.tunnel.server));
+        [engine, self.pending.next_deadline(), self.retry_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A request from a local NTP client: check it, remember who asked, send it on.
+    fn on_request(&mut self, datagram: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        let request = match ntp::check_request(datagram) {
+            Ok(request) => request,
+            Err(rejection) => {
+                self.stats.incr(rejection.into());
+                debug!(tunnel = %self.tunnel.name, %from, %rejection, "request dropped");
+                return;
+            }
+        };
+        let Some(upstream) = self.upstream.as_mut().filter(|u| u.established) else {
+            self.stats.incr(Counter::DropNoAssociation);
+            debug!(tunnel = %self.tunnel.name, %from, "request dropped: no association up");
+            return;
+        };
+        match self
+            .pending
+            .insert(now, request.transmit.0, request.receive.0, from)
+        {
+            Ok(InsertOutcome::InsertedEvictingOldest) => self.stats.incr(Counter::EvictedPending),
+            Ok(_) => {}
+            Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
+                self.stats.incr(Counter::DropCollision);
+                debug!(tunnel = %self.tunnel.name, %from, "request dropped: transmit timestamp unusable for matching");
+                return;
+            }
+        }
+        match upstream.engine.send(now, self.tunnel.server, datagram) {
+            Ok(()) => self.stats.incr(Counter::RequestsForwarded),
+            Err(e) => {
+                self.stats.incr(Counter::DropNoAssociation);
+                debug!(tunnel = %self.tunnel.name, error = %e, "request dropped");
+            }
+        }
+    }
+
+    async fn on_upstream(&mut self, datagram: &[u8]) {
+        let now = Instant::now();
+        let Some(upstream) = self.upstream.as_mut() else {
+            return;
+        };
+        upstream
+            .engine
+            .receive(now, self.tunnel.server, datagram, &mut self.events);
+        self.handle_events(now).await;
+    }
+
+    async fn handle_events(&mut self, now: Instant) {
+        let mut events = std::mem::take(&mut self.events);
+        for event in events.drain(..) {
+            match event {
+                Event::Data { payload, .. } => self.on_reply(now, &payload).await,
+                Event::Established { peer, identity } => {
+                    if let Some(upstream) = self.upstream.as_mut() {
+                        upstream.established = true;
+                    }
+                    self.backoff.reset();
+                    self.last_failure = None;
+                    self.stats.incr(Counter::AssociationsEstablished);
+                    info!(tunnel = %self.tunnel.name, server = %peer, subject = %identity,
+                        cipher = crate::engine::CIPHER_SUITE, "association established");
+                    self.report_first_outcome(true);
+                }
+                Event::Failed { peer, failure } => {
+                    self.stats.incr(Counter::AssociationsRefused);
+                    self.on_failure(now, peer, &failure);
+                }
+                Event::Closed { peer, reason } => {
+                    self.stats.incr(Counter::AssociationsClosed);
+                    info!(tunnel = %self.tunnel.name, server = %peer, %reason, "association closed");
+                    self.upstream = None;
+                    self.schedule_retry(now);
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    fn on_failure(&mut self, now: Instant, peer: SocketAddr, failure: &Failure) {
+        let reason = failure.label();
+        if self.last_failure.as_deref() != Some(reason) {
+            info!(tunnel = %self.tunnel.name, server = %peer, reason, detail = %failure,
+                "association refused");
+        } else {
+            debug!(tunnel = %self.tunnel.name, server = %peer, reason, "association refused again");
+        }
+        self.last_failure = Some(reason.to_string());
+        self.upstream = None;
+        self.schedule_retry(now);
+        self.report_first_outcome(false);
+    }
+
+    fn schedule_retry(&mut self, now: Instant) {
+        let delay = self.backoff.next_delay(jitter_unit());
+        self.retry_at = Some(now + delay);
+        debug!(tunnel = %self.tunnel.name, delay_ms = delay.as_millis() as u64, "handshake retry scheduled");
+    }
+
+    fn report_first_outcome(&mut self, up: bool) {
+        if let Some(sender) = self.first_outcome.take() {
+            let _ = sender.send(up);
+        }
+    }
+
+    /// A reply from the server relay: back to the local socket whose request it answers.
+    async fn on_reply(&mut self, now: Instant, payload: &[u8]) {
+        let reply = match ntp::check_reply(payload) {
+            Ok(reply) => reply,
+            Err(rejection) => {
+                self.stats.incr(rejection.into());
+                debug!(tunnel = %self.tunnel.name, %rejection, "reply dropped");
+                return;
+            }
+        };
+        let Some(client) = self.pending.take(now, reply.origin.0) else {
+            self.stats.incr(Counter::DropUnmatchedReply);
+            debug!(tunnel = %self.tunnel.name, "reply dropped: matches no outstanding request");
+            return;
+        };
+        match self.local.send_to(payload, client).await {
+            Ok(_) => self.stats.incr(Counter::RepliesDelivered),
+            Err(e) => {
+                debug!(tunnel = %self.tunnel.name, %client, error = %e, "reply not delivered")
+            }
+        }
+    }
+
+    async fn on_timer(&mut self, now: Instant) {
+        let expired = self.pending.expire(now);
+        if expired > 0 {
+            self.stats.add(Counter::ExpiredPending, expired as u64);
+        }
+        if let Some(upstream) = self.upstream.as_mut() {
+            if upstream
+                .engine
+                .poll_timeout(self.tunnel.server)
+                .is_some_and(|due| due <= now)
+            {
+                upstream
+                    .engine
+                    .handle_timeout(now, self.tunnel.server, &mut self.events);
+                self.handle_events(now).await;
+            }
+        }
+        if self.retry_at.is_some_and(|due| due <= now) {
+            self.retry_at = None;
+            self.start_association(now).await;
+        }
+    }
+
+    /// A fresh association from a fresh ephemeral port: nothing of a previous one is reused.
+    async fn start_association(&mut self, now: Instant) {
+        let server = self.tunnel.server;
+        let bind: IpAddr = if server.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let attempt = async {
+            let socket = UdpSocket::bind((bind, 0)).await?;
+            socket.connect(server).await?;
+            let mut engine = Engine::client(&self.tunnel.settings)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            engine
+                .connect(now, server)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok::<_, std::io::Error>(Upstream {
+                socket,
+                engine,
+                established: false,
+            })
+        };
+        match attempt.await {
+            Ok(upstream) => {
+                debug!(tunnel = %self.tunnel.name, %server,
+                    local = ?upstream.socket.local_addr().ok(), "handshake started");
+                self.upstream = Some(upstream);
+            }
+            Err(e) => {
+                self.on_failure(
+                    now,
+                    server,
+                    &Failure::Other(format!("cannot reach {server}: {e}")),
+                );
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        if let Some(upstream) = self.upstream.as_mut() {
+            flush_upstream(upstream, &self.stats).await;
+        }
+    }
+}
+
+async fn flush_upstream(upstream: &mut Upstream, stats: &Stats) {
+    while let Some(transmit) = upstream.engine.poll_transmit() {
+        if let Err(e) = upstream.socket.send(&transmit.datagram).await {
+            stats.incr(Counter::DropUpstreamError);
+            debug!(error = %e, "upstream send failed");
+        }
+    }
+}
+
+/// Receives on the upstream socket, or never resolves while there is none.
+async fn recv_upstream(upstream: Option<&Upstream>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match upstream {
+        Some(upstream) => upstream.socket.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until the deadline, or forever without one.
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A uniformly distributed number in [0, 1) for backoff jitter. Quality barely matters here;
+/// the standard library's randomly keyed hasher gives us one without a dependency.
+fn jitter_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -1,0 +1,424 @@
+//! Configuration: TOML files and flags merged into validated settings.
+//!
+//! Everything that can be wrong with a configuration is found here, at start-up, with the file
+//! and field named: a daemon that starts is a daemon whose certificates load, whose key matches
+//! its certificate and whose addresses resolve.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::cli::{ClientArgs, ServerArgs};
+use crate::engine::{ClientSettings, Identity, ServerSettings};
+use crate::pki;
+
+pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:123";
+pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:1123";
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:123";
+pub const DEFAULT_STRATUM: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{context}: {source}")]
+    Pki {
+        context: String,
+        source: pki::PkiError,
+    },
+    #[error("{context}: {message}")]
+    Engine { context: String, message: String },
+}
+
+/// One client tunnel: a local listener bound to one upstream server relay.
+#[derive(Clone)]
+pub struct Tunnel {
+    /// "tunnel N" or the listen address, for logs.
+    pub name: String,
+    pub listen: SocketAddr,
+    /// As written, for logs.
+    pub server_spec: String,
+    pub server: SocketAddr,
+    pub settings: ClientSettings,
+}
+
+pub struct ClientConfig {
+    pub tunnels: Vec<Tunnel>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    Udp(SocketAddr),
+    /// Answer from this host's clock, with this stratum.
+    Builtin {
+        stratum: u8,
+    },
+}
+
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub settings: ServerSettings,
+    /// Where the material came from, for reloads.
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub client_ca_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    /// Defaults for every tunnel.
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    tunnel: Vec<TunnelFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelFile {
+    listen: String,
+    server: String,
+    server_name: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    listen: Option<String>,
+    upstream: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    stratum: Option<u8>,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+/// toml's messages already name the line, column and field; we add the file.
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', " | "),
+    })
+}
+
+/// Resolves HOST:PORT (names at start-up, once), preferring the first address returned.
+pub fn resolve(spec: &str, what: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = spec.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let mut addrs = spec.to_socket_addrs().map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{what} {spec:?}: not an address or resolvable HOST:PORT ({e})"
+        ))
+    })?;
+    addrs
+        .next()
+        .ok_or_else(|| ConfigError::Invalid(format!("{what} {spec:?}: resolves to no address")))
+}
+
+/// The host part of HOST:PORT, without IPv6 brackets: the default reference identifier.
+pub fn host_of(spec: &str) -> String {
+    let host = match spec.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => spec,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+fn pki_context<T>(
+    result: Result<T, pki::PkiError>,
+    context: impl Into<String>,
+) -> Result<T, ConfigError> {
+    result.map_err(|source| ConfigError::Pki {
+        context: context.into(),
+        source,
+    })
+}
+
+/// Loads a certificate chain and its key, and checks they belong together.
+pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity, ConfigError> {
+    let chain = pki_context(pki::load_certificates(cert), "certificate")?;
+    let key_material = pki_context(pki::load_private_key(key), "private key")?;
+    let Some(leaf) = chain.first() else {
+        return Err(ConfigError::Invalid(format!(
+            "{}: no certificate in file",
+            cert.display()
+        )));
+    };
+    if !pki_context(pki::public_key_matches(leaf, &key_material), "private key")? {
+        return Err(ConfigError::Invalid(format!(
+            "{} does not match the certificate {}",
+            key.display(),
+            cert.display()
+        )));
+    }
+    Ok(Identity {
+        chain,
+        key: key_material,
+    })
+}
+
+fn optional_identity(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<Identity>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(load_identity(cert, key)?)),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::Invalid("cert is set but key is not".into())),
+        (None, Some(_)) => Err(ConfigError::Invalid("key is set but cert is not".into())),
+    }
+}
+
+/// Builds the settings of one client tunnel, checking everything a handshake will need.
+pub fn client_settings(
+    server_spec: &str,
+    server_name: Option<&str>,
+    ca: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<ClientSettings, ConfigError> {
+    let roots = pki_context(pki::load_ca_roots(ca), "CA file")?;
+    let settings = ClientSettings {
+        roots,
+        server_name: server_name
+            .map(str::to_owned)
+            .unwrap_or_else(|| host_of(server_spec)),
+        identity: optional_identity(cert, key)?,
+    };
+    // Build an engine once so that every policy error surfaces now.
+    crate::engine::Engine::client(&settings).map_err(|e| ConfigError::Engine {
+        context: format!("tunnel to {server_spec}"),
+        message: e.to_string(),
+    })?;
+    Ok(settings)
+}
+
+impl ClientConfig {
+    pub fn from_args(args: &ClientArgs) -> Result<Self, ConfigError> {
+        if let Some(path) = &args.config {
+            let file: ClientFile = read_toml(path)?;
+            return Self::from_file(path, file);
+        }
+        let server = args
+            .server
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid("--server is required".into()))?;
+        let ca = args
+            .ca
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid("--ca is required".into()))?;
+        let listen_spec = args.listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN);
+        let tunnel = Tunnel {
+            name: listen_spec.to_string(),
+            listen: resolve(listen_spec, "--listen")?,
+            server_spec: server.to_string(),
+            server: resolve(server, "--server")?,
+            settings: client_settings(
+                server,
+                args.server_name.as_deref(),
+                ca,
+                args.cert.as_deref(),
+                args.key.as_deref(),
+            )?,
+        };
+        Ok(ClientConfig {
+            tunnels: vec![tunnel],
+        })
+    }
+
+    fn from_file(path: &Path, file: ClientFile) -> Result<Self, ConfigError> {
+        if file.tunnel.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{}: no [[tunnel]] entry",
+                path.display()
+            )));
+        }
+        let mut tunnels = Vec::with_capacity(file.tunnel.len());
+        for (index, entry) in file.tunnel.iter().enumerate() {
+            let name = format!("{}: tunnel {}", path.display(), index + 1);
+            let ca = entry.ca.as_deref().or(file.ca.as_deref()).ok_or_else(|| {
+                ConfigError::Invalid(format!("{name}: missing field `ca` (or a top-level `ca`)"))
+            })?;
+            let cert = entry.cert.as_deref().or(file.cert.as_deref());
+            let key = entry.key.as_deref().or(file.key.as_deref());
+            let settings =
+                client_settings(&entry.server, entry.server_name.as_deref(), ca, cert, key)
+                    .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+            let listen = resolve(&entry.listen, "listen")
+                .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+            if tunnels.iter().any(|t: &Tunnel| t.listen == listen) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: listen address {listen} is used by an earlier tunnel"
+                )));
+            }
+            tunnels.push(Tunnel {
+                name: format!("tunnel {}", index + 1),
+                listen,
+                server_spec: entry.server.clone(),
+                server: resolve(&entry.server, "server")
+                    .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?,
+                settings,
+            });
+        }
+        Ok(ClientConfig { tunnels })
+    }
+}
+
+impl ServerConfig {
+    pub fn from_args(args: &ServerArgs) -> Result<Self, ConfigError> {
+        let file: ServerFile = match &args.config {
+            Some(path) => read_toml(path)?,
+            None => ServerFile::default(),
+        };
+        let listen_spec = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_SERVER_LISTEN.to_string());
+        let upstream_spec = args
+            .upstream
+            .clone()
+            .or(file.upstream)
+            .unwrap_or_else(|| DEFAULT_UPSTREAM.to_string());
+        let stratum = args.stratum.or(file.stratum).unwrap_or(DEFAULT_STRATUM);
+        if !(1..=15).contains(&stratum) {
+            return Err(ConfigError::Invalid(format!(
+                "stratum {stratum}: must be 1 to 15"
+            )));
+        }
+        let upstream = if upstream_spec == "builtin" {
+            Upstream::Builtin { stratum }
+        } else {
+            Upstream::Udp(resolve(&upstream_spec, "upstream")?)
+        };
+        let cert_path = args.cert.clone().or(file.cert).ok_or_else(|| {
+            ConfigError::Invalid(
+                "the server needs a certificate: --cert FILE (or `cert` in the config file)".into(),
+            )
+        })?;
+        let key_path = args.key.clone().or(file.key).ok_or_else(|| {
+            ConfigError::Invalid(
+                "the server needs a private key: --key FILE (or `key` in the config file)".into(),
+            )
+        })?;
+        let client_ca_path = args.client_ca.clone().or(file.client_ca);
+        let settings = Self::load_settings(&cert_path, &key_path, client_ca_path.as_deref())?;
+        Ok(ServerConfig {
+            listen: resolve(&listen_spec, "listen")?,
+            upstream,
+            settings,
+            cert_path,
+            key_path,
+            client_ca_path,
+        })
+    }
+
+    /// Loads (or reloads) the server's certificate material and checks the engine accepts it.
+    pub fn load_settings(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<ServerSettings, ConfigError> {
+        let identity = load_identity(cert, key)?;
+        let client_roots = match client_ca {
+            Some(path) => Some(pki_context(pki::load_ca_roots(path), "client CA file")?),
+            None => None,
+        };
+        let settings = ServerSettings {
+            identity,
+            client_roots,
+        };
+        crate::engine::Engine::server(&settings).map_err(|e| ConfigError::Engine {
+            context: "server certificate".into(),
+            message: e.to_string(),
+        })?;
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_strips_port_and_brackets() {
+        assert_eq!(host_of("time.example.net:1123"), "time.example.net");
+        assert_eq!(host_of("127.0.0.1:1123"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:1123"), "::1");
+        assert_eq!(host_of("localhost"), "localhost");
+    }
+
+    #[test]
+    fn unknown_fields_name_the_line_and_field() {
+        let err = parse_toml::<ClientFile>(
+            Path::new("client.toml"),
+            "ca = \"ca.pem\"\n[[tunnel]]\nlisten = \"127.0.0.1:123\"\nsevrer = \"x:1\"\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("client.toml"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("sevrer"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let err = parse_toml::<ServerFile>(Path::new("server.toml"), "stratum = \"two\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("line 1") && err.contains("stratum"), "{err}");
+    }
+
+    #[test]
+    fn a_tunnel_list_parses() {
+        let file: ClientFile = parse_toml(
+            Path::new("c.toml"),
+            "ca = \"ca.pem\"\n\
+             [[tunnel]]\nlisten = \"127.0.0.1:123\"\nserver = \"a:1\"\n\
+             [[tunnel]]\nlisten = \"127.0.0.2:123\"\nserver = \"b:1\"\nserver_name = \"b.example\"\n\
+             [[tunnel]]\nlisten = \"[::1]:123\"\nserver = \"[::1]:1\"\n",
+        )
+        .unwrap_or_default();
+        assert_eq!(file.tunnel.len(), 3);
+        assert_eq!(file.tunnel[1].server_name.as_deref(), Some("b.example"));
+    }
+
+    #[test]
+    fn resolve_reports_what_failed() {
+        let err = resolve("no-such-host.invalid:123", "server")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("server") && err.contains("no-such-host.invalid"),
+            "{err}"
+        );
+        assert!(resolve("127.0.0.1:5", "x").is_ok());
+    }
+}

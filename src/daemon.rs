@@ -1,0 +1,63 @@
+//! What both daemons share: logging, the shutdown signal, and telling a supervisor we are ready.
+
+use std::io::IsTerminal;
+
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// Logs go to stderr, one line per event. RUST_LOG, if set, overrides `level`.
+pub fn init_logging(level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+/// A shutdown signal every task can wait on, fired by SIGINT or SIGTERM.
+#[derive(Clone)]
+pub struct Shutdown {
+    receiver: watch::Receiver<bool>,
+}
+
+impl Shutdown {
+    /// Installs the signal handlers. Must run inside the runtime.
+    pub fn on_signals() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (sender, receiver) = watch::channel(false);
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "shutting down");
+            let _ = sender.send(true);
+        });
+        Ok(Shutdown { receiver })
+    }
+
+    /// Resolves once shutdown has been asked for.
+    pub async fn wait(&mut self) {
+        let _ = self.receiver.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Tells systemd (Type=notify) that we are ready, if it is listening. Tests and people read the
+/// `ready` log line the caller emits alongside.
+pub fn notify_ready(status: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = format!("READY=1\nSTATUS={status}\n");
+    let result = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|socket| socket.send_to(message.as_bytes(), &path));
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not notify systemd of readiness");
+    }
+}

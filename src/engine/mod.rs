@@ -1,0 +1,212 @@
+//! Our DTLS interface: a sans-I/O engine that holds every association of one UDP socket.
+//!
+//! The relays talk only to the types in this file. The one implementation today, [`rtc`], wraps
+//! rtc-dtls and is the only place that names rtc_dtls types; a second engine (DTLS 1.3, say) can
+//! be added beside it without touching the relay logic.
+//!
+//! Like quinn-proto, an engine owns no socket and reads no clock: the caller feeds it datagrams
+//! with the time they arrived, sends what [`DtlsEngine::poll_transmit`] hands back, and calls
+//! [`DtlsEngine::handle_timeout`] when a peer's [`DtlsEngine::poll_timeout`] is due.
+
+pub mod rtc;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rustls_pki_types::CertificateDer;
+
+use crate::pki::PrivateKey;
+
+pub use rtc::RtcEngine;
+
+/// The engine the relays use.
+pub type Engine = RtcEngine;
+
+/// The one cipher suite both sides offer and accept. NDcPP allows others; we allow this one so
+/// there is nothing to misconfigure: ECDHE for forward secrecy, ECDSA P-256, AES-128-GCM.
+pub const CIPHER_SUITE: &str = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256";
+
+/// A certificate chain (leaf first) and the private key of its leaf.
+#[derive(Clone)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKey,
+}
+
+/// What a client-role engine needs: whom it trusts, whom it expects, and what it shows.
+#[derive(Clone)]
+pub struct ClientSettings {
+    /// Trust anchors for the server's chain.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Reference identifier checked against the server certificate's DNS or IP SANs.
+    pub server_name: String,
+    /// Presented when the server asks for a client certificate (mutual authentication).
+    pub identity: Option<Identity>,
+}
+
+/// What a server-role engine needs.
+#[derive(Clone)]
+pub struct ServerSettings {
+    pub identity: Identity,
+    /// With roots, every client must present a certificate chaining to them.
+    pub client_roots: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// Why an engine could not be built from settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("the private key is not a usable ECDSA P-256 key: {0}")]
+    Key(String),
+    #[error("no trust anchor could be used: {0}")]
+    Roots(String),
+    #[error("invalid server name {name:?}: {reason}")]
+    ServerName { name: String, reason: String },
+    #[error("DTLS configuration rejected: {0}")]
+    Config(String),
+}
+
+/// Why an operation on one association failed. The association's state is unchanged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    #[error("no association with {0}")]
+    NoAssociation(SocketAddr),
+    #[error("association with {0} is not established")]
+    NotEstablished(SocketAddr),
+    #[error("DTLS engine refused the operation: {0}")]
+    Engine(String),
+}
+
+/// Why an association never came up or went down. Stable labels for logs and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The peer's chain does not lead to a trusted CA (or is self-signed, or an issuer is no CA).
+    UnknownCa(String),
+    /// The certificate's SANs do not contain the reference identifier.
+    NameMismatch(String),
+    Expired(String),
+    NotYetValid(String),
+    /// Wrong extended key usage (serverAuth / clientAuth) or key usage.
+    WrongUsage(String),
+    /// Some other certificate problem (bad signature, unsupported algorithm, ...).
+    BadCertificate(String),
+    /// Mutual authentication is on and the client sent no certificate.
+    NoClientCertificate,
+    /// The peer offered no cipher suite or curve we accept.
+    NoSharedCipher,
+    /// The peer does not support the extended master secret (RFC 7627).
+    NoExtendedMasterSecret,
+    /// The peer offered a protocol version other than DTLS 1.2.
+    ProtocolVersion,
+    /// The peer rejected us with a fatal alert.
+    PeerAlert(String),
+    /// The peer never completed the handshake in time.
+    HandshakeTimeout,
+    Other(String),
+}
+
+impl Failure {
+    /// A stable snake_case label for metrics and log fields.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Failure::UnknownCa(_) => "unknown_ca",
+            Failure::NameMismatch(_) => "name_mismatch",
+            Failure::Expired(_) => "expired",
+            Failure::NotYetValid(_) => "not_yet_valid",
+            Failure::WrongUsage(_) => "wrong_usage",
+            Failure::BadCertificate(_) => "bad_certificate",
+            Failure::NoClientCertificate => "no_client_certificate",
+            Failure::NoSharedCipher => "no_shared_cipher",
+            Failure::NoExtendedMasterSecret => "no_extended_master_secret",
+            Failure::ProtocolVersion => "protocol_version",
+            Failure::PeerAlert(_) => "peer_alert",
+            Failure::HandshakeTimeout => "handshake_timeout",
+            Failure::Other(_) => "other",
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::UnknownCa(d) => write!(f, "certificate not issued by a trusted CA ({d})"),
+            Failure::NameMismatch(d) => write!(f, "certificate name mismatch ({d})"),
+            Failure::Expired(d) => write!(f, "certificate expired ({d})"),
+            Failure::NotYetValid(d) => write!(f, "certificate not yet valid ({d})"),
+            Failure::WrongUsage(d) => write!(f, "certificate not valid for this purpose ({d})"),
+            Failure::BadCertificate(d) => write!(f, "bad certificate ({d})"),
+            Failure::NoClientCertificate => write!(f, "client presented no certificate"),
+            Failure::NoSharedCipher => write!(f, "no shared cipher suite ({CIPHER_SUITE} only)"),
+            Failure::NoExtendedMasterSecret => {
+                write!(f, "peer does not support the extended master secret")
+            }
+            Failure::ProtocolVersion => write!(f, "protocol version other than DTLS 1.2"),
+            Failure::PeerAlert(d) => write!(f, "peer sent a fatal alert ({d})"),
+            Failure::HandshakeTimeout => write!(f, "handshake timed out"),
+            Failure::Other(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// Who the peer proved to be.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerIdentity {
+    /// Subject of the peer's leaf certificate; None when it presented none.
+    pub subject: Option<String>,
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.subject.as_deref().unwrap_or("-"))
+    }
+}
+
+/// What happened on an association. The engine has already dropped its state for `Failed` and
+/// `Closed`.
+#[derive(Debug)]
+pub enum Event {
+    Established {
+        peer: SocketAddr,
+        identity: PeerIdentity,
+    },
+    /// One decrypted DTLS record: with us, exactly one NTP datagram.
+    Data { peer: SocketAddr, payload: BytesMut },
+    /// The handshake failed, locally or at the peer.
+    Failed { peer: SocketAddr, failure: Failure },
+    /// An established association ended: the peer closed it, or sent a fatal alert.
+    Closed { peer: SocketAddr, reason: String },
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    pub peer: SocketAddr,
+    pub datagram: BytesMut,
+}
+
+/// A DTLS engine for one UDP socket, in one role.
+pub trait DtlsEngine {
+    /// Starts a handshake with `peer` (client role).
+    fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<(), SendError>;
+    /// Feeds one datagram received from `peer`. Problems are reported as events, or dropped
+    /// silently as RFC 6347 §4.1.2.7 asks for invalid records.
+    fn receive(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8], events: &mut Vec<Event>);
+    /// Queues one application datagram to `peer` as one record.
+    fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError>;
+    /// The next datagram to put on the wire.
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    /// When `peer` next needs [`DtlsEngine::handle_timeout`] (handshake retransmission).
+    fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant>;
+    fn handle_timeout(&mut self, now: Instant, peer: SocketAddr, events: &mut Vec<Event>);
+    /// Ends an association with a close_notify.
+    fn close(&mut self, now: Instant, peer: SocketAddr);
+    /// Forgets an association without a word to the peer (half-open timeouts, evictions).
+    fn forget(&mut self, now: Instant, peer: SocketAddr);
+    fn knows(&self, peer: SocketAddr) -> bool;
+    fn is_established(&self, peer: SocketAddr) -> bool;
+    /// Associations held, established or not.
+    fn associations(&self) -> usize;
+    /// Addresses of every association held.
+    fn peers(&self) -> Vec<SocketAddr>;
+}

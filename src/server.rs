@@ -1,0 +1,338 @@
+//! The server-side relay: DTLS associations in, plain NTP to the time server out.
+//!
+//! One task owns the DTLS socket, the engine with every association, one upstream socket shared
+//! by all peers, and the table that routes the time server's replies back to the peer that asked
+//! (matched by origin timestamp, as on the client side). Only NTP client requests (mode 3) are
+//! forwarded: the relay must never open chronyd's control surface (modes 6 and 7) to the network.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio::net::UdpSocket;
+use tracing::{debug, info};
+
+use crate::client::sleep_until;
+use crate::config::{ServerConfig, Upstream};
+use crate::daemon::{Shutdown, notify_ready};
+use crate::engine::{DtlsEngine, Engine, Event};
+use crate::ntp::{self, BuiltinSource, NtpTimestamp};
+use crate::pending::{InsertError, InsertOutcome, PendingTable};
+use crate::record;
+use crate::stats::{Counter, Stats};
+
+/// Requests in flight to the time server at once; chronyd answers within microseconds, so this
+/// only fills when the time server is down.
+pub const PENDING_CAPACITY: usize = 65_536;
+/// chronyd answers at once or never: a request unanswered after this is lost.
+pub const PENDING_TTL: Duration = Duration::from_secs(2);
+const BUFFER_LEN: usize = 2048;
+
+/// Where requests go.
+enum TimeSource {
+    /// A real time server (chronyd), through one connected socket.
+    Udp(UdpSocket),
+    /// This host's clock, answered in-process.
+    Builtin(BuiltinSource),
+}
+
+pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listen = socket.local_addr().unwrap_or(config.listen);
+    let (source, upstream_label) = match config.upstream {
+        Upstream::Udp(addr) => {
+            let bind: IpAddr = if addr.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            let upstream = UdpSocket::bind((bind, 0))
+                .await
+                .context("cannot open the upstream socket")?;
+            upstream
+                .connect(addr)
+                .await
+                .with_context(|| format!("cannot use upstream {addr}"))?;
+            (TimeSource::Udp(upstream), addr.to_string())
+        }
+        Upstream::Builtin { stratum } => (
+            TimeSource::Builtin(BuiltinSource {
+                stratum,
+                ..BuiltinSource::default()
+            }),
+            format!("builtin(stratum {stratum})"),
+        ),
+    };
+    let engine = Engine::server(&config.settings).context("DTLS server configuration")?;
+    info!(
+        listen = %listen,
+        upstream = %upstream_label,
+        mutual_auth = config.settings.client_roots.is_some(),
+        cipher = crate::engine::CIPHER_SUITE,
+        "ready"
+    );
+    notify_ready(&format!("listening on {listen}"));
+
+    let stats = Arc::new(Stats::default());
+    let mut worker = Worker {
+        socket,
+        source,
+        engine,
+        stats: stats.clone(),
+        pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
+        timers: BinaryHeap::new(),
+        events: Vec::new(),
+    };
+    worker.run(shutdown).await;
+    let summary: Vec<String> = stats
+        .nonzero()
+        .into_iter()
+        .map(|(label, value)| format!("{label}={value}"))
+        .collect();
+    info!(counters = %summary.join(" "), "stopped");
+    Ok(())
+}
+
+struct Worker {
+    socket: UdpSocket,
+    source: TimeSource,
+    engine: Engine,
+    stats: Arc<Stats>,
+    pending: PendingTable<SocketAddr>,
+    /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
+    /// poll_timeout is checked when one comes due.
+    timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
+    events: Vec<Event>,
+}
+
+impl Worker {
+    async fn run(&mut self, mut shutdown: Shutdown) {
+        let mut dtls_buf = [0u8; BUFFER_LEN];
+        let mut upstream_buf = [0u8; BUFFER_LEN];
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                received = self.socket.recv_from(&mut dtls_buf) => match received {
+                    Ok((len, peer)) => {
+                        // Taken first thing: the builtin source's receive timestamp.
+                        let arrived = SystemTime::now();
+                        self.on_datagram(Instant::now(), arrived, peer, &dtls_buf[..len]);
+                    }
+                    Err(e) => debug!(error = %e, "receive error"),
+                },
+                received = recv_source(&self.source, &mut upstream_buf) => match received {
+                    Ok(len) => self.on_time_server_reply(Instant::now(), &upstream_buf[..len]),
+                    // chronyd not running: ICMP port unreachable comes back as an error here.
+                    Err(e) => {
+                        self.stats.incr(Counter::DropUpstreamError);
+                        debug!(error = %e, "time server receive error");
+                    }
+                },
+                _ = sleep_until(deadline) => self.on_timer(Instant::now()),
+            }
+            self.flush().await;
+        }
+        self.close_all().await;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((due, _))| *due);
+        [timer, self.pending.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_datagram(
+        &mut self,
+        now: Instant,
+        arrived: SystemTime,
+        peer: SocketAddr,
+        datagram: &[u8],
+    ) {
+        // No state for anything but a ClientHello from an address we do not know.
+        if !self.engine.knows(peer) && !record::is_client_hello(datagram) {
+            self.stats.incr(Counter::DropNotHandshake);
+            debug!(%peer, len = datagram.len(), "dropped: not a ClientHello from an unknown address");
+            return;
+        }
+        self.engine.receive(now, peer, datagram, &mut self.events);
+        self.schedule(peer);
+        let mut events = std::mem::take(&mut self.events);
+        for event in events.drain(..) {
+            match event {
+                Event::Data { peer, payload } => self.forward(now, arrived, peer, &payload),
+                other => self.audit(other),
+            }
+        }
+        self.events = events;
+    }
+
+    /// One line per association event: what an evaluator reads.
+    fn audit(&self, event: Event) {
+        match event {
+            Event::Established { peer, identity } => {
+                self.stats.incr(Counter::AssociationsEstablished);
+                info!(%peer, subject = %identity, cipher = crate::engine::CIPHER_SUITE,
+                    "association established");
+            }
+            Event::Failed { peer, failure } => {
+                self.stats.incr(Counter::AssociationsRefused);
+                info!(%peer, reason = failure.label(), detail = %failure, "association refused");
+            }
+            Event::Closed { peer, reason } => {
+                self.stats.incr(Counter::AssociationsClosed);
+                info!(%peer, %reason, "association closed");
+            }
+            Event::Data { .. } => {}
+        }
+    }
+
+    fn schedule(&mut self, peer: SocketAddr) {
+        if let Some(due) = self.engine.poll_timeout(peer) {
+            self.timers.push(Reverse((due, peer)));
+        }
+    }
+
+    /// A request out of an association: checked, then to the time server.
+    fn forward(&mut self, now: Instant, arrived: SystemTime, peer: SocketAddr, payload: &[u8]) {
+        let request = match ntp::check_request(payload) {
+            Ok(request) => request,
+            Err(rejection) => {
+                self.stats.incr(rejection.into());
+                debug!(%peer, %rejection, "request dropped");
+                return;
+            }
+        };
+        match &self.source {
+            TimeSource::Builtin(builtin) => {
+                let received = NtpTimestamp::from_system_time(arrived);
+                let reply = builtin.reply(
+                    payload,
+                    received,
+                    NtpTimestamp::from_system_time(SystemTime::now()),
+                );
+                match reply {
+                    Ok(reply) => {
+                        self.stats.incr(Counter::RequestsForwarded);
+                        self.reply(now, peer, &reply)
+                    }
+                    Err(rejection) => self.stats.incr(rejection.into()),
+                }
+            }
+            TimeSource::Udp(socket) => {
+                match self
+                    .pending
+                    .insert(now, request.transmit.0, request.receive.0, peer)
+                {
+                    Ok(InsertOutcome::InsertedEvictingOldest) => {
+                        self.stats.incr(Counter::EvictedPending)
+                    }
+                    Ok(_) => {}
+                    Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
+                        self.stats.incr(Counter::DropCollision);
+                        debug!(%peer, "request dropped: transmit timestamp unusable for matching");
+                        return;
+                    }
+                }
+                // try_send: the socket is writable unless the kernel buffer is full, and a
+                // datagram we cannot send now is better dropped than delayed (it would skew time).
+                match socket.try_send(payload) {
+                    Ok(_) => self.stats.incr(Counter::RequestsForwarded),
+                    Err(e) => {
+                        self.stats.incr(Counter::DropUpstreamError);
+                        debug!(%peer, error = %e, "request not forwarded");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_time_server_reply(&mut self, now: Instant, datagram: &[u8]) {
+        let reply = match ntp::check_reply(datagram) {
+            Ok(reply) => reply,
+            Err(rejection) => {
+                self.stats.incr(rejection.into());
+                debug!(%rejection, "time server reply dropped");
+                return;
+            }
+        };
+        match self.pending.take(now, reply.origin.0) {
+            Some(peer) => self.reply(now, peer, datagram),
+            None => {
+                self.stats.incr(Counter::DropUnmatchedReply);
+                debug!("time server reply matches no outstanding request");
+            }
+        }
+    }
+
+    fn reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
+        match self.engine.send(now, peer, datagram) {
+            Ok(()) => self.stats.incr(Counter::RepliesDelivered),
+            Err(e) => {
+                self.stats.incr(Counter::DropNoAssociation);
+                debug!(%peer, error = %e, "reply dropped");
+            }
+        }
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        let expired = self.pending.expire(now);
+        if expired > 0 {
+            self.stats.add(Counter::ExpiredPending, expired as u64);
+        }
+        while let Some(Reverse((due, peer))) = self.timers.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            if self.engine.poll_timeout(peer).is_some_and(|due| due <= now) {
+                self.engine.handle_timeout(now, peer, &mut self.events);
+                self.schedule(peer);
+                let mut events = std::mem::take(&mut self.events);
+                for event in events.drain(..) {
+                    self.audit(event);
+                }
+                self.events = events;
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        while let Some(transmit) = self.engine.poll_transmit() {
+            if let Err(e) = self.socket.send_to(&transmit.datagram, transmit.peer).await {
+                debug!(peer = %transmit.peer, error = %e, "send failed");
+            }
+        }
+    }
+
+    /// Tells every peer we are going, so client relays reconnect at once when we are back.
+    async fn close_all(&mut self) {
+        let now = Instant::now();
+        let peers = self.engine.peers();
+        for peer in &peers {
+            if self.engine.is_established(*peer) {
+                self.engine.close(now, *peer);
+                self.stats.incr(Counter::AssociationsClosed);
+                info!(%peer, reason = "shutdown", "association closed");
+            }
+        }
+        if !peers.is_empty() {
+            self.flush().await;
+        }
+    }
+}
+
+async fn recv_source(source: &TimeSource, buf: &mut [u8]) -> std::io::Result<usize> {
+    match source {
+        TimeSource::Udp(socket) => socket.recv(buf).await,
+        TimeSource::Builtin(_) => std::future::pending().await,
+    }
+}

@@ -1,0 +1,124 @@
+//! Counters shared by a relay's tasks: every forwarded, delivered and dropped datagram lands in
+//! exactly one of them, so an operator can account for all traffic.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($variant:ident => $label:literal, $help:literal;)*) => {
+        /// One counter. Labels are stable: logs and metrics use them.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Counter { $($variant),* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant),*];
+            pub fn label(self) -> &'static str {
+                match self { $(Counter::$variant => $label),* }
+            }
+            pub fn help(self) -> &'static str {
+                match self { $(Counter::$variant => $help),* }
+            }
+        }
+    };
+}
+
+counters! {
+    RequestsForwarded => "requests_forwarded", "NTP requests sent on towards the time server";
+    RepliesDelivered => "replies_delivered", "NTP replies delivered to the client that asked";
+    DropTooShort => "drop_too_short", "datagrams shorter than an NTP header";
+    DropTooLong => "drop_too_long", "datagrams longer than one NTP packet may be";
+    DropBadVersion => "drop_bad_version", "NTP packets with a version other than 1 to 4";
+    DropControlMode => "drop_control_mode", "NTP mode 6 (control) packets: never forwarded";
+    DropPrivateMode => "drop_private_mode", "NTP mode 7 (private) packets: never forwarded";
+    DropWrongMode => "drop_wrong_mode", "NTP packets of a mode other than client (3) or server (4)";
+    DropUnmatchedReply => "drop_unmatched_reply", "replies matching no outstanding request (late, duplicate or forged)";
+    DropCollision => "drop_timestamp_collision", "requests whose transmit timestamp another client already has outstanding";
+    DropNoAssociation => "drop_no_association", "requests that arrived while no association was up";
+    DropNotHandshake => "drop_not_client_hello", "datagrams from unknown addresses that were not a DTLS ClientHello";
+    DropUpstreamError => "drop_upstream_error", "datagrams the time server socket could not send or reported as refused";
+    EvictedPending => "pending_evicted", "outstanding requests evicted to make room for new ones";
+    ExpiredPending => "pending_expired", "outstanding requests that got no reply in time";
+    AssociationsEstablished => "associations_established", "DTLS associations set up";
+    AssociationsRefused => "associations_refused", "DTLS handshakes that failed";
+    AssociationsClosed => "associations_closed", "established DTLS associations torn down";
+}
+
+/// A relay's counters. Lock-free: the hot path only increments.
+pub struct Stats {
+    values: Vec<AtomicU64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            values: Counter::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn incr(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+
+    pub fn add(&self, counter: Counter, n: u64) {
+        if let Some(value) = self.values.get(counter as usize) {
+            value.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values
+            .get(counter as usize)
+            .map_or(0, |value| value.load(Ordering::Relaxed))
+    }
+
+    /// The counters that are not zero, for the summary a daemon logs when it stops.
+    pub fn nonzero(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| (c.label(), self.get(*c)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+}
+
+impl From<crate::ntp::Rejection> for Counter {
+    fn from(rejection: crate::ntp::Rejection) -> Self {
+        use crate::ntp::Rejection;
+        match rejection {
+            Rejection::TooShort(_) => Counter::DropTooShort,
+            Rejection::TooLong(_) => Counter::DropTooLong,
+            Rejection::BadVersion(_) => Counter::DropBadVersion,
+            Rejection::WrongMode(6) => Counter::DropControlMode,
+            Rejection::WrongMode(7) => Counter::DropPrivateMode,
+            Rejection::WrongMode(_) => Counter::DropWrongMode,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_counter_counts_on_its_own() {
+        let stats = Stats::default();
+        stats.incr(Counter::RequestsForwarded);
+        stats.add(Counter::DropControlMode, 3);
+        assert_eq!(stats.get(Counter::RequestsForwarded), 1);
+        assert_eq!(stats.get(Counter::DropControlMode), 3);
+        assert_eq!(stats.get(Counter::DropPrivateMode), 0);
+        assert_eq!(
+            stats.nonzero(),
+            vec![("requests_forwarded", 1), ("drop_control_mode", 3)]
+        );
+    }
+
+    #[test]
+    fn labels_are_unique() {
+        let mut labels: Vec<_> = Counter::ALL.iter().map(|c| c.label()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), Counter::ALL.len());
+    }
+}

@@ -272,7 +272,7 @@ pub fn generate_lab_pki(req: &LabPkiRequest) -> Result<Vec<PathBuf>, PkiError> {
     // Generate everything before touching the disk, so a bad name (e.g. a
     // non-ASCII DNS name) leaves no half-written PKI behind.
     let ca_key = new_key("CA key")?;
-    let ca_params = ca_params(validity);
+    let ca_params = ca_params(validity, &ca_key);
     let ca_cert = ca_params
         .self_signed(&ca_key)
         .map_err(|e| PkiError::Generate {
@@ -437,12 +437,22 @@ fn new_key(what: &'static str) -> Result<KeyPair, PkiError> {
     })
 }
 
-fn ca_params(validity: Validity) -> CertificateParams {
+fn ca_params(validity: Validity, key: &KeyPair) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
+    // Each lab CA gets its own name: chain building matches issuers by name, so two labs'
+    // CAs with one name would make a foreign chain fail as "bad signature" instead of the
+    // accurate "unknown issuer". The suffix is the start of the CA's public key.
+    let tag: String = key
+        .public_key_raw()
+        .iter()
+        .skip(1)
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     // CN first so x509-parser (which prints in encoded order) shows
-    // "CN=ntp-dtls lab CA, O=ntp-dtls lab" in audit lines.
-    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    // "CN=ntp-dtls lab CA 1a2b3c4d, O=ntp-dtls lab" in audit lines.
+    dn.push(DnType::CommonName, format!("{CA_COMMON_NAME} {tag}"));
     dn.push(DnType::OrganizationName, LAB_ORGANIZATION);
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -1441,7 +1451,12 @@ mod tests {
 
         let now = now_unix();
         let ca_sum = summarize(&ca).unwrap();
-        assert_eq!(ca_sum.subject, "CN=ntp-dtls lab CA, O=ntp-dtls lab");
+        assert!(
+            ca_sum.subject.starts_with("CN=ntp-dtls lab CA ")
+                && ca_sum.subject.ends_with(", O=ntp-dtls lab"),
+            "{}",
+            ca_sum.subject
+        );
         assert_eq!(ca_sum.issuer, ca_sum.subject);
         assert!(ca_sum.dns_names.is_empty() && ca_sum.ip_addresses.is_empty());
 

@@ -124,7 +124,9 @@ async fn handshake(
         let received = tokio::time::timeout_at(wake.into(), socket.recv(&mut buf)).await;
         let now = Instant::now();
         match received {
-            Ok(Ok(len)) => engine.receive(now, peer, &buf[..len], &mut events),
+            Ok(Ok(len)) => {
+                engine.receive(now, peer, &buf[..len], &mut events);
+            }
             Ok(Err(e)) => bail!("DTLS handshake with {peer} failed: {e}"),
             Err(_) if now >= deadline => bail!("DTLS handshake with {peer} timed out"),
             Err(_) => engine.handle_timeout(now, peer, &mut events),

@@ -21,7 +21,6 @@ use crate::daemon::{Shutdown, notify_ready};
 use crate::engine::{DtlsEngine, Engine, Event};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::pending::{InsertError, InsertOutcome, PendingTable};
-use crate::record;
 use crate::stats::{Counter, Stats};
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
@@ -158,12 +157,11 @@ impl Worker {
         datagram: &[u8],
     ) {
         // No state for anything but a ClientHello from an address we do not know.
-        if !self.engine.knows(peer) && !record::is_client_hello(datagram) {
+        if !self.engine.receive(now, peer, datagram, &mut self.events) {
             self.stats.incr(Counter::DropNotHandshake);
             debug!(%peer, len = datagram.len(), "dropped: not a ClientHello from an unknown address");
             return;
         }
-        self.engine.receive(now, peer, datagram, &mut self.events);
         self.schedule(peer);
         let mut events = std::mem::take(&mut self.events);
         for event in events.drain(..) {

@@ -190,8 +190,16 @@ pub trait DtlsEngine {
     /// Starts a handshake with `peer` (client role).
     fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<(), SendError>;
     /// Feeds one datagram received from `peer`. Problems are reported as events, or dropped
-    /// silently as RFC 6347 §4.1.2.7 asks for invalid records.
-    fn receive(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8], events: &mut Vec<Event>);
+    /// silently as RFC 6347 §4.1.2.7 asks for invalid records. Returns false when the datagram
+    /// was dropped without creating state: in the server role, only a ClientHello (see
+    /// [`crate::record::is_client_hello`]) may open an association for an unknown address.
+    fn receive(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        events: &mut Vec<Event>,
+    ) -> bool;
     /// Queues one application datagram to `peer` as one record.
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError>;
     /// The next datagram to put on the wire.

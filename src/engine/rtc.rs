@@ -22,6 +22,8 @@ use rtc_shared::TransportProtocol;
 use rtc_shared::error::Error as RtcError;
 use rustls_pki_types::{CertificateDer, ServerName};
 
+use crate::record;
+
 use super::{
     ClientSettings, DtlsEngine, Event, Failure, Identity, PeerIdentity, SendError, ServerSettings,
     SettingsError, Transmit,
@@ -127,6 +129,10 @@ fn classify(err: &RtcError) -> Failure {
         }
         RtcError::ErrUnsupportedProtocolVersion => Failure::ProtocolVersion,
         RtcError::ErrInvalidFsmTransition => Failure::HandshakeTimeout,
+        // rtc-dtls does not say which fatal alert arrived; the peer's own log does.
+        RtcError::ErrAlertFatalOrClose => {
+            Failure::PeerAlert("the peer ended the handshake with a fatal alert".into())
+        }
         RtcError::Other(message) => classify_message(message),
         other => Failure::Other(other.to_string()),
     }
@@ -236,7 +242,11 @@ impl DtlsEngine for RtcEngine {
         peer: SocketAddr,
         datagram: &[u8],
         events: &mut Vec<Event>,
-    ) {
+    ) -> bool {
+        // rtc-dtls would create an association for any datagram from a new address, and keep it.
+        if self.client_config.is_none() && !self.knows(peer) && !record::is_client_hello(datagram) {
+            return false;
+        }
         let was_established = self.established.contains(&peer);
         let result = self
             .endpoint
@@ -290,6 +300,7 @@ impl DtlsEngine for RtcEngine {
                 });
             }
         }
+        true
     }
 
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
@@ -353,5 +364,333 @@ impl DtlsEngine for RtcEngine {
 
     fn peers(&self) -> Vec<SocketAddr> {
         self.endpoint.get_connections_keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Two engines wired back to back in memory, with simulated time: the policy and the failure
+    //! classification, without a socket.
+    use super::*;
+    use crate::config::load_identity;
+    use crate::pki::{LabPkiRequest, generate_lab_pki, load_ca_roots};
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40001);
+    const SERVER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40002);
+
+    struct Pki {
+        dir: PathBuf,
+    }
+
+    impl Pki {
+        fn new(tag: &str, server_names: &[&str]) -> Pki {
+            let dir = std::env::temp_dir().join(format!(
+                "ntp-dtls-engine-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            generate_lab_pki(&LabPkiRequest {
+                out_dir: dir.clone(),
+                server_names: server_names.iter().map(|s| s.to_string()).collect(),
+                client_names: vec!["device-1".into()],
+                days: 1,
+                force: false,
+            })
+            .expect("lab PKI");
+            Pki { dir }
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.join(name)
+        }
+        fn identity(&self, who: &str) -> Identity {
+            load_identity(
+                &self.path(&format!("{who}.pem")),
+                &self.path(&format!("{who}.key.pem")),
+            )
+            .expect("identity")
+        }
+        fn roots(&self) -> Vec<CertificateDer<'static>> {
+            load_ca_roots(&self.path("ca.pem")).expect("roots")
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn client_engine(trust: &Pki, name: &str, identity: Option<Identity>) -> RtcEngine {
+        RtcEngine::client(&ClientSettings {
+            roots: trust.roots(),
+            server_name: name.into(),
+            identity,
+        })
+        .expect("client engine")
+    }
+
+    fn server_engine(pki: &Pki, client_roots: Option<&Path>) -> RtcEngine {
+        RtcEngine::server(&ServerSettings {
+            identity: pki.identity("server"),
+            client_roots: client_roots.map(|p| load_ca_roots(p).expect("client roots")),
+        })
+        .expect("server engine")
+    }
+
+    /// Moves datagrams both ways until both engines are quiet; returns (client, server) events.
+    fn pump(
+        client: &mut RtcEngine,
+        server: &mut RtcEngine,
+        now: Instant,
+    ) -> (Vec<Event>, Vec<Event>) {
+        let (mut client_events, mut server_events) = (Vec::new(), Vec::new());
+        for _ in 0..50 {
+            let mut moved = false;
+            while let Some(t) = client.poll_transmit() {
+                assert_eq!(t.peer, SERVER);
+                server.receive(now, CLIENT, &t.datagram, &mut server_events);
+                moved = true;
+            }
+            while let Some(t) = server.poll_transmit() {
+                assert_eq!(t.peer, CLIENT);
+                client.receive(now, SERVER, &t.datagram, &mut client_events);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        (client_events, server_events)
+    }
+
+    fn failure_of(events: &[Event]) -> Option<Failure> {
+        events.iter().find_map(|e| match e {
+            Event::Failed { failure, .. } => Some(failure.clone()),
+            _ => None,
+        })
+    }
+
+    fn established(events: &[Event]) -> Option<PeerIdentity> {
+        events.iter().find_map(|e| match e {
+            Event::Established { identity, .. } => Some(identity.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_trusted_server_carries_datagrams_both_ways_unchanged() {
+        let pki = Pki::new("ok", &["localhost", "127.0.0.1"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", None);
+        let mut server = server_engine(&pki, None);
+        client.connect(now, SERVER).expect("connect");
+        let (c, s) = pump(&mut client, &mut server, now);
+        assert_eq!(
+            established(&c).and_then(|i| i.subject),
+            Some("CN=localhost".to_string())
+        );
+        assert_eq!(established(&s), Some(PeerIdentity { subject: None }));
+
+        let request = [0x23u8; 48];
+        client.send(now, SERVER, &request).expect("send");
+        let (_, s) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(&s[..], [Event::Data { payload, .. }] if payload[..] == request[..]),
+            "{s:?}"
+        );
+        server.send(now, CLIENT, &[0x24u8; 48]).expect("reply");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert!(matches!(&c[..], [Event::Data { payload, .. }] if payload[..] == [0x24u8; 48][..]));
+    }
+
+    #[test]
+    fn an_ip_reference_identifier_matches_an_ip_san() {
+        let pki = Pki::new("ip", &["localhost", "127.0.0.1"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "127.0.0.1", None);
+        let mut server = server_engine(&pki, None);
+        client.connect(now, SERVER).expect("connect");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert!(established(&c).is_some(), "{c:?}");
+    }
+
+    #[test]
+    fn an_unknown_ca_is_refused_by_the_client() {
+        let server_pki = Pki::new("ca-a", &["localhost"]);
+        let other = Pki::new("ca-b", &["localhost"]);
+        let now = Instant::now();
+        let mut client = client_engine(&other, "localhost", None);
+        let mut server = server_engine(&server_pki, None);
+        client.connect(now, SERVER).expect("connect");
+        let (c, s) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(failure_of(&c), Some(Failure::UnknownCa(_))),
+            "{c:?}"
+        );
+        assert!(
+            matches!(failure_of(&s), Some(Failure::PeerAlert(_))),
+            "{s:?}"
+        );
+        assert_eq!(client.associations(), 0, "a failed association is removed");
+        assert_eq!(server.associations(), 0, "the server drops it on the alert");
+    }
+
+    #[test]
+    fn a_name_mismatch_is_refused_by_the_client() {
+        let pki = Pki::new("name", &["time.example.net"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "other.example.net", None);
+        let mut server = server_engine(&pki, None);
+        client.connect(now, SERVER).expect("connect");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(failure_of(&c), Some(Failure::NameMismatch(_))),
+            "{c:?}"
+        );
+        // An IP reference identifier needs an IP SAN, not a DNS name that happens to resolve.
+        let mut client = client_engine(&pki, "127.0.0.1", None);
+        let mut server = server_engine(&pki, None);
+        client.connect(now, SERVER).expect("connect");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(failure_of(&c), Some(Failure::NameMismatch(_))),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn mutual_authentication_refuses_a_client_without_a_certificate() {
+        let pki = Pki::new("mutual-none", &["localhost"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", None);
+        let mut server = server_engine(&pki, Some(&pki.path("ca.pem")));
+        client.connect(now, SERVER).expect("connect");
+        let (_, s) = pump(&mut client, &mut server, now);
+        assert_eq!(failure_of(&s), Some(Failure::NoClientCertificate), "{s:?}");
+        assert_eq!(server.associations(), 0);
+    }
+
+    #[test]
+    fn mutual_authentication_accepts_a_client_certificate_from_the_ca() {
+        let pki = Pki::new("mutual-ok", &["localhost"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", Some(pki.identity("client")));
+        let mut server = server_engine(&pki, Some(&pki.path("ca.pem")));
+        client.connect(now, SERVER).expect("connect");
+        let (c, s) = pump(&mut client, &mut server, now);
+        assert!(established(&c).is_some(), "{c:?}");
+        assert_eq!(
+            established(&s).and_then(|i| i.subject),
+            Some("CN=device-1".to_string())
+        );
+    }
+
+    #[test]
+    fn mutual_authentication_refuses_a_client_certificate_from_another_ca() {
+        let pki = Pki::new("mutual-a", &["localhost"]);
+        let other = Pki::new("mutual-b", &["localhost"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", Some(other.identity("client")));
+        let mut server = server_engine(&pki, Some(&pki.path("ca.pem")));
+        client.connect(now, SERVER).expect("connect");
+        let (_, s) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(failure_of(&s), Some(Failure::UnknownCa(_))),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_does_not_end_an_established_association() {
+        let pki = Pki::new("garbage", &["localhost"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", None);
+        let mut server = server_engine(&pki, None);
+        client.connect(now, SERVER).expect("connect");
+        pump(&mut client, &mut server, now);
+        let mut events = Vec::new();
+        for junk in [
+            &[0u8; 0][..],
+            &[0xff; 7],
+            &[23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 4, 1, 2, 3, 4],
+            &[0x23; 48],
+        ] {
+            server.receive(now, CLIENT, junk, &mut events);
+        }
+        assert!(events.is_empty(), "{events:?}");
+        assert!(server.is_established(CLIENT));
+        client.send(now, SERVER, &[0x23; 48]).expect("send");
+        let (_, s) = pump(&mut client, &mut server, now);
+        assert!(matches!(&s[..], [Event::Data { .. }]), "{s:?}");
+    }
+
+    #[test]
+    fn an_unanswered_handshake_gives_up_with_a_timeout() {
+        let pki = Pki::new("timeout", &["localhost"]);
+        let mut now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", None);
+        client.connect(now, SERVER).expect("connect");
+        let mut events = Vec::new();
+        for _ in 0..100 {
+            while client.poll_transmit().is_some() {}
+            let Some(due) = client.poll_timeout(SERVER) else {
+                break;
+            };
+            now = due.max(now) + Duration::from_millis(1);
+            client.handle_timeout(now, SERVER, &mut events);
+        }
+        assert_eq!(
+            failure_of(&events),
+            Some(Failure::HandshakeTimeout),
+            "{events:?}"
+        );
+        assert_eq!(client.associations(), 0);
+    }
+
+    #[test]
+    fn sending_before_the_handshake_is_an_error_not_a_queue() {
+        let pki = Pki::new("early", &["localhost"]);
+        let now = Instant::now();
+        let mut client = client_engine(&pki, "localhost", None);
+        assert_eq!(
+            client.send(now, SERVER, b"x"),
+            Err(SendError::NoAssociation(SERVER))
+        );
+        client.connect(now, SERVER).expect("connect");
+        assert_eq!(
+            client.send(now, SERVER, b"x"),
+            Err(SendError::NotEstablished(SERVER))
+        );
+    }
+
+    #[test]
+    fn alert_messages_are_classified() {
+        assert_eq!(
+            classify_message("invalid peer certificate: UnknownIssuer"),
+            Failure::UnknownCa("UnknownIssuer".into())
+        );
+        assert!(matches!(
+            classify_message("invalid peer certificate: certificate expired: verification time 5"),
+            Failure::Expired(_)
+        ));
+        assert!(matches!(
+            classify_message(
+                "invalid peer certificate: certificate not valid yet: verification time 5"
+            ),
+            Failure::NotYetValid(_)
+        ));
+        assert!(matches!(
+            classify_message(
+                "invalid peer certificate: certificate does not allow extended key usage for server authentication, allows client authentication"
+            ),
+            Failure::WrongUsage(_)
+        ));
+        assert!(matches!(
+            classify_message("Error of Alert Alert LevelFatal: BadCertificate"),
+            Failure::PeerAlert(_)
+        ));
     }
 }

@@ -35,7 +35,7 @@ fi
 chronyd_pids() {
     local p comm ppid
     for p in /proc/[0-9]*; do
-        read -r _ comm _ ppid _ <"$p/stat" 2>/dev/null || continue
+        read -r _ comm _ ppid _ 2>/dev/null <"$p/stat" || continue
         [[ $comm == "(chronyd)" && $ppid == 1 ]] && echo "${p#/proc/}"
     done
     return 0
@@ -48,7 +48,7 @@ before=" $(chronyd_pids | tr '\n' ' ')"
 
 # The chrony package may have started its service: stop only what the install started.
 stopped=""
-if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+if [[ " ${missing[*]} " == *" chronyd "* && -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
     "${sudo[@]}" systemctl disable --now chrony.service >/dev/null 2>&1 || true
 fi
 for pid in $(chronyd_pids); do

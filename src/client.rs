@@ -160,7 +160,7 @@ impl TunnelTask {
             if upstream.established {
                 upstream.engine.close(Instant::now(), self.tunnel.server);
                 flush_upstream(&mut upstream, &self.stats).await;
-                info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = "shutdown", "association closed");
+                info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = %"shutdown", "association closed");
             }
         }
     }
@@ -237,7 +237,7 @@ impl TunnelTask {
                     self.last_failure = None;
                     self.stats.incr(Counter::AssociationsEstablished);
                     info!(tunnel = %self.tunnel.name, server = %peer, subject = %identity,
-                        cipher = crate::engine::CIPHER_SUITE, "association established");
+                        cipher = %crate::engine::CIPHER_SUITE, "association established");
                     self.report_first_outcome(true);
                 }
                 Event::Failed { peer, failure } => {
@@ -258,10 +258,10 @@ impl TunnelTask {
     fn on_failure(&mut self, now: Instant, peer: SocketAddr, failure: &Failure) {
         let reason = failure.label();
         if self.last_failure.as_deref() != Some(reason) {
-            info!(tunnel = %self.tunnel.name, server = %peer, reason, detail = %failure,
+            info!(tunnel = %self.tunnel.name, server = %peer, reason = %reason, detail = %failure,
                 "association refused");
         } else {
-            debug!(tunnel = %self.tunnel.name, server = %peer, reason, "association refused again");
+            debug!(tunnel = %self.tunnel.name, server = %peer, reason = %reason, "association refused again");
         }
         self.last_failure = Some(reason.to_string());
         self.upstream = None;

@@ -270,7 +270,7 @@ impl ClientConfig {
                     .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
             let listen = resolve(&entry.listen, "listen")
                 .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
-            if tunnels.iter().any(|t: &Tunnel| t.listen == listen) {
+            if listen.port() != 0 && tunnels.iter().any(|t: &Tunnel| t.listen == listen) {
                 return Err(ConfigError::Invalid(format!(
                     "{name}: listen address {listen} is used by an earlier tunnel"
                 )));

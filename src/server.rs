@@ -72,7 +72,7 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
         listen = %listen,
         upstream = %upstream_label,
         mutual_auth = config.settings.client_roots.is_some(),
-        cipher = crate::engine::CIPHER_SUITE,
+        cipher = %crate::engine::CIPHER_SUITE,
         "ready"
     );
     notify_ready(&format!("listening on {listen}"));
@@ -178,12 +178,12 @@ impl Worker {
         match event {
             Event::Established { peer, identity } => {
                 self.stats.incr(Counter::AssociationsEstablished);
-                info!(%peer, subject = %identity, cipher = crate::engine::CIPHER_SUITE,
+                info!(%peer, subject = %identity, cipher = %crate::engine::CIPHER_SUITE,
                     "association established");
             }
             Event::Failed { peer, failure } => {
                 self.stats.incr(Counter::AssociationsRefused);
-                info!(%peer, reason = failure.label(), detail = %failure, "association refused");
+                info!(%peer, reason = %failure.label(), detail = %failure, "association refused");
             }
             Event::Closed { peer, reason } => {
                 self.stats.incr(Counter::AssociationsClosed);
@@ -319,7 +319,7 @@ impl Worker {
             if self.engine.is_established(*peer) {
                 self.engine.close(now, *peer);
                 self.stats.incr(Counter::AssociationsClosed);
-                info!(%peer, reason = "shutdown", "association closed");
+                info!(%peer, reason = %"shutdown", "association closed");
             }
         }
         if !peers.is_empty() {

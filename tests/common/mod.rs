@@ -17,6 +17,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod relays;
+
 /// How long a daemon may take to print its readiness line in most tests.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Wall-clock limit for one run of ntpdate / sntp.
@@ -756,6 +758,7 @@ pub struct FakeNtpServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicUsize>,
+    datagrams: Arc<AtomicUsize>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -773,7 +776,8 @@ impl FakeNtpServer {
         let addr = sock.local_addr().expect("local_addr");
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (stop2, req2) = (stop.clone(), requests.clone());
+        let datagrams = Arc::new(AtomicUsize::new(0));
+        let (stop2, req2, all2) = (stop.clone(), requests.clone(), datagrams.clone());
         let shift = (offset_s * 4_294_967_296.0) as i64;
         let shifted = move || ntp_now().wrapping_add_signed(shift);
         let handle = thread::spawn(move || {
@@ -783,6 +787,7 @@ impl FakeNtpServer {
                     continue;
                 };
                 let rx = shifted();
+                all2.fetch_add(1, Ordering::Relaxed);
                 let Some(req) = parse_ntp(&buf[..n]) else {
                     continue;
                 };
@@ -808,6 +813,7 @@ impl FakeNtpServer {
             addr,
             stop,
             requests,
+            datagrams,
             handle: Some(handle),
         }
     }
@@ -820,6 +826,11 @@ impl FakeNtpServer {
     /// Number of mode-3 requests received so far.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Number of datagrams of any kind received so far.
+    pub fn datagrams(&self) -> usize {
+        self.datagrams.load(Ordering::Relaxed)
     }
 }
 

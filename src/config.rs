@@ -20,19 +20,20 @@ pub const DEFAULT_STRATUM: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
+    // Causes are part of the message, not `source`s: anyhow's `{:#}` would print them twice.
+    #[error("{path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Pki {
         context: String,
-        source: pki::PkiError,
+        cause: pki::PkiError,
     },
     #[error("{context}: {message}")]
     Engine { context: String, message: String },
@@ -107,18 +108,35 @@ struct ServerFile {
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     parse_toml(path, &text)
 }
 
-/// toml's messages already name the line, column and field; we add the file.
+/// One line: "FILE: line L, column C: what is wrong" (toml's own rendering spans lines).
 fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string().trim_end().replace('\n', " | "),
+    toml::from_str(text).map_err(|e| {
+        let (place, source_line) = match e.span() {
+            Some(span) => {
+                let start = span.start.min(text.len());
+                let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+                let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+                let line = text[..start].matches('\n').count() + 1;
+                let column = start - line_start + 1;
+                (
+                    format!("line {line}, column {column}: "),
+                    // The line itself names the field when the message does not.
+                    format!(" (in `{}`)", text[line_start..line_end].trim()),
+                )
+            }
+            None => (String::new(), String::new()),
+        };
+        ConfigError::Parse {
+            path: path.to_owned(),
+            message: format!("{place}{}{source_line}", e.message().trim_end()),
+        }
     })
 }
 
@@ -152,9 +170,9 @@ fn pki_context<T>(
     result: Result<T, pki::PkiError>,
     context: impl Into<String>,
 ) -> Result<T, ConfigError> {
-    result.map_err(|source| ConfigError::Pki {
+    result.map_err(|cause| ConfigError::Pki {
         context: context.into(),
-        source,
+        cause,
     })
 }
 

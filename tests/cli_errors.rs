@@ -1,0 +1,224 @@
+//! Bad input is a clear one-line error and a non-zero exit, never a hang or a crash.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+
+use common::relays::Pki;
+use common::*;
+
+/// Runs ntp-dtls with `args`; returns (success, stderr).
+fn ntp_dtls(args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(ntp_dtls_bin());
+    cmd.args(args).env("NO_COLOR", "1");
+    let out = run_command(cmd, Duration::from_secs(20)).expect("ntp-dtls ran to completion");
+    (out.status.success(), out.stderr)
+}
+
+/// The error is one line starting "ntp-dtls: error:" and containing every `needles`.
+fn assert_one_line_error(args: &[&str], needles: &[&str]) {
+    let (ok, stderr) = ntp_dtls(args);
+    assert!(!ok, "{args:?} succeeded");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("ntp-dtls: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{args:?}: stderr was:\n{stderr}");
+    for needle in needles {
+        assert!(
+            errors[0].contains(needle),
+            "{args:?}: {:?} lacks {needle:?}",
+            errors[0]
+        );
+    }
+}
+
+#[test]
+fn a_missing_certificate_file_is_named() {
+    let pki = Pki::generate(&["localhost"]);
+    let key = pki.path("server.key.pem").display().to_string();
+    assert_one_line_error(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            "/nonexistent/server.pem",
+            "--key",
+            &key,
+        ],
+        &["/nonexistent/server.pem", "No such file"],
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_refused() {
+    let pki = Pki::generate(&["localhost"]);
+    let cert = pki.path("server.pem").display().to_string();
+    let key = pki.path("client.key.pem").display().to_string();
+    assert_one_line_error(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ],
+        &["client.key.pem", "does not match", "server.pem"],
+    );
+}
+
+#[test]
+fn an_rsa_key_is_refused_at_start_up() {
+    let dir = TempDir::new();
+    let key = dir.join("rsa.key.pem");
+    let out = run_command(
+        {
+            let mut c = Command::new("openssl");
+            c.args(["genrsa", "-out"]).arg(&key).arg("2048");
+            c
+        },
+        Duration::from_secs(30),
+    )
+    .expect("openssl ran");
+    assert!(out.status.success(), "{}", out.combined());
+    let pki = Pki::generate(&["localhost"]);
+    let cert = pki.path("server.pem").display().to_string();
+    assert_one_line_error(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            &cert,
+            "--key",
+            &key.display().to_string(),
+        ],
+        &["RSA", "not supported", "P-256"],
+    );
+}
+
+#[test]
+fn an_address_in_use_is_reported() {
+    let pki = Pki::generate(&["localhost"]);
+    let taken = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let cert = pki.path("server.pem").display().to_string();
+    let key = pki.path("server.key.pem").display().to_string();
+    assert_one_line_error(
+        &[
+            "server",
+            "--listen",
+            &addr,
+            "--upstream",
+            "builtin",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ],
+        &["cannot listen on", &addr, "in use"],
+    );
+    let ca = pki.ca().display().to_string();
+    assert_one_line_error(
+        &[
+            "client",
+            "--listen",
+            &addr,
+            "--server",
+            "127.0.0.1:9",
+            "--ca",
+            &ca,
+        ],
+        &["cannot listen on", &addr, "in use"],
+    );
+}
+
+#[test]
+fn config_file_errors_name_the_line_and_the_field() {
+    let dir = TempDir::new();
+    let config = dir.write(
+        "client.toml",
+        "ca = \"ca.pem\"\n\n[[tunnel]]\nlisten = \"127.0.0.1:123\"\nsever = \"time:1123\"\n",
+    );
+    let path = config.display().to_string();
+    assert_one_line_error(&["client", "--config", &path], &[&path, "line 5", "sever"]);
+
+    let config = dir.write(
+        "server.toml",
+        "listen = \"0.0.0.0:1123\"\nstratum = \"two\"\n",
+    );
+    let path = config.display().to_string();
+    assert_one_line_error(
+        &["server", "--config", &path],
+        &[&path, "line 2", "stratum"],
+    );
+
+    let config = dir.write("empty.toml", "ca = \"ca.pem\"\n");
+    let path = config.display().to_string();
+    assert_one_line_error(&["client", "--config", &path], &["no [[tunnel]]"]);
+}
+
+#[test]
+fn an_unresolvable_server_is_reported() {
+    let pki = Pki::generate(&["localhost"]);
+    let ca = pki.ca().display().to_string();
+    assert_one_line_error(
+        &[
+            "client",
+            "--listen",
+            "127.0.0.1:0",
+            "--server",
+            "no-such-host.invalid:1123",
+            "--ca",
+            &ca,
+        ],
+        &["no-such-host.invalid"],
+    );
+}
+
+#[test]
+fn certs_refuses_to_overwrite_without_force() {
+    let dir = TempDir::new();
+    let out = dir.path().display().to_string();
+    let (ok, _) = ntp_dtls(&["certs", "--out", &out, "--server-name", "localhost"]);
+    assert!(ok);
+    let before = std::fs::read(dir.join("ca.pem")).expect("ca.pem");
+    assert_one_line_error(
+        &["certs", "--out", &out, "--server-name", "localhost"],
+        &["ca.pem", "--force"],
+    );
+    assert_eq!(std::fs::read(dir.join("ca.pem")).expect("ca.pem"), before);
+    let (ok, _) = ntp_dtls(&[
+        "certs",
+        "--out",
+        &out,
+        "--server-name",
+        "localhost",
+        "--force",
+    ]);
+    assert!(ok);
+    assert_ne!(std::fs::read(dir.join("ca.pem")).expect("ca.pem"), before);
+}
+
+#[test]
+fn a_ca_file_that_holds_a_leaf_is_refused() {
+    let pki = Pki::generate(&["localhost"]);
+    let leaf = pki.path("server.pem").display().to_string();
+    assert_one_line_error(
+        &[
+            "client",
+            "--listen",
+            "127.0.0.1:0",
+            "--server",
+            "127.0.0.1:9",
+            "--ca",
+            &leaf,
+        ],
+        &["server.pem"],
+    );
+}

@@ -9,7 +9,9 @@
 pub const RECORD_HEADER_LEN: usize = 13;
 /// Handshake message header: type, length (24), message_seq (16), fragment offset and length (24 each).
 const HANDSHAKE_HEADER_LEN: usize = 12;
-const CONTENT_HANDSHAKE: u8 = 22;
+pub const CONTENT_CHANGE_CIPHER_SPEC: u8 = 20;
+pub const CONTENT_HANDSHAKE: u8 = 22;
+pub const CONTENT_APPLICATION_DATA: u8 = 23;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// DTLS 1.0 (0xfeff) may appear in the record layer of a first ClientHello (RFC 6347 §4.2.1);
 /// the version actually negotiated is decided by the engine, which accepts DTLS 1.2 only.

@@ -211,6 +211,9 @@ pub trait DtlsEngine {
     fn close(&mut self, now: Instant, peer: SocketAddr);
     /// Forgets an association without a word to the peer (half-open timeouts, evictions).
     fn forget(&mut self, now: Instant, peer: SocketAddr);
+    /// Drops a handshake in progress with `peer` (a first one, or one that would replace its
+    /// established association), leaving an established association alone.
+    fn abandon_handshake(&mut self, now: Instant, peer: SocketAddr);
     fn knows(&self, peer: SocketAddr) -> bool;
     fn is_established(&self, peer: SocketAddr) -> bool;
     /// Associations held, established or not.

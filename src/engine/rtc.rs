@@ -6,7 +6,7 @@
 //! (rtc-dtls leaves it in its table, stuck), and an established association kept alive through
 //! unauthenticated garbage.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,13 +31,27 @@ use super::{
 
 /// An rtc-dtls endpoint in one role, with our security policy.
 pub struct RtcEngine {
-    endpoint: Endpoint,
+    /// Two endpoints, so that a peer can handshake anew while its established association goes
+    /// on serving: rtc-dtls keys associations by address alone, and takes a ClientHello from an
+    /// address it knows for a retransmission. A replacement handshake runs in the other slot and
+    /// takes over only when it completes, so a spoofed ClientHello never ends a live association.
+    slots: [Endpoint; 2],
+    peers: HashMap<SocketAddr, Peer>,
     /// Present in the client role: the config each `connect` uses.
     client_config: Option<Arc<HandshakeConfig>>,
-    established: HashSet<SocketAddr>,
-    /// Drained from the endpoint after every call, so that the close_notify rtc-dtls queues
+    /// Drained from the endpoints after every call, so that the close_notify rtc-dtls queues
     /// when we drop a failed association can be told apart and discarded.
     transmits: VecDeque<Transmit>,
+}
+
+/// Where a peer's associations live.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    /// The slot of its association (established, or its first handshake).
+    slot: usize,
+    established: bool,
+    /// The slot of a replacement handshake in progress, always the other one.
+    replacement: Option<usize>,
 }
 
 fn provider() -> Result<Arc<dyn RTCCryptoProvider>, SettingsError> {
@@ -169,9 +183,12 @@ impl RtcEngine {
         // rtc-dtls only copies the local address into its transmit metadata, which we ignore.
         let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         RtcEngine {
-            endpoint: Endpoint::new(local, TransportProtocol::UDP, server),
+            slots: [
+                Endpoint::new(local, TransportProtocol::UDP, server.clone()),
+                Endpoint::new(local, TransportProtocol::UDP, server),
+            ],
+            peers: HashMap::new(),
             client_config: client,
-            established: HashSet::new(),
             transmits: VecDeque::new(),
         }
     }
@@ -191,83 +208,113 @@ impl RtcEngine {
         &mut self,
         settings: &ServerSettings,
     ) -> Result<(), SettingsError> {
-        let config = server_config(settings)?;
-        self.endpoint.set_server_config(Some(Arc::new(config)));
+        let config = Arc::new(server_config(settings)?);
+        for slot in &mut self.slots {
+            slot.set_server_config(Some(config.clone()));
+        }
         Ok(())
     }
 
-    fn drain_endpoint(&mut self) {
-        while let Some(message) = self.endpoint.poll_transmit() {
-            self.transmits.push_back(Transmit {
-                peer: message.transport.peer_addr,
-                datagram: message.message,
-            });
+    fn is_server(&self) -> bool {
+        self.client_config.is_none()
+    }
+
+    fn drain(&mut self) {
+        for slot in &mut self.slots {
+            while let Some(message) = slot.poll_transmit() {
+                self.transmits.push_back(Transmit {
+                    peer: message.transport.peer_addr,
+                    datagram: message.message,
+                });
+            }
         }
     }
 
-    /// Removes an association rtc-dtls would keep, without the close_notify its `stop` queues:
-    /// after a failure the peer has had its alert already.
-    fn drop_silently(&mut self, now: Instant, peer: SocketAddr) {
-        self.drain_endpoint();
-        self.endpoint.stop(now, peer);
-        while self.endpoint.poll_transmit().is_some() {}
-        self.established.remove(&peer);
+    /// Removes one association rtc-dtls would keep, without the close_notify its `stop`
+    /// queues: after a failure the peer has had its alert already.
+    fn drop_slot(&mut self, now: Instant, slot: usize, peer: SocketAddr) {
+        self.drain();
+        self.slots[slot].stop(now, peer);
+        while self.slots[slot].poll_transmit().is_some() {}
     }
 
-    fn identity_of(&self, peer: SocketAddr) -> PeerIdentity {
-        let subject = self
-            .endpoint
+    fn identity_of(&self, slot: usize, peer: SocketAddr) -> PeerIdentity {
+        let subject = self.slots[slot]
             .get_connection_state(peer)
             .and_then(|state| state.peer_certificates.first())
             .and_then(|der| crate::pki::summarize(der).ok())
             .map(|summary| summary.subject);
         PeerIdentity { subject }
     }
-}
 
-impl DtlsEngine for RtcEngine {
-    fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<(), SendError> {
-        let config = self
-            .client_config
-            .clone()
-            .ok_or_else(|| SendError::Engine("a server engine cannot connect".into()))?;
-        let result = self.endpoint.connect(now, peer, config, None);
-        self.drain_endpoint();
-        result.map_err(|e| SendError::Engine(e.to_string()))
+    /// Which slot a datagram from a known peer belongs to.
+    fn route(&mut self, peer: SocketAddr, datagram: &[u8]) -> usize {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return 0;
+        };
+        if !state.established {
+            return state.slot;
+        }
+        let other = 1 - state.slot;
+        if self.client_config.is_none() && record::is_client_hello(datagram) {
+            // A new handshake from an address with a live association: a client that restarted
+            // on the same port, a NAT rebinding, or a spoofer. Only completing it proves which.
+            state.replacement = Some(other);
+            return other;
+        }
+        match (state.replacement, record::first_record(datagram)) {
+            // Handshake and ChangeCipherSpec records belong to the handshake in progress;
+            // application data and alerts to the live association.
+            (Some(replacement), Some(header))
+                if header.content_type == record::CONTENT_HANDSHAKE
+                    || header.content_type == record::CONTENT_CHANGE_CIPHER_SPEC =>
+            {
+                replacement
+            }
+            _ => state.slot,
+        }
     }
 
-    fn receive(
+    fn on_slot_events(
         &mut self,
         now: Instant,
+        slot: usize,
         peer: SocketAddr,
-        datagram: &[u8],
+        result: Result<Vec<EndpointEvent>, RtcError>,
         events: &mut Vec<Event>,
-    ) -> bool {
-        // rtc-dtls would create an association for any datagram from a new address, and keep it.
-        if self.client_config.is_none() && !self.knows(peer) && !record::is_client_hello(datagram) {
-            return false;
-        }
-        let was_established = self.established.contains(&peer);
-        let result = self
-            .endpoint
-            .read(now, peer, None, BytesMut::from(datagram));
-        self.drain_endpoint();
+    ) {
+        let Some(state) = self.peers.get(&peer).copied() else {
+            return;
+        };
+        let is_replacement = state.replacement == Some(slot);
+        let was_established = state.established && !is_replacement;
         match result {
             Ok(happened) => {
                 for event in happened {
                     match event {
                         EndpointEvent::HandshakeComplete => {
-                            self.established.insert(peer);
+                            if is_replacement {
+                                // The new association proved the address: the old one goes.
+                                self.drop_slot(now, state.slot, peer);
+                            }
+                            self.peers.insert(
+                                peer,
+                                Peer {
+                                    slot,
+                                    established: true,
+                                    replacement: None,
+                                },
+                            );
                             events.push(Event::Established {
                                 peer,
-                                identity: self.identity_of(peer),
+                                identity: self.identity_of(slot, peer),
                             });
                         }
                         EndpointEvent::ApplicationData(payload) => {
                             events.push(Event::Data { peer, payload })
                         }
                         EndpointEvent::PeerClosed => {
-                            self.established.remove(&peer);
+                            self.forget(now, peer);
                             events.push(Event::Closed {
                                 peer,
                                 reason: "peer sent close_notify".into(),
@@ -278,13 +325,12 @@ impl DtlsEngine for RtcEngine {
                 }
             }
             // A datagram that is not a sequence of records: dropped, whoever sent it.
-            Err(RtcError::ErrInvalidPacketLength) => {}
-            Err(RtcError::NoServerConfig) => {}
+            Err(RtcError::ErrInvalidPacketLength) | Err(RtcError::NoServerConfig) => {}
             Err(err) if was_established => {
                 // Only an authenticated fatal alert ends an established association: forged
                 // plaintext in the old epoch never gets this far (rtc-dtls drops it).
                 if matches!(err, RtcError::ErrAlertFatalOrClose) {
-                    self.drop_silently(now, peer);
+                    self.forget(now, peer);
                     events.push(Event::Closed {
                         peer,
                         reason: "peer sent a fatal alert".into(),
@@ -292,26 +338,88 @@ impl DtlsEngine for RtcEngine {
                 }
             }
             Err(err) => {
-                // rtc-dtls leaves a failed handshake stuck in its table: remove it.
-                self.drop_silently(now, peer);
+                // rtc-dtls leaves a failed handshake stuck in its table: remove it. A failed
+                // replacement leaves the live association as it was.
+                self.drop_slot(now, slot, peer);
+                if is_replacement {
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.replacement = None;
+                    }
+                } else {
+                    self.peers.remove(&peer);
+                }
                 events.push(Event::Failed {
                     peer,
                     failure: classify(&err),
                 });
             }
         }
+    }
+}
+
+impl DtlsEngine for RtcEngine {
+    fn connect(&mut self, now: Instant, peer: SocketAddr) -> Result<(), SendError> {
+        let config = self
+            .client_config
+            .clone()
+            .ok_or_else(|| SendError::Engine("a server engine cannot connect".into()))?;
+        let result = self.slots[0].connect(now, peer, config, None);
+        self.drain();
+        result.map_err(|e| SendError::Engine(e.to_string()))?;
+        self.peers.insert(
+            peer,
+            Peer {
+                slot: 0,
+                established: false,
+                replacement: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn receive(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        events: &mut Vec<Event>,
+    ) -> bool {
+        if !self.peers.contains_key(&peer) {
+            // rtc-dtls would create an association for any datagram from a new address.
+            if !self.is_server() || !record::is_client_hello(datagram) {
+                return false;
+            }
+            self.peers.insert(
+                peer,
+                Peer {
+                    slot: 0,
+                    established: false,
+                    replacement: None,
+                },
+            );
+        }
+        let slot = self.route(peer, datagram);
+        let result = self.slots[slot].read(now, peer, None, BytesMut::from(datagram));
+        self.drain();
+        self.on_slot_events(now, slot, peer, result, events);
+        // The first ClientHello may have been refused before rtc-dtls kept any state.
+        if let Some(state) = self.peers.get(&peer).copied() {
+            if self.slots[state.slot].get_connection_state(peer).is_none() {
+                self.peers.remove(&peer);
+            }
+        }
         true
     }
 
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
-        if !self.knows(peer) {
+        let Some(state) = self.peers.get(&peer).copied() else {
             return Err(SendError::NoAssociation(peer));
-        }
-        if !self.established.contains(&peer) {
+        };
+        if !state.established {
             return Err(SendError::NotEstablished(peer));
         }
-        let result = self.endpoint.write(now, peer, payload);
-        self.drain_endpoint();
+        let result = self.slots[state.slot].write(now, peer, payload);
+        self.drain();
         result.map_err(|e| SendError::Engine(e.to_string()))
     }
 
@@ -320,50 +428,80 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant> {
-        self.endpoint.poll_timeout(&peer)
+        let state = self.peers.get(&peer)?;
+        let own = self.slots[state.slot].poll_timeout(&peer);
+        let replacement = state
+            .replacement
+            .and_then(|slot| self.slots[slot].poll_timeout(&peer));
+        own.into_iter().chain(replacement).min()
     }
 
     fn handle_timeout(&mut self, now: Instant, peer: SocketAddr, events: &mut Vec<Event>) {
-        let result = self.endpoint.handle_timeout(peer, now);
-        self.drain_endpoint();
-        if let Err(err) = result {
-            if matches!(err, RtcError::InvalidRemoteAddress(_)) {
-                return;
+        let Some(state) = self.peers.get(&peer).copied() else {
+            return;
+        };
+        for slot in [Some(state.slot), state.replacement].into_iter().flatten() {
+            let due = self.slots[slot]
+                .poll_timeout(&peer)
+                .is_some_and(|due| due <= now);
+            if !due {
+                continue;
             }
-            self.drop_silently(now, peer);
-            let failure = match err {
-                // Retransmissions exhausted: the peer never answered.
-                RtcError::ErrInvalidFsmTransition => Failure::HandshakeTimeout,
-                other => classify(&other),
-            };
-            events.push(Event::Failed { peer, failure });
+            let result = self.slots[slot].handle_timeout(peer, now);
+            self.drain();
+            if let Err(err) = result {
+                // Retransmissions exhausted (ErrInvalidFsmTransition): a handshake timeout.
+                self.on_slot_events(now, slot, peer, Err(err), events);
+            }
         }
     }
 
     fn close(&mut self, now: Instant, peer: SocketAddr) {
-        self.endpoint.stop(now, peer);
-        self.established.remove(&peer);
-        self.drain_endpoint();
+        if let Some(state) = self.peers.remove(&peer) {
+            if let Some(replacement) = state.replacement {
+                self.drop_slot(now, replacement, peer);
+            }
+            self.slots[state.slot].stop(now, peer);
+            self.drain();
+        }
     }
 
     fn forget(&mut self, now: Instant, peer: SocketAddr) {
-        self.drop_silently(now, peer);
+        if let Some(state) = self.peers.remove(&peer) {
+            for slot in [Some(state.slot), state.replacement].into_iter().flatten() {
+                self.drop_slot(now, slot, peer);
+            }
+        }
+    }
+
+    fn abandon_handshake(&mut self, now: Instant, peer: SocketAddr) {
+        let Some(state) = self.peers.get(&peer).copied() else {
+            return;
+        };
+        if let Some(replacement) = state.replacement {
+            self.drop_slot(now, replacement, peer);
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.replacement = None;
+            }
+        } else if !state.established {
+            self.forget(now, peer);
+        }
     }
 
     fn knows(&self, peer: SocketAddr) -> bool {
-        self.endpoint.get_connection_state(peer).is_some()
+        self.peers.contains_key(&peer)
     }
 
     fn is_established(&self, peer: SocketAddr) -> bool {
-        self.established.contains(&peer)
+        self.peers.get(&peer).is_some_and(|p| p.established)
     }
 
     fn associations(&self) -> usize {
-        self.endpoint.get_connections_keys().len()
+        self.peers.len()
     }
 
     fn peers(&self) -> Vec<SocketAddr> {
-        self.endpoint.get_connections_keys().copied().collect()
+        self.peers.keys().copied().collect()
     }
 }
 
@@ -664,6 +802,67 @@ mod tests {
             client.send(now, SERVER, b"x"),
             Err(SendError::NotEstablished(SERVER))
         );
+    }
+
+    #[test]
+    fn a_client_that_comes_back_on_the_same_address_replaces_its_old_association() {
+        let pki = Pki::new("same-port", &["localhost"]);
+        let now = Instant::now();
+        let mut server = server_engine(&pki, None);
+        let mut first = client_engine(&pki, "localhost", None);
+        first.connect(now, SERVER).expect("connect");
+        pump(&mut first, &mut server, now);
+        assert!(server.is_established(CLIENT));
+
+        // The client crashed; a new one starts on the same address and port.
+        let mut second = client_engine(&pki, "localhost", None);
+        second.connect(now, SERVER).expect("connect");
+        let (c, s) = pump(&mut second, &mut server, now);
+        assert!(established(&c).is_some(), "{c:?}");
+        assert!(established(&s).is_some(), "{s:?}");
+        assert_eq!(server.associations(), 1);
+
+        second.send(now, SERVER, &[0x23; 48]).expect("send");
+        let (_, s) = pump(&mut second, &mut server, now);
+        assert!(matches!(&s[..], [Event::Data { .. }]), "{s:?}");
+        server.send(now, CLIENT, &[0x24; 48]).expect("reply");
+        let (c, _) = pump(&mut second, &mut server, now);
+        assert!(matches!(&c[..], [Event::Data { .. }]), "{c:?}");
+    }
+
+    #[test]
+    fn a_spoofed_client_hello_never_ends_a_live_association() {
+        let pki = Pki::new("spoof", &["localhost"]);
+        let now = Instant::now();
+        let mut server = server_engine(&pki, None);
+        let mut client = client_engine(&pki, "localhost", None);
+        client.connect(now, SERVER).expect("connect");
+        pump(&mut client, &mut server, now);
+
+        // Someone else's ClientHello, sent with the client's address.
+        let mut spoofer = client_engine(&pki, "localhost", None);
+        spoofer.connect(now, SERVER).expect("connect");
+        let mut events = Vec::new();
+        while let Some(t) = spoofer.poll_transmit() {
+            assert!(server.receive(now, CLIENT, &t.datagram, &mut events));
+        }
+        // The HelloVerifyRequest goes to the real client, which ignores it.
+        while let Some(t) = server.poll_transmit() {
+            client.receive(now, SERVER, &t.datagram, &mut events);
+        }
+        assert!(events.is_empty(), "{events:?}");
+        assert!(server.is_established(CLIENT));
+
+        client.send(now, SERVER, &[0x23; 48]).expect("send");
+        let (_, s) = pump(&mut client, &mut server, now);
+        assert!(matches!(&s[..], [Event::Data { .. }]), "{s:?}");
+
+        // Abandoning the half-done replacement leaves the association as it was.
+        server.abandon_handshake(now, CLIENT);
+        assert!(server.is_established(CLIENT));
+        server.send(now, CLIENT, &[0x24; 48]).expect("reply");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert!(matches!(&c[..], [Event::Data { .. }]), "{c:?}");
     }
 
     #[test]

@@ -16,6 +16,18 @@ const LOCAL_ANY: &str = "127.0.0.1:0";
 /// Offsets through the chain must stay under this (all processes share one clock).
 const MAX_OFFSET_S: f64 = 0.001;
 
+/// Like an NTP client's clock filter: of `n` samples, the one with the lowest delay (whose offset
+/// error bound, delay/2, is the tightest). A loaded 2-core machine delays some samples.
+fn best_of<T>(
+    n: usize,
+    key: impl Fn(&T) -> f64,
+    mut sample: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    (0..n)
+        .filter_map(|_| sample())
+        .min_by(|a, b| key(a).total_cmp(&key(b)))
+}
+
 fn any_local() -> SocketAddr {
     LOCAL_ANY.parse().expect("addr")
 }
@@ -46,14 +58,24 @@ fn ntpdate_and_sntp_get_valid_replies_through_the_chain() {
     let client = start_client(&pki.ca(), listen, server.addr, &[]);
     assert_eq!(client.addr, listen);
 
-    let ntpdate = ntpdate_query(listen.ip()).expect("ntpdate got a reply through the chain");
+    let ntpdate = best_of(
+        3,
+        |r: &NtpClientResult| r.sync_distance_s.unwrap_or(f64::MAX),
+        || ntpdate_query(listen.ip()).ok(),
+    )
+    .expect("ntpdate got a reply through the chain");
     assert!(
         ntpdate.offset_s.abs() < MAX_OFFSET_S,
         "ntpdate offset {} s:\n{}",
         ntpdate.offset_s,
         ntpdate.raw
     );
-    let sntp = sntp_query(listen.ip()).expect("sntp got a reply through the chain");
+    let sntp = best_of(
+        3,
+        |r: &NtpClientResult| r.delay_s.unwrap_or(f64::MAX),
+        || sntp_query(listen.ip()).ok(),
+    )
+    .expect("sntp got a reply through the chain");
     assert!(
         sntp.offset_s.abs() < MAX_OFFSET_S,
         "sntp offset {} s:\n{}",
@@ -329,8 +351,12 @@ fn one_client_process_serves_three_independent_upstreams_from_a_config_file() {
         client.tail(10)
     );
     for addr in &listening {
-        let sample = ntp_query(*addr, Duration::from_secs(3))
-            .unwrap_or_else(|| panic!("no reply through the tunnel on {addr}"));
+        let sample = best_of(
+            3,
+            |s: &NtpSample| s.delay_s,
+            || ntp_query(*addr, Duration::from_secs(3)),
+        )
+        .unwrap_or_else(|| panic!("no reply through the tunnel on {addr}"));
         assert!(
             sample.offset_s.abs() < MAX_OFFSET_S,
             "{addr}: {}",

@@ -6,9 +6,11 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::admission::Limits;
 use crate::cli::{ClientArgs, ServerArgs};
 use crate::engine::{ClientSettings, Identity, ServerSettings};
 use crate::pki;
@@ -72,6 +74,7 @@ pub struct ServerConfig {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     pub client_ca_path: Option<PathBuf>,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -105,6 +108,80 @@ struct ServerFile {
     key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     stratum: Option<u8>,
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+/// `[limits]` of the server's file; absent keys keep the defaults of [`Limits`].
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_associations: Option<usize>,
+    max_half_open: Option<usize>,
+    handshake_timeout_secs: Option<f64>,
+    handshake_rate: Option<f64>,
+    handshake_burst: Option<f64>,
+    max_handshake_bytes: Option<usize>,
+    idle_timeout_secs: Option<f64>,
+}
+
+fn seconds(value: f64, key: &str) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "[limits] {key} = {value}: must be a positive number of seconds"
+            ))
+        })
+}
+
+impl LimitsFile {
+    fn resolve(&self) -> Result<Limits, ConfigError> {
+        let mut limits = Limits::default();
+        let positive = |value: usize, key: &str| {
+            if value == 0 {
+                Err(ConfigError::Invalid(format!(
+                    "[limits] {key} = 0: must be at least 1"
+                )))
+            } else {
+                Ok(value)
+            }
+        };
+        if let Some(v) = self.max_associations {
+            limits.max_associations = positive(v, "max_associations")?;
+        }
+        if let Some(v) = self.max_half_open {
+            limits.max_half_open = positive(v, "max_half_open")?;
+        }
+        if let Some(v) = self.max_handshake_bytes {
+            limits.max_handshake_bytes = positive(v, "max_handshake_bytes")?;
+        }
+        if let Some(v) = self.handshake_timeout_secs {
+            limits.handshake_timeout = seconds(v, "handshake_timeout_secs")?;
+        }
+        if let Some(v) = self.idle_timeout_secs {
+            limits.idle_timeout = seconds(v, "idle_timeout_secs")?;
+        }
+        for (value, key) in [
+            (self.handshake_rate, "handshake_rate"),
+            (self.handshake_burst, "handshake_burst"),
+        ] {
+            if let Some(v) = value {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(ConfigError::Invalid(format!(
+                        "[limits] {key} = {v}: must be positive"
+                    )));
+                }
+            }
+        }
+        limits.handshake_rate = self.handshake_rate.unwrap_or(limits.handshake_rate);
+        limits.handshake_burst = self
+            .handshake_burst
+            .unwrap_or(limits.handshake_burst)
+            .max(1.0);
+        Ok(limits)
+    }
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
@@ -345,7 +422,9 @@ impl ServerConfig {
         })?;
         let client_ca_path = args.client_ca.clone().or(file.client_ca);
         let settings = Self::load_settings(&cert_path, &key_path, client_ca_path.as_deref())?;
+        let limits = file.limits.resolve()?;
         Ok(ServerConfig {
+            limits,
             listen: resolve(&listen_spec, "listen")?,
             upstream,
             settings,
@@ -411,6 +490,25 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("line 1") && err.contains("stratum"), "{err}");
+    }
+
+    #[test]
+    fn limits_default_and_override() {
+        let file: ServerFile = parse_toml(
+            Path::new("s.toml"),
+            "[limits]\nmax_half_open = 10\nidle_timeout_secs = 2048\n",
+        )
+        .unwrap_or_default();
+        let limits = file.limits.resolve().unwrap_or_default();
+        assert_eq!(limits.max_half_open, 10);
+        assert_eq!(limits.idle_timeout, Duration::from_secs(2048));
+        assert_eq!(limits.max_associations, Limits::default().max_associations);
+        let file: ServerFile = parse_toml(
+            Path::new("s.toml"),
+            "[limits]\nhandshake_timeout_secs = 0\n",
+        )
+        .unwrap_or_default();
+        assert!(file.limits.resolve().is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Pure protocol logic (`ntp`, `pending`, `record`, `backoff`, the `engine` interface) is kept
 //! apart from the tokio shells that drive it (`client`, `server`, `query`).
 
+pub mod admission;
 pub mod backoff;
 pub mod cli;
 pub mod client;

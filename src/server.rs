@@ -15,12 +15,14 @@ use anyhow::Context;
 use tokio::net::UdpSocket;
 use tracing::{debug, info};
 
+use crate::admission::{Admission, Arrival, Expiry, Refusal};
 use crate::client::sleep_until;
 use crate::config::{ServerConfig, Upstream};
 use crate::daemon::{Shutdown, notify_ready};
 use crate::engine::{DtlsEngine, Engine, Event};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::pending::{InsertError, InsertOutcome, PendingTable};
+use crate::record;
 use crate::stats::{Counter, Stats};
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
@@ -82,10 +84,12 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
         socket,
         source,
         engine,
+        admission: Admission::new(config.limits.clone()),
         stats: stats.clone(),
         pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
         timers: BinaryHeap::new(),
         events: Vec::new(),
+        expired: Vec::new(),
     };
     worker.run(shutdown).await;
     let summary: Vec<String> = stats
@@ -101,12 +105,15 @@ struct Worker {
     socket: UdpSocket,
     source: TimeSource,
     engine: Engine,
+    /// Who may hold state, how much and how long: rtc-dtls bounds none of it.
+    admission: Admission,
     stats: Arc<Stats>,
     pending: PendingTable<SocketAddr>,
     /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
     /// poll_timeout is checked when one comes due.
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
     events: Vec<Event>,
+    expired: Vec<Expiry>,
 }
 
 impl Worker {
@@ -143,10 +150,14 @@ impl Worker {
 
     fn next_deadline(&self) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((due, _))| *due);
-        [timer, self.pending.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            timer,
+            self.pending.next_deadline(),
+            self.admission.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_datagram(
@@ -156,36 +167,71 @@ impl Worker {
         peer: SocketAddr,
         datagram: &[u8],
     ) {
-        // No state for anything but a ClientHello from an address we do not know.
+        let arrival = if record::is_client_hello(datagram) {
+            Arrival::ClientHello
+        } else {
+            match record::first_record(datagram).map(|r| r.content_type) {
+                Some(record::CONTENT_HANDSHAKE | record::CONTENT_CHANGE_CIPHER_SPEC) => {
+                    Arrival::Handshake
+                }
+                _ => Arrival::Other,
+            }
+        };
+        if let Err(refusal) = self.admission.admit(now, peer, datagram.len(), arrival) {
+            self.stats.incr(match refusal {
+                Refusal::NotClientHello => Counter::DropNotHandshake,
+                Refusal::AssociationLimit => Counter::DropAssociationLimit,
+                Refusal::HalfOpenLimit => Counter::DropHalfOpenLimit,
+                Refusal::SourceRateLimit => Counter::DropSourceRateLimit,
+                Refusal::HandshakeBytes => Counter::DropHandshakeBytes,
+            });
+            if refusal == Refusal::HandshakeBytes {
+                self.engine.abandon_handshake(now, peer);
+                self.admission.handshake_failed(peer);
+            }
+            debug!(%peer, len = datagram.len(), reason = refusal.label(), "datagram dropped");
+            return;
+        }
         if !self.engine.receive(now, peer, datagram, &mut self.events) {
             self.stats.incr(Counter::DropNotHandshake);
-            debug!(%peer, len = datagram.len(), "dropped: not a ClientHello from an unknown address");
+            self.admission.removed(peer);
             return;
         }
         self.schedule(peer);
         let mut events = std::mem::take(&mut self.events);
         for event in events.drain(..) {
             match event {
-                Event::Data { peer, payload } => self.forward(now, arrived, peer, &payload),
-                other => self.audit(other),
+                Event::Data { peer, payload } => {
+                    self.admission.activity(now, peer);
+                    if payload.is_empty() {
+                        // The client relay keeping a quiet association warm: nothing to forward.
+                        self.stats.incr(Counter::Keepalives);
+                    } else {
+                        self.forward(now, arrived, peer, &payload);
+                    }
+                }
+                other => self.audit(now, other),
             }
         }
         self.events = events;
     }
 
     /// One line per association event: what an evaluator reads.
-    fn audit(&self, event: Event) {
+    fn audit(&mut self, now: Instant, event: Event) {
         match event {
             Event::Established { peer, identity } => {
+                self.admission.established(now, peer);
                 self.stats.incr(Counter::AssociationsEstablished);
                 info!(%peer, subject = %identity, cipher = %crate::engine::CIPHER_SUITE,
                     "association established");
             }
             Event::Failed { peer, failure } => {
+                self.admission.handshake_failed(peer);
                 self.stats.incr(Counter::AssociationsRefused);
                 info!(%peer, reason = %failure.label(), detail = %failure, "association refused");
             }
             Event::Closed { peer, reason } => {
+                self.admission.removed(peer);
                 self.stats.incr(Counter::AssociationsClosed);
                 info!(%peer, %reason, "association closed");
             }
@@ -273,7 +319,10 @@ impl Worker {
 
     fn reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
         match self.engine.send(now, peer, datagram) {
-            Ok(()) => self.stats.incr(Counter::RepliesDelivered),
+            Ok(()) => {
+                self.stats.incr(Counter::RepliesDelivered);
+                self.admission.activity(now, peer);
+            }
             Err(e) => {
                 self.stats.incr(Counter::DropNoAssociation);
                 debug!(%peer, error = %e, "reply dropped");
@@ -296,9 +345,44 @@ impl Worker {
                 self.schedule(peer);
                 let mut events = std::mem::take(&mut self.events);
                 for event in events.drain(..) {
-                    self.audit(event);
+                    self.audit(now, event);
                 }
                 self.events = events;
+            }
+        }
+        let mut expired = std::mem::take(&mut self.expired);
+        self.admission.expire(now, &mut expired);
+        for expiry in expired.drain(..) {
+            self.on_expiry(now, expiry);
+        }
+        self.expired = expired;
+    }
+
+    fn on_expiry(&mut self, now: Instant, expiry: Expiry) {
+        match expiry {
+            Expiry::HandshakeTimeout { peer, answered } => {
+                self.engine.abandon_handshake(now, peer);
+                self.stats.incr(Counter::HandshakeTimeouts);
+                if answered {
+                    // The peer proved its address and then stalled: a refusal worth a line.
+                    self.stats.incr(Counter::AssociationsRefused);
+                    info!(%peer, reason = %"handshake_timeout", detail = %"handshake timed out",
+                        "association refused");
+                } else {
+                    // A lone ClientHello, possibly spoofed: counted, not logged.
+                    debug!(%peer, "half-open handshake expired");
+                }
+            }
+            Expiry::ReplacementTimeout { peer } => {
+                self.engine.abandon_handshake(now, peer);
+                self.stats.incr(Counter::HandshakeTimeouts);
+                debug!(%peer, "replacement handshake expired; the association stays");
+            }
+            Expiry::Idle { peer } => {
+                self.engine.close(now, peer);
+                self.stats.incr(Counter::IdleClosed);
+                self.stats.incr(Counter::AssociationsClosed);
+                info!(%peer, reason = %"idle", "association closed");
             }
         }
     }

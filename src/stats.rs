@@ -35,6 +35,13 @@ counters! {
     DropNoAssociation => "drop_no_association", "requests that arrived while no association was up";
     DropNotHandshake => "drop_not_client_hello", "datagrams from unknown addresses that were not a DTLS ClientHello";
     DropUpstreamError => "drop_upstream_error", "datagrams the time server socket could not send or reported as refused";
+    DropAssociationLimit => "drop_association_limit", "ClientHellos refused: the association limit was reached";
+    DropHalfOpenLimit => "drop_half_open_limit", "ClientHellos refused: the half-open handshake limit was reached";
+    DropSourceRateLimit => "drop_source_rate_limit", "ClientHellos refused: their source address exceeded its handshake rate";
+    DropHandshakeBytes => "drop_handshake_bytes", "handshakes abandoned: the peer sent too much before completing";
+    HandshakeTimeouts => "handshake_timeouts", "handshakes abandoned unfinished after the handshake timeout";
+    IdleClosed => "associations_idle_closed", "associations closed after the idle timeout";
+    Keepalives => "keepalives", "empty keepalive records sent or received";
     EvictedPending => "pending_evicted", "outstanding requests evicted to make room for new ones";
     ExpiredPending => "pending_expired", "outstanding requests that got no reply in time";
     AssociationsEstablished => "associations_established", "DTLS associations set up";

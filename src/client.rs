@@ -19,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::{ClientConfig, Tunnel};
 use crate::daemon::{Shutdown, notify_ready};
 use crate::engine::{DtlsEngine, Engine, Event, Failure};
+use crate::health::{Health, Verdict};
 use crate::ntp;
 use crate::pending::{InsertError, InsertOutcome, PendingTable};
 use crate::stats::{Counter, Stats};
@@ -90,20 +91,40 @@ async fn run_tunnels(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result
     Ok(())
 }
 
-/// The association towards the server relay, from its own ephemeral source port.
+/// An association towards the server relay, from its own ephemeral source port.
 struct Upstream {
     socket: UdpSocket,
     engine: Engine,
-    established: bool,
+    /// Present once the handshake has completed.
+    health: Option<Health>,
 }
+
+/// Which of a tunnel's associations something happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The one requests go through (or its first handshake).
+    Current,
+    /// A rekey in progress: made before the current one is broken.
+    Next,
+    /// A replaced association, kept a moment for replies still in flight.
+    Draining,
+}
+
+/// After a rekey, the old association stays this long for replies to requests it carried.
+const DRAIN: Duration = Duration::from_secs(2);
 
 struct TunnelTask {
     tunnel: Tunnel,
     local: UdpSocket,
     stats: Arc<Stats>,
     pending: PendingTable<SocketAddr>,
-    upstream: Option<Upstream>,
+    current: Option<Upstream>,
+    next: Option<Upstream>,
+    draining: Option<(Upstream, Instant)>,
+    /// When to try the next handshake while there is no current association.
     retry_at: Option<Instant>,
+    /// When to try the next rekey after one failed.
+    rekey_at: Option<Instant>,
     backoff: Backoff,
     /// The reason of the last refusal, so a failing server is logged once, not every retry.
     last_failure: Option<String>,
@@ -123,8 +144,11 @@ impl TunnelTask {
             local,
             stats,
             pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
-            upstream: None,
+            current: None,
+            next: None,
+            draining: None,
             retry_at: Some(Instant::now()),
+            rekey_at: None,
             backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
             last_failure: None,
             first_outcome: Some(first_outcome),
@@ -134,7 +158,7 @@ impl TunnelTask {
 
     async fn run(mut self, mut shutdown: Shutdown) {
         let mut local_buf = [0u8; BUFFER_LEN];
-        let mut upstream_buf = [0u8; BUFFER_LEN];
+        let mut upstream_bufs = [[0u8; BUFFER_LEN]; 3];
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -144,35 +168,69 @@ impl TunnelTask {
                     Ok((len, from)) => self.on_request(&local_buf[..len], from),
                     Err(e) => debug!(tunnel = %self.tunnel.name, error = %e, "local receive error"),
                 },
-                received = recv_upstream(self.upstream.as_ref(), &mut upstream_buf) => match received {
-                    Ok(len) => self.on_upstream(&upstream_buf[..len]).await,
-                    // ICMP port unreachable and the like: the server relay is not there (yet).
-                    Err(e) => {
-                        self.stats.incr(Counter::DropUpstreamError);
-                        debug!(tunnel = %self.tunnel.name, error = %e, "upstream receive error");
+                (slot, received) = recv_any(
+                    self.current.as_ref(),
+                    self.next.as_ref(),
+                    self.draining.as_ref().map(|(u, _)| u),
+                    &mut upstream_bufs,
+                ) => match received {
+                    Ok(len) => {
+                        let buf = &upstream_bufs[slot as usize];
+                        self.on_upstream(slot, &buf[..len]).await
                     }
+                    // ICMP port unreachable: nobody listens at the server relay's address.
+                    Err(e) => self.on_unreachable(Instant::now(), slot, &e),
                 },
                 _ = sleep_until(deadline) => self.on_timer(Instant::now()).await,
             }
             self.flush().await;
         }
-        if let Some(mut upstream) = self.upstream.take() {
-            if upstream.established {
+        if let Some(mut upstream) = self.current.take() {
+            if upstream.health.is_some() {
                 upstream.engine.close(Instant::now(), self.tunnel.server);
                 flush_upstream(&mut upstream, &self.stats).await;
-                info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = %"shutdown", "association closed");
+                info!(tunnel = %self.tunnel.name, server = %self.tunnel.server,
+                    reason = %"shutdown", "association closed");
             }
         }
     }
 
+    fn upstream(&mut self, slot: Slot) -> Option<&mut Upstream> {
+        match slot {
+            Slot::Current => self.current.as_mut(),
+            Slot::Next => self.next.as_mut(),
+            Slot::Draining => self.draining.as_mut().map(|(u, _)| u),
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
-        let engine = self
-            .upstream
+        let server = self.tunnel.server;
+        let policy = &self.tunnel.policy;
+        let engine_timers = [
+            self.current.as_ref(),
+            self.next.as_ref(),
+            self.draining.as_ref().map(|(u, _)| u),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u.engine.poll_timeout(server));
+        let health = self
+            .current
             .as_ref()
-            .and_then(|u| u.engine.poll_timeout(self.tunnel.server));
-        [engine, self.pending.next_deadline(), self.retry_at]
-            .into_iter()
-            .flatten()
+            .and_then(|u| u.health.as_ref())
+            .map(|h| h.next_deadline(policy));
+        engine_timers
+            .chain(
+                [
+                    self.pending.next_deadline(),
+                    self.retry_at,
+                    self.rekey_at,
+                    health,
+                    self.draining.as_ref().map(|(_, until)| *until),
+                ]
+                .into_iter()
+                .flatten(),
+            )
             .min()
     }
 
@@ -187,7 +245,8 @@ impl TunnelTask {
                 return;
             }
         };
-        let Some(upstream) = self.upstream.as_mut().filter(|u| u.established) else {
+        let server = self.tunnel.server;
+        let Some(upstream) = self.current.as_mut().filter(|u| u.health.is_some()) else {
             self.stats.incr(Counter::DropNoAssociation);
             debug!(tunnel = %self.tunnel.name, %from, "request dropped: no association up");
             return;
@@ -200,12 +259,18 @@ impl TunnelTask {
             Ok(_) => {}
             Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
                 self.stats.incr(Counter::DropCollision);
-                debug!(tunnel = %self.tunnel.name, %from, "request dropped: transmit timestamp unusable for matching");
+                debug!(tunnel = %self.tunnel.name, %from,
+                    "request dropped: transmit timestamp unusable for matching");
                 return;
             }
         }
-        match upstream.engine.send(now, self.tunnel.server, datagram) {
-            Ok(()) => self.stats.incr(Counter::RequestsForwarded),
+        match upstream.engine.send(now, server, datagram) {
+            Ok(()) => {
+                self.stats.incr(Counter::RequestsForwarded);
+                if let Some(health) = upstream.health.as_mut() {
+                    health.request_sent(now);
+                }
+            }
             Err(e) => {
                 self.stats.incr(Counter::DropNoAssociation);
                 debug!(tunnel = %self.tunnel.name, error = %e, "request dropped");
@@ -213,66 +278,136 @@ impl TunnelTask {
         }
     }
 
-    async fn on_upstream(&mut self, datagram: &[u8]) {
+    async fn on_upstream(&mut self, slot: Slot, datagram: &[u8]) {
         let now = Instant::now();
-        let Some(upstream) = self.upstream.as_mut() else {
-            return;
-        };
-        upstream
-            .engine
-            .receive(now, self.tunnel.server, datagram, &mut self.events);
-        self.handle_events(now).await;
+        let server = self.tunnel.server;
+        let mut events = std::mem::take(&mut self.events);
+        if let Some(upstream) = self.upstream(slot) {
+            upstream.engine.receive(now, server, datagram, &mut events);
+        }
+        self.handle_events(now, slot, &mut events).await;
+        self.events = events;
     }
 
-    async fn handle_events(&mut self, now: Instant) {
-        let mut events = std::mem::take(&mut self.events);
+    async fn handle_events(&mut self, now: Instant, slot: Slot, events: &mut Vec<Event>) {
         for event in events.drain(..) {
             match event {
-                Event::Data { payload, .. } => self.on_reply(now, &payload).await,
-                Event::Established { peer, identity } => {
-                    if let Some(upstream) = self.upstream.as_mut() {
-                        upstream.established = true;
+                Event::Data { payload, .. } => {
+                    if let Some(health) = self.upstream(slot).and_then(|u| u.health.as_mut()) {
+                        health.reply_received();
                     }
-                    self.backoff.reset();
-                    self.last_failure = None;
+                    self.on_reply(now, &payload).await;
+                }
+                Event::Established { peer, identity } => {
+                    if let Some(upstream) = self.upstream(slot) {
+                        upstream.health = Some(Health::new(now));
+                    }
                     self.stats.incr(Counter::AssociationsEstablished);
+                    let rekey = slot == Slot::Next;
                     info!(tunnel = %self.tunnel.name, server = %peer, subject = %identity,
-                        cipher = %crate::engine::CIPHER_SUITE, "association established");
-                    self.report_first_outcome(true);
+                        cipher = %crate::engine::CIPHER_SUITE, rekey, "association established");
+                    if rekey {
+                        // Make before break: new requests go through the new association; the
+                        // old one stays a moment for replies already on their way.
+                        let old = std::mem::replace(&mut self.current, self.next.take());
+                        if let Some(old) = old {
+                            self.draining = Some((old, now + DRAIN));
+                        }
+                        self.rekey_at = None;
+                    } else {
+                        self.backoff.reset();
+                        self.last_failure = None;
+                        self.report_first_outcome(true);
+                    }
                 }
                 Event::Failed { peer, failure } => {
                     self.stats.incr(Counter::AssociationsRefused);
-                    self.on_failure(now, peer, &failure);
+                    match slot {
+                        Slot::Current => self.on_failure(now, peer, &failure),
+                        Slot::Next => {
+                            info!(tunnel = %self.tunnel.name, server = %peer,
+                                reason = %failure.label(), detail = %failure, rekey = true,
+                                "association refused");
+                            self.next = None;
+                            self.rekey_at = Some(now + self.backoff.next_delay(jitter_unit()));
+                        }
+                        Slot::Draining => self.draining = None,
+                    }
                 }
                 Event::Closed { peer, reason } => {
                     self.stats.incr(Counter::AssociationsClosed);
                     info!(tunnel = %self.tunnel.name, server = %peer, %reason, "association closed");
-                    self.upstream = None;
-                    self.schedule_retry(now);
+                    match slot {
+                        Slot::Current => {
+                            self.current = None;
+                            // The server relay went away cleanly (restart, idle): come back now.
+                            self.retry_at = Some(now);
+                        }
+                        Slot::Next => self.next = None,
+                        Slot::Draining => self.draining = None,
+                    }
                 }
             }
         }
-        self.events = events;
     }
 
     fn on_failure(&mut self, now: Instant, peer: SocketAddr, failure: &Failure) {
         let reason = failure.label();
         if self.last_failure.as_deref() != Some(reason) {
-            info!(tunnel = %self.tunnel.name, server = %peer, reason = %reason, detail = %failure,
-                "association refused");
+            info!(tunnel = %self.tunnel.name, server = %peer, reason = %reason,
+                detail = %failure, "association refused");
         } else {
-            debug!(tunnel = %self.tunnel.name, server = %peer, reason = %reason, "association refused again");
+            debug!(tunnel = %self.tunnel.name, server = %peer, reason = %reason,
+                "association refused again");
         }
         self.last_failure = Some(reason.to_string());
-        self.upstream = None;
+        self.current = None;
         self.schedule_retry(now);
         self.report_first_outcome(false);
+    }
+
+    /// ICMP port unreachable on an upstream socket.
+    fn on_unreachable(&mut self, now: Instant, slot: Slot, error: &std::io::Error) {
+        self.stats.incr(Counter::DropUpstreamError);
+        debug!(tunnel = %self.tunnel.name, ?slot, %error, "server relay unreachable");
+        let established = self
+            .upstream(slot)
+            .is_some_and(|upstream| upstream.health.is_some());
+        match slot {
+            Slot::Current if established => {
+                self.declare_dead(now, &format!("server relay unreachable ({error})"))
+            }
+            Slot::Current => self.on_failure(
+                now,
+                self.tunnel.server,
+                &Failure::Other(format!("server relay unreachable ({error})")),
+            ),
+            Slot::Next => {
+                self.next = None;
+                self.rekey_at = Some(now + self.backoff.next_delay(jitter_unit()));
+            }
+            Slot::Draining => self.draining = None,
+        }
+    }
+
+    /// The current association stopped answering: handshake anew at once, from a fresh port.
+    fn declare_dead(&mut self, now: Instant, cause: &str) {
+        info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = %"dead",
+            detail = %cause, "association closed");
+        self.stats.incr(Counter::AssociationsClosed);
+        self.current = None;
+        self.next = None;
+        // The first retry is immediate; repeated deaths back off like refusals.
+        let first = self.backoff.failures() == 0;
+        let delay = self.backoff.next_delay(jitter_unit());
+        self.retry_at = Some(if first { now } else { now + delay });
     }
 
     fn schedule_retry(&mut self, now: Instant) {
         let delay = self.backoff.next_delay(jitter_unit());
         self.retry_at = Some(now + delay);
-        debug!(tunnel = %self.tunnel.name, delay_ms = delay.as_millis() as u64, "handshake retry scheduled");
+        debug!(tunnel = %self.tunnel.name, delay_ms = delay.as_millis() as u64,
+            "handshake retry scheduled");
     }
 
     fn report_first_outcome(&mut self, up: bool) {
@@ -309,26 +444,75 @@ impl TunnelTask {
         if expired > 0 {
             self.stats.add(Counter::ExpiredPending, expired as u64);
         }
-        if let Some(upstream) = self.upstream.as_mut() {
-            if upstream
-                .engine
-                .poll_timeout(self.tunnel.server)
-                .is_some_and(|due| due <= now)
-            {
-                upstream
+        let server = self.tunnel.server;
+        for slot in [Slot::Current, Slot::Next, Slot::Draining] {
+            let mut events = std::mem::take(&mut self.events);
+            if let Some(upstream) = self.upstream(slot) {
+                if upstream
                     .engine
-                    .handle_timeout(now, self.tunnel.server, &mut self.events);
-                self.handle_events(now).await;
+                    .poll_timeout(server)
+                    .is_some_and(|due| due <= now)
+                {
+                    upstream.engine.handle_timeout(now, server, &mut events);
+                }
+            }
+            self.handle_events(now, slot, &mut events).await;
+            self.events = events;
+        }
+        if self
+            .draining
+            .as_ref()
+            .is_some_and(|(_, until)| *until <= now)
+        {
+            if let Some((mut old, _)) = self.draining.take() {
+                old.engine.close(now, server);
+                flush_upstream(&mut old, &self.stats).await;
+                debug!(tunnel = %self.tunnel.name, "replaced association closed");
             }
         }
+        self.check_health(now).await;
         if self.retry_at.is_some_and(|due| due <= now) {
             self.retry_at = None;
-            self.start_association(now).await;
+            if let Some(upstream) = self.start_association(now, Slot::Current).await {
+                self.current = Some(upstream);
+            }
+        }
+        if self.rekey_at.is_some_and(|due| due <= now) && self.next.is_none() {
+            self.rekey_at = None;
+            self.next = self.start_association(now, Slot::Next).await;
+        }
+    }
+
+    async fn check_health(&mut self, now: Instant) {
+        let policy = self.tunnel.policy.clone();
+        let server = self.tunnel.server;
+        let Some(upstream) = self.current.as_mut() else {
+            return;
+        };
+        let Some(health) = upstream.health.as_mut() else {
+            return;
+        };
+        match health.verdict(now, &policy) {
+            Verdict::Fine => {}
+            Verdict::KeepAlive => {
+                if upstream.engine.send(now, server, &[]).is_ok() {
+                    health.keepalive_sent(now);
+                    self.stats.incr(Counter::Keepalives);
+                }
+            }
+            Verdict::Rekey => {
+                if self.next.is_none() && self.rekey_at.is_none() {
+                    debug!(tunnel = %self.tunnel.name, records = health.records_sent(),
+                        "rekey: making a fresh association");
+                    self.rekey_at = Some(now);
+                }
+            }
+            Verdict::Dead(cause) => self.declare_dead(now, &cause.to_string()),
         }
     }
 
     /// A fresh association from a fresh ephemeral port: nothing of a previous one is reused.
-    async fn start_association(&mut self, now: Instant) {
+    async fn start_association(&mut self, now: Instant, slot: Slot) -> Option<Upstream> {
         let server = self.tunnel.server;
         let bind: IpAddr = if server.is_ipv4() {
             Ipv4Addr::UNSPECIFIED.into()
@@ -346,28 +530,32 @@ impl TunnelTask {
             Ok::<_, std::io::Error>(Upstream {
                 socket,
                 engine,
-                established: false,
+                health: None,
             })
         };
         match attempt.await {
             Ok(upstream) => {
-                debug!(tunnel = %self.tunnel.name, %server,
+                debug!(tunnel = %self.tunnel.name, %server, ?slot,
                     local = ?upstream.socket.local_addr().ok(), "handshake started");
-                self.upstream = Some(upstream);
+                Some(upstream)
             }
             Err(e) => {
-                self.on_failure(
-                    now,
-                    server,
-                    &Failure::Other(format!("cannot reach {server}: {e}")),
-                );
+                let failure = Failure::Other(format!("cannot reach {server}: {e}"));
+                match slot {
+                    Slot::Current => self.on_failure(now, server, &failure),
+                    _ => self.rekey_at = Some(now + self.backoff.next_delay(jitter_unit())),
+                }
+                None
             }
         }
     }
 
     async fn flush(&mut self) {
-        if let Some(upstream) = self.upstream.as_mut() {
-            flush_upstream(upstream, &self.stats).await;
+        let stats = self.stats.clone();
+        for slot in [Slot::Current, Slot::Next, Slot::Draining] {
+            if let Some(upstream) = self.upstream(slot) {
+                flush_upstream(upstream, &stats).await;
+            }
         }
     }
 }
@@ -381,11 +569,26 @@ async fn flush_upstream(upstream: &mut Upstream, stats: &Stats) {
     }
 }
 
-/// Receives on the upstream socket, or never resolves while there is none.
-async fn recv_upstream(upstream: Option<&Upstream>, buf: &mut [u8]) -> std::io::Result<usize> {
-    match upstream {
-        Some(upstream) => upstream.socket.recv(buf).await,
-        None => std::future::pending().await,
+/// Receives on whichever upstream socket has a datagram, into that slot's buffer; never
+/// resolves while there is none.
+async fn recv_any(
+    current: Option<&Upstream>,
+    next: Option<&Upstream>,
+    draining: Option<&Upstream>,
+    bufs: &mut [[u8; BUFFER_LEN]; 3],
+) -> (Slot, std::io::Result<usize>) {
+    async fn recv(upstream: Option<&Upstream>, buf: &mut [u8]) -> std::io::Result<usize> {
+        match upstream {
+            Some(upstream) => upstream.socket.recv(buf).await,
+            None => std::future::pending().await,
+        }
+    }
+    let [a, b, c] = bufs;
+    tokio::select! {
+        biased;
+        r = recv(current, a) => (Slot::Current, r),
+        r = recv(next, b) => (Slot::Next, r),
+        r = recv(draining, c) => (Slot::Draining, r),
     }
 }
 

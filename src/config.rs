@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::admission::Limits;
 use crate::cli::{ClientArgs, ServerArgs};
 use crate::engine::{ClientSettings, Identity, ServerSettings};
+use crate::health::HealthPolicy;
 use crate::pki;
 
 pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:123";
@@ -51,6 +52,8 @@ pub struct Tunnel {
     pub server_spec: String,
     pub server: SocketAddr,
     pub settings: ClientSettings,
+    /// Dead-association detection, rekey and keepalive.
+    pub policy: HealthPolicy,
 }
 
 pub struct ClientConfig {
@@ -84,6 +87,12 @@ struct ClientFile {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    /// Association upkeep, for every tunnel.
+    rekey_after_records: Option<u64>,
+    rekey_after_secs: Option<f64>,
+    keepalive_secs: Option<f64>,
+    dead_after_unanswered: Option<u32>,
+    dead_after_secs: Option<f64>,
     #[serde(default)]
     tunnel: Vec<TunnelFile>,
 }
@@ -131,9 +140,39 @@ fn seconds(value: f64, key: &str) -> Result<Duration, ConfigError> {
         .filter(|d| !d.is_zero())
         .ok_or_else(|| {
             ConfigError::Invalid(format!(
-                "[limits] {key} = {value}: must be a positive number of seconds"
+                "{key} = {value}: must be a positive number of seconds"
             ))
         })
+}
+
+impl ClientFile {
+    fn policy(&self) -> Result<HealthPolicy, ConfigError> {
+        let mut policy = HealthPolicy::default();
+        let at_least_one =
+            |key: &str| ConfigError::Invalid(format!("{key} = 0: must be at least 1"));
+        if let Some(v) = self.rekey_after_records {
+            if v == 0 {
+                return Err(at_least_one("rekey_after_records"));
+            }
+            policy.rekey_after_records = v;
+        }
+        if let Some(v) = self.dead_after_unanswered {
+            if v == 0 {
+                return Err(at_least_one("dead_after_unanswered"));
+            }
+            policy.dead_after_unanswered = v;
+        }
+        if let Some(v) = self.rekey_after_secs {
+            policy.rekey_after = seconds(v, "rekey_after_secs")?;
+        }
+        if let Some(v) = self.keepalive_secs {
+            policy.keepalive_after = seconds(v, "keepalive_secs")?;
+        }
+        if let Some(v) = self.dead_after_secs {
+            policy.dead_after = seconds(v, "dead_after_secs")?;
+        }
+        Ok(policy)
+    }
 }
 
 impl LimitsFile {
@@ -158,10 +197,10 @@ impl LimitsFile {
             limits.max_handshake_bytes = positive(v, "max_handshake_bytes")?;
         }
         if let Some(v) = self.handshake_timeout_secs {
-            limits.handshake_timeout = seconds(v, "handshake_timeout_secs")?;
+            limits.handshake_timeout = seconds(v, "[limits] handshake_timeout_secs")?;
         }
         if let Some(v) = self.idle_timeout_secs {
-            limits.idle_timeout = seconds(v, "idle_timeout_secs")?;
+            limits.idle_timeout = seconds(v, "[limits] idle_timeout_secs")?;
         }
         for (value, key) in [
             (self.handshake_rate, "handshake_rate"),
@@ -339,6 +378,7 @@ impl ClientConfig {
                 args.cert.as_deref(),
                 args.key.as_deref(),
             )?,
+            policy: HealthPolicy::default(),
         };
         Ok(ClientConfig {
             tunnels: vec![tunnel],
@@ -352,6 +392,9 @@ impl ClientConfig {
                 path.display()
             )));
         }
+        let policy = file
+            .policy()
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         let mut tunnels = Vec::with_capacity(file.tunnel.len());
         for (index, entry) in file.tunnel.iter().enumerate() {
             let name = format!("{}: tunnel {}", path.display(), index + 1);
@@ -377,6 +420,7 @@ impl ClientConfig {
                 server: resolve(&entry.server, "server")
                     .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?,
                 settings,
+                policy: policy.clone(),
             });
         }
         Ok(ClientConfig { tunnels })

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod health;
 pub mod ntp;
 pub mod pending;
 pub mod pki;

@@ -388,9 +388,60 @@ impl Admission {
     }
 }
 
+/// Caps audit lines for refused handshakes: a flood of malformed ClientHellos from spoofed
+/// addresses must not become a flood of log lines. A token bucket; what it holds back is
+/// counted and reported with the next line that goes out.
+#[derive(Debug, Clone)]
+pub struct AuditLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl AuditLimiter {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        AuditLimiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Some(n) when a line may be written now, n being how many were held back before it.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if let Some(last) = self.last {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_lines_are_capped_and_the_rest_counted() {
+        let t0 = Instant::now();
+        let mut limiter = AuditLimiter::new(1.0, 3.0);
+        assert_eq!(
+            (0..5).map(|_| limiter.allow(t0)).collect::<Vec<_>>(),
+            vec![Some(0), Some(0), Some(0), None, None]
+        );
+        assert_eq!(limiter.allow(t0 + Duration::from_secs(1)), Some(2));
+    }
 
     fn addr(n: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], n))

@@ -126,7 +126,9 @@ impl Health {
     /// When the verdict may next change without anything being sent or received (already past
     /// when it is due now).
     pub fn next_deadline(&self, policy: &HealthPolicy) -> Instant {
-        if self.unanswered >= policy.dead_after_unanswered {
+        if self.unanswered >= policy.dead_after_unanswered
+            || self.records_sent >= policy.rekey_after_records
+        {
             return self.last_sent;
         }
         let mut next =
@@ -204,6 +206,7 @@ mod tests {
             h.reply_received();
         }
         assert_eq!(h.verdict(t0, &policy()), Verdict::Rekey);
+        assert!(h.next_deadline(&policy()) <= t0, "due at once");
         let h = Health::new(t0);
         assert_eq!(
             h.verdict(t0 + Duration::from_secs(3600), &policy()),

@@ -15,7 +15,7 @@ use anyhow::Context;
 use tokio::net::UdpSocket;
 use tracing::{debug, info};
 
-use crate::admission::{Admission, Arrival, Expiry, Refusal};
+use crate::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
 use crate::client::sleep_until;
 use crate::config::{ServerConfig, Upstream};
 use crate::daemon::{Shutdown, notify_ready};
@@ -31,6 +31,10 @@ pub const PENDING_CAPACITY: usize = 65_536;
 /// chronyd answers at once or never: a request unanswered after this is lost.
 pub const PENDING_TTL: Duration = Duration::from_secs(2);
 const BUFFER_LEN: usize = 2048;
+/// Refusal audit lines per second, sustained and in a burst; beyond that they are counted and
+/// the count rides on the next line written.
+const AUDIT_RATE: f64 = 20.0;
+const AUDIT_BURST: f64 = 200.0;
 
 /// Where requests go.
 enum TimeSource {
@@ -85,6 +89,7 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
         source,
         engine,
         admission: Admission::new(config.limits.clone()),
+        audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
         stats: stats.clone(),
         pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
         timers: BinaryHeap::new(),
@@ -107,6 +112,7 @@ struct Worker {
     engine: Engine,
     /// Who may hold state, how much and how long: rtc-dtls bounds none of it.
     admission: Admission,
+    audit_limiter: AuditLimiter,
     stats: Arc<Stats>,
     pending: PendingTable<SocketAddr>,
     /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
@@ -228,7 +234,17 @@ impl Worker {
             Event::Failed { peer, failure } => {
                 self.admission.handshake_failed(peer);
                 self.stats.incr(Counter::AssociationsRefused);
-                info!(%peer, reason = %failure.label(), detail = %failure, "association refused");
+                match self.audit_limiter.allow(now) {
+                    Some(0) => {
+                        info!(%peer, reason = %failure.label(), detail = %failure,
+                            "association refused")
+                    }
+                    Some(suppressed) => {
+                        info!(%peer, reason = %failure.label(), detail = %failure, suppressed,
+                            "association refused")
+                    }
+                    None => debug!(%peer, reason = %failure.label(), "association refused"),
+                }
             }
             Event::Closed { peer, reason } => {
                 self.admission.removed(peer);
@@ -366,8 +382,10 @@ impl Worker {
                 if answered {
                     // The peer proved its address and then stalled: a refusal worth a line.
                     self.stats.incr(Counter::AssociationsRefused);
-                    info!(%peer, reason = %"handshake_timeout", detail = %"handshake timed out",
-                        "association refused");
+                    if let Some(suppressed) = self.audit_limiter.allow(now) {
+                        info!(%peer, reason = %"handshake_timeout",
+                            detail = %"handshake timed out", suppressed, "association refused");
+                    }
                 } else {
                     // A lone ClientHello, possibly spoofed: counted, not logged.
                     debug!(%peer, "half-open handshake expired");

@@ -122,6 +122,18 @@ impl DtlsTestClient {
         server_name: &str,
         identity: Option<(&Path, &Path)>,
     ) -> Result<DtlsTestClient, String> {
+        let local: SocketAddr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+        DtlsTestClient::connect_from(local, server, ca, server_name, identity)
+    }
+
+    /// Like connect, from a chosen local address (to come back on the same port).
+    pub fn connect_from(
+        local: SocketAddr,
+        server: SocketAddr,
+        ca: &Path,
+        server_name: &str,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<DtlsTestClient, String> {
         let settings: ClientSettings = ntp_dtls::config::client_settings(
             &server.to_string(),
             Some(server_name),
@@ -131,7 +143,7 @@ impl DtlsTestClient {
         )
         .map_err(|e| e.to_string())?;
         let engine = Engine::client(&settings).map_err(|e| e.to_string())?;
-        let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
         socket.connect(server).map_err(|e| e.to_string())?;
         let mut client = DtlsTestClient {
             socket,
@@ -208,6 +220,11 @@ impl DtlsTestClient {
         Ok(Some(events))
     }
 
+    /// The local address the association runs from.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("bound socket")
+    }
+
     /// Sends one datagram as one DTLS record.
     pub fn send(&mut self, payload: &[u8]) {
         self.engine
@@ -228,4 +245,122 @@ impl DtlsTestClient {
             }
         }
     }
+}
+
+/// `ntp-dtls client --config` with this TOML, waited for until ready.
+pub fn start_client_config(dir: &TempDir, toml: &str) -> (Daemon, Vec<SocketAddr>) {
+    let config = dir.write("client.toml", toml);
+    let daemon = spawn_ntp_dtls(
+        "client-relay",
+        &["client", "--config", &config.display().to_string()],
+    );
+    let listening = daemon.wait_ready(READY_TIMEOUT);
+    (daemon, listening)
+}
+
+/// `ntp-dtls server --config` with this TOML (plus identity and listen flags), until ready.
+pub fn start_server_config(pki: &Pki, dir: &TempDir, upstream: &str, toml: &str) -> Relay {
+    let config = dir.write("server.toml", toml);
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--upstream".into(),
+        upstream.into(),
+    ];
+    args.extend(pki.server_identity());
+    let daemon = spawn_ntp_dtls("server-relay", &args);
+    let addr = daemon.wait_ready(READY_TIMEOUT)[0];
+    Relay { daemon, addr }
+}
+
+/// A UDP proxy that drops a share of datagrams both ways, deterministically (fixed seed).
+/// Each client address gets its own upstream socket, so replies find their way back.
+pub struct LossyProxy {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LossyProxy {
+    pub fn start(target: SocketAddr, loss: f64, seed: u64) -> LossyProxy {
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let front = UdpSocket::bind("127.0.0.1:0").expect("proxy bind");
+        front.set_nonblocking(true).expect("nonblocking");
+        let addr = front.local_addr().expect("addr");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut state = seed | 1;
+            let mut keep = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 10_000) as f64 / 10_000.0 >= loss
+            };
+            let mut backs: HashMap<SocketAddr, UdpSocket> = HashMap::new();
+            let mut buf = [0u8; 4096];
+            while !stop2.load(Ordering::Relaxed) {
+                let mut idle = true;
+                while let Ok((len, from)) = front.recv_from(&mut buf) {
+                    idle = false;
+                    let back = backs.entry(from).or_insert_with(|| {
+                        let s = UdpSocket::bind("127.0.0.1:0").expect("proxy back bind");
+                        s.connect(target).expect("proxy connect");
+                        s.set_nonblocking(true).expect("nonblocking");
+                        s
+                    });
+                    if keep() {
+                        let _ = back.send(&buf[..len]);
+                    }
+                }
+                for (client, back) in &backs {
+                    while let Ok(len) = back.recv(&mut buf) {
+                        idle = false;
+                        if keep() {
+                            let _ = front.send_to(&buf[..len], client);
+                        }
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        LossyProxy {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Resident set size of a process, in KiB (VmRSS in /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -1,7 +1,7 @@
 # ntp-dtls: build, test and demo entry points. CI runs .ci/run, which runs `make test`.
 CARGO ?= cargo
 
-.PHONY: deps build test lint demo bench fuzz certs clean
+.PHONY: deps build test lint conformance demo bench fuzz certs clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -16,6 +16,11 @@ lint:
 test: deps
 	$(MAKE) --no-print-directory lint
 	$(CARGO) test
+
+# The OpenSSL conformance suite alone, as a table of cases and NDcPP elements (`make test` runs
+# it too, as part of cargo test).
+conformance: deps
+	bash scripts/conformance.sh
 
 demo:
 	bash scripts/demo.sh

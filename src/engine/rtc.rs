@@ -161,7 +161,12 @@ fn classify_message(message: &str) -> Failure {
         return Failure::PeerAlert(alert.to_string());
     }
     let m = message;
-    if m.contains("UnknownIssuer") || m.contains("CaUsedAsEndEntity") {
+    // EndEntityUsedAsCa: an issuer in the chain is not a CA (CA:FALSE or no basicConstraints),
+    // so the chain does not lead to a trusted CA either.
+    if m.contains("UnknownIssuer")
+        || m.contains("CaUsedAsEndEntity")
+        || m.contains("EndEntityUsedAsCa")
+    {
         Failure::UnknownCa(detail)
     } else if m.contains("not valid for name") || m.contains("NotValidForName") {
         Failure::NameMismatch(detail)
@@ -176,6 +181,60 @@ fn classify_message(message: &str) -> Failure {
     } else {
         Failure::Other(message.to_string())
     }
+}
+
+const CONTENT_ALERT: u8 = 21;
+
+/// The description of the first plaintext (epoch 0) alert in `datagram`, by its RFC 5246 name.
+/// rtc-dtls reports every fatal alert as the same error; during the handshake the alert is
+/// still in the clear, so the reason the peer gave can be read off the datagram.
+fn plaintext_alert(datagram: &[u8]) -> Option<String> {
+    let mut rest = datagram;
+    while let Some(header) = record::first_record(rest) {
+        let end = record::RECORD_HEADER_LEN + header.length;
+        let body = &rest[record::RECORD_HEADER_LEN..end];
+        if header.content_type == CONTENT_ALERT && header.epoch == 0 && body.len() == 2 {
+            return Some(alert_name(body[1]));
+        }
+        rest = &rest[end..];
+    }
+    None
+}
+
+fn alert_name(description: u8) -> String {
+    let name = match description {
+        0 => "close_notify",
+        10 => "unexpected_message",
+        20 => "bad_record_mac",
+        21 => "decryption_failed",
+        22 => "record_overflow",
+        30 => "decompression_failure",
+        40 => "handshake_failure",
+        41 => "no_certificate",
+        42 => "bad_certificate",
+        43 => "unsupported_certificate",
+        44 => "certificate_revoked",
+        45 => "certificate_expired",
+        46 => "certificate_unknown",
+        47 => "illegal_parameter",
+        48 => "unknown_ca",
+        49 => "access_denied",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        60 => "export_restriction",
+        70 => "protocol_version",
+        71 => "insufficient_security",
+        80 => "internal_error",
+        86 => "inappropriate_fallback",
+        90 => "user_canceled",
+        100 => "no_renegotiation",
+        110 => "unsupported_extension",
+        112 => "unrecognized_name",
+        115 => "unknown_psk_identity",
+        120 => "no_application_protocol",
+        other => return format!("alert {other}"),
+    };
+    name.to_string()
 }
 
 impl RtcEngine {
@@ -281,6 +340,7 @@ impl RtcEngine {
         slot: usize,
         peer: SocketAddr,
         result: Result<Vec<EndpointEvent>, RtcError>,
+        datagram: Option<&[u8]>,
         events: &mut Vec<Event>,
     ) {
         let Some(state) = self.peers.get(&peer).copied() else {
@@ -348,10 +408,11 @@ impl RtcEngine {
                 } else {
                     self.peers.remove(&peer);
                 }
-                events.push(Event::Failed {
-                    peer,
-                    failure: classify(&err),
-                });
+                let failure = match (&err, datagram.and_then(plaintext_alert)) {
+                    (RtcError::ErrAlertFatalOrClose, Some(alert)) => Failure::PeerAlert(alert),
+                    _ => classify(&err),
+                };
+                events.push(Event::Failed { peer, failure });
             }
         }
     }
@@ -401,7 +462,7 @@ impl DtlsEngine for RtcEngine {
         let slot = self.route(peer, datagram);
         let result = self.slots[slot].read(now, peer, None, BytesMut::from(datagram));
         self.drain();
-        self.on_slot_events(now, slot, peer, result, events);
+        self.on_slot_events(now, slot, peer, result, Some(datagram), events);
         // The first ClientHello may have been refused before rtc-dtls kept any state.
         if let Some(state) = self.peers.get(&peer).copied() {
             if self.slots[state.slot].get_connection_state(peer).is_none() {
@@ -451,7 +512,7 @@ impl DtlsEngine for RtcEngine {
             self.drain();
             if let Err(err) = result {
                 // Retransmissions exhausted (ErrInvalidFsmTransition): a handshake timeout.
-                self.on_slot_events(now, slot, peer, Err(err), events);
+                self.on_slot_events(now, slot, peer, Err(err), None, events);
             }
         }
     }
@@ -669,7 +730,7 @@ mod tests {
             "{c:?}"
         );
         assert!(
-            matches!(failure_of(&s), Some(Failure::PeerAlert(_))),
+            matches!(failure_of(&s), Some(Failure::PeerAlert(a)) if a == "bad_certificate"),
             "{s:?}"
         );
         assert_eq!(client.associations(), 0, "a failed association is removed");
@@ -891,5 +952,28 @@ mod tests {
             classify_message("Error of Alert Alert LevelFatal: BadCertificate"),
             Failure::PeerAlert(_)
         ));
+        // An intermediate without CA:TRUE (rustls-webpki's wording).
+        assert!(matches!(
+            classify_message("invalid peer certificate: Other(OtherError(EndEntityUsedAsCa))"),
+            Failure::UnknownCa(_)
+        ));
+    }
+
+    #[test]
+    fn a_plaintext_alert_is_named() {
+        // A HelloVerifyRequest-sized handshake record, then a fatal handshake_failure alert.
+        let mut datagram = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 0, 0];
+        datagram.extend_from_slice(&[21, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 2, 40]);
+        assert_eq!(
+            plaintext_alert(&datagram).as_deref(),
+            Some("handshake_failure")
+        );
+        assert_eq!(alert_name(70), "protocol_version");
+        assert_eq!(alert_name(200), "alert 200");
+        // Encrypted (epoch 1), truncated or absent: nothing to name.
+        let encrypted = [21, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 1, 0, 2, 2, 40];
+        assert_eq!(plaintext_alert(&encrypted), None);
+        assert_eq!(plaintext_alert(&datagram[..datagram.len() - 1]), None);
+        assert_eq!(plaintext_alert(&[0x23; 48]), None);
     }
 }

@@ -895,6 +895,38 @@ fn case_server_refuses_chacha20() {
 }
 
 #[test]
+fn case_server_refuses_x25519_only() {
+    // NDcPP allows the NIST curves only. The relays offer P-256 and P-384; rtc-dtls answers a
+    // peer that offers neither with P-256 regardless, which the peer refuses: no association,
+    // one audit line, nothing forwarded.
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let lab = Lab::new();
+    let mut server =
+        start_server_relay(&lab.issue("server", &Leaf::server()), upstream.addr(), &[]);
+    let mut cmd = openssl();
+    cmd.args(["s_client", "-connect", &server.addr.to_string(), "-CAfile"])
+        .arg(lab.ca())
+        .args(["-verify_hostname", "localhost", "-verify_return_error"])
+        .args(["-dtls1_2", "-groups", "X25519"]);
+    let out = run_command(cmd, OPENSSL_TIMEOUT).expect("s_client ran");
+    assert!(!out.status.success(), "{}", out.combined());
+    assert!(
+        !out.combined().contains("Server Temp Key: X25519"),
+        "{}",
+        out.combined()
+    );
+    let (associations, stopped) = stop_relay(&mut server);
+    let line = assert_one_refusal(&associations, "peer_alert");
+    assert!(line.contains("illegal_parameter"), "{line}");
+    assert!(stopped.contains("associations_refused=1"), "{stopped}");
+    assert_eq!(
+        upstream.datagrams(),
+        0,
+        "a datagram reached the time server"
+    );
+}
+
+#[test]
 fn case_server_refuses_psk() {
     server_refuses(
         &[

@@ -15,7 +15,12 @@ use bytes::BytesMut;
 use rtc_dtls::cipher_suite::CipherSuiteId;
 use rtc_dtls::config::{ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig};
 use rtc_dtls::crypto::Certificate;
-use rtc_dtls::crypto_provider::{RTCCryptoProvider, SignatureScheme as KeyScheme};
+use rtc_dtls::crypto_provider::{
+    ActiveKeyExchange, AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher,
+    CryptoAlgorithm, CryptoError, HashAlgorithm, HmacAlgorithm, KeyExchangeAlgorithm, Mac,
+    PublicKey, RTCCrypto, RTCCryptoProvider, RTCRandom, SignatureScheme as KeyScheme, SigningKey,
+    StreamCipher, StreamCipherAlgorithm,
+};
 use rtc_dtls::endpoint::{Endpoint, EndpointEvent};
 use rtc_dtls::signature_hash_algorithm::SignatureScheme;
 use rtc_shared::TransportProtocol;
@@ -55,7 +60,104 @@ struct Peer {
 }
 
 fn provider() -> Result<Arc<dyn RTCCryptoProvider>, SettingsError> {
-    rtc_dtls::crypto_provider::default_provider().map_err(|e| SettingsError::Config(e.to_string()))
+    let inner = rtc_dtls::crypto_provider::default_provider()
+        .map_err(|e| SettingsError::Config(e.to_string()))?;
+    Ok(Arc::new(NistCurvesOnly { inner }))
+}
+
+/// The default provider with X25519 hidden. rtc-dtls offers every curve its provider supports
+/// (P-256, X25519, P-384) and has no setting for it; NDcPP's DTLS elements allow the NIST
+/// curves only, so the provider simply stops claiming X25519.
+struct NistCurvesOnly {
+    inner: Arc<dyn RTCCryptoProvider>,
+}
+
+impl RTCCryptoProvider for NistCurvesOnly {
+    fn name(&self) -> &'static str {
+        "ring, NIST curves only"
+    }
+    fn crypto(&self) -> &dyn RTCCrypto {
+        self
+    }
+    fn random(&self) -> &dyn RTCRandom {
+        self.inner.random()
+    }
+}
+
+impl RTCCrypto for NistCurvesOnly {
+    fn supports(&self, algorithm: CryptoAlgorithm) -> bool {
+        !matches!(
+            algorithm,
+            CryptoAlgorithm::KeyExchange(KeyExchangeAlgorithm::X25519)
+        ) && self.inner.crypto().supports(algorithm)
+    }
+    fn hash(&self, algorithm: HashAlgorithm, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.inner.crypto().hash(algorithm, data)
+    }
+    fn block_encrypt(
+        &self,
+        algorithm: BlockCipherAlgorithm,
+        key: &[u8],
+        block: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        self.inner.crypto().block_encrypt(algorithm, key, block)
+    }
+    fn new_hmac(&self, algorithm: HmacAlgorithm, key: &[u8]) -> Result<Box<dyn Mac>, CryptoError> {
+        self.inner.crypto().new_hmac(algorithm, key)
+    }
+    fn new_stream_cipher(
+        &self,
+        algorithm: StreamCipherAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn StreamCipher>, CryptoError> {
+        self.inner.crypto().new_stream_cipher(algorithm, key)
+    }
+    fn new_aead(
+        &self,
+        algorithm: AeadAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn AeadCipher>, CryptoError> {
+        self.inner.crypto().new_aead(algorithm, key)
+    }
+    fn new_cbc(
+        &self,
+        algorithm: CbcAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn CbcCipher>, CryptoError> {
+        self.inner.crypto().new_cbc(algorithm, key)
+    }
+    fn start_key_exchange(
+        &self,
+        algorithm: KeyExchangeAlgorithm,
+    ) -> Result<Box<dyn ActiveKeyExchange>, CryptoError> {
+        if algorithm == KeyExchangeAlgorithm::X25519 {
+            return Err(CryptoError::UnsupportedAlgorithm(
+                CryptoAlgorithm::KeyExchange(algorithm),
+            ));
+        }
+        self.inner.crypto().start_key_exchange(algorithm)
+    }
+    fn generate_signing_key(&self, scheme: KeyScheme) -> Result<Arc<dyn SigningKey>, CryptoError> {
+        self.inner.crypto().generate_signing_key(scheme)
+    }
+    fn import_signing_key(
+        &self,
+        scheme: KeyScheme,
+        pkcs8_der: &[u8],
+    ) -> Result<Arc<dyn SigningKey>, CryptoError> {
+        self.inner.crypto().import_signing_key(scheme, pkcs8_der)
+    }
+    fn verify_signature(
+        &self,
+        scheme: KeyScheme,
+        public_key: PublicKey<'_>,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), CryptoError> {
+        self.inner
+            .crypto()
+            .verify_signature(scheme, public_key, message, signature)
+    }
 }
 
 /// The policy both roles share. No switch weakens any of it.

@@ -101,6 +101,10 @@ pub struct ServerArgs {
     /// Stratum the builtin time source announces [default: 2]
     #[arg(long, value_name = "N")]
     pub stratum: Option<u8>,
+
+    /// Worker threads, each with its own SO_REUSEPORT socket [default: the number of cores]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -395,7 +395,10 @@ impl TunnelTask {
         info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = %"dead",
             detail = %cause, "association closed");
         self.stats.incr(Counter::AssociationsClosed);
-        self.current = None;
+        // Late replies may still come: the old association drains like a replaced one.
+        if let Some(old) = self.current.take() {
+            self.draining = Some((old, now + DRAIN));
+        }
         self.next = None;
         // The first retry is immediate; repeated deaths back off like refusals.
         let first = self.backoff.failures() == 0;

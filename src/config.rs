@@ -78,6 +78,24 @@ pub struct ServerConfig {
     pub key_path: PathBuf,
     pub client_ca_path: Option<PathBuf>,
     pub limits: Limits,
+    /// Sockets (and threads) sharing the listen address.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// What a worker thread needs of the configuration.
+    pub fn clone_for_worker(&self) -> ServerConfig {
+        ServerConfig {
+            listen: self.listen,
+            upstream: self.upstream,
+            settings: self.settings.clone(),
+            cert_path: self.cert_path.clone(),
+            key_path: self.key_path.clone(),
+            client_ca_path: self.client_ca_path.clone(),
+            limits: self.limits.clone(),
+            workers: self.workers,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -117,6 +135,7 @@ struct ServerFile {
     key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     stratum: Option<u8>,
+    workers: Option<usize>,
     #[serde(default)]
     limits: LimitsFile,
 }
@@ -467,8 +486,18 @@ impl ServerConfig {
         let client_ca_path = args.client_ca.clone().or(file.client_ca);
         let settings = Self::load_settings(&cert_path, &key_path, client_ca_path.as_deref())?;
         let limits = file.limits.resolve()?;
+        let workers = args
+            .workers
+            .or(file.workers)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if workers == 0 || workers > 256 {
+            return Err(ConfigError::Invalid(format!(
+                "workers = {workers}: must be 1 to 256"
+            )));
+        }
         Ok(ServerConfig {
             limits,
+            workers,
             listen: resolve(&listen_spec, "listen")?,
             upstream,
             settings,

@@ -6,8 +6,12 @@ use std::time::{Duration, Instant};
 /// When an association is given up on, replaced or kept warm. Keys in the client's file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthPolicy {
-    /// This many requests in a row without a reply: the association is dead.
+    /// This many requests in a row without a reply, the oldest overdue by reply_grace: the
+    /// association is dead.
     pub dead_after_unanswered: u32,
+    /// How long a reply may take before its request counts as unanswered. A burst of requests
+    /// is in flight, not unanswered.
+    pub reply_grace: Duration,
     /// A request unanswered this long: the association is dead.
     pub dead_after: Duration,
     /// Rekey after this many records sent. AES-GCM nonces in rtc-dtls are 64 random bits, so a
@@ -24,6 +28,7 @@ impl Default for HealthPolicy {
     fn default() -> Self {
         HealthPolicy {
             dead_after_unanswered: 3,
+            reply_grace: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
             rekey_after_records: 50_000,
             rekey_after: Duration::from_secs(6 * 3600),
@@ -103,7 +108,10 @@ impl Health {
     }
 
     pub fn verdict(&self, now: Instant, policy: &HealthPolicy) -> Verdict {
-        if self.unanswered >= policy.dead_after_unanswered {
+        let overdue = self
+            .oldest_unanswered
+            .is_some_and(|oldest| oldest + policy.reply_grace <= now);
+        if self.unanswered >= policy.dead_after_unanswered && overdue {
             return Verdict::Dead(DeathCause::UnansweredRequests(self.unanswered));
         }
         if let Some(oldest) = self.oldest_unanswered {
@@ -126,10 +134,14 @@ impl Health {
     /// When the verdict may next change without anything being sent or received (already past
     /// when it is due now).
     pub fn next_deadline(&self, policy: &HealthPolicy) -> Instant {
-        if self.unanswered >= policy.dead_after_unanswered
-            || self.records_sent >= policy.rekey_after_records
-        {
+        if self.records_sent >= policy.rekey_after_records {
             return self.last_sent;
+        }
+        if let (true, Some(oldest)) = (
+            self.unanswered >= policy.dead_after_unanswered,
+            self.oldest_unanswered,
+        ) {
+            return oldest + policy.reply_grace;
         }
         let mut next =
             (self.established + policy.rekey_after).min(self.last_sent + policy.keepalive_after);
@@ -147,6 +159,7 @@ mod tests {
     fn policy() -> HealthPolicy {
         HealthPolicy {
             dead_after_unanswered: 3,
+            reply_grace: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
             rekey_after_records: 10,
             rekey_after: Duration::from_secs(3600),
@@ -167,18 +180,38 @@ mod tests {
     }
 
     #[test]
-    fn k_unanswered_requests_mean_dead() {
+    fn k_unanswered_requests_mean_dead_once_overdue() {
         let t0 = Instant::now();
         let mut h = Health::new(t0);
-        h.request_sent(t0);
-        h.request_sent(t0);
+        for _ in 0..3 {
+            h.request_sent(t0);
+        }
+        // In flight, not unanswered: a burst is no death.
         assert_eq!(h.verdict(t0, &policy()), Verdict::Fine);
-        h.request_sent(t0);
+        let overdue = t0 + Duration::from_secs(1);
+        assert_eq!(h.next_deadline(&policy()), overdue);
         assert_eq!(
-            h.verdict(t0, &policy()),
+            h.verdict(overdue, &policy()),
             Verdict::Dead(DeathCause::UnansweredRequests(3))
         );
-        assert!(h.next_deadline(&policy()) <= t0, "due at once");
+    }
+
+    #[test]
+    fn a_burst_answered_within_the_grace_stays_fine() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        for _ in 0..50 {
+            h.request_sent(t0);
+        }
+        h.reply_received();
+        let policy = HealthPolicy {
+            rekey_after_records: 1_000,
+            ..policy()
+        };
+        assert_eq!(
+            h.verdict(t0 + Duration::from_secs(2), &policy),
+            Verdict::Fine
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use crate::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
 use crate::client::sleep_until;
@@ -44,59 +44,79 @@ enum TimeSource {
     Builtin(BuiltinSource),
 }
 
+/// Runs the server relay until shutdown: `config.workers` sockets bound to the listen address
+/// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
+/// socket, so each worker owns its associations outright: its own engine, admission table,
+/// pending table and upstream socket, and no lock on the datagram path.
 pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind(config.listen)
-        .await
+    let workers = config.workers.max(1);
+    let sockets = bind_reuseport(config.listen, workers)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let listen = socket.local_addr().unwrap_or(config.listen);
-    let (source, upstream_label) = match config.upstream {
-        Upstream::Udp(addr) => {
-            let bind: IpAddr = if addr.is_ipv4() {
-                Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                Ipv6Addr::UNSPECIFIED.into()
-            };
-            let upstream = UdpSocket::bind((bind, 0))
-                .await
-                .context("cannot open the upstream socket")?;
-            upstream
-                .connect(addr)
-                .await
-                .with_context(|| format!("cannot use upstream {addr}"))?;
-            (TimeSource::Udp(upstream), addr.to_string())
-        }
-        Upstream::Builtin { stratum } => (
-            TimeSource::Builtin(BuiltinSource {
-                stratum,
-                ..BuiltinSource::default()
-            }),
-            format!("builtin(stratum {stratum})"),
-        ),
+    let listen = sockets
+        .first()
+        .and_then(|s| s.local_addr().ok())
+        .unwrap_or(config.listen);
+    // Check the DTLS settings once, before anything is announced.
+    Engine::server(&config.settings).context("DTLS server configuration")?;
+    let upstream_label = match config.upstream {
+        Upstream::Udp(addr) => addr.to_string(),
+        Upstream::Builtin { stratum } => format!("builtin(stratum {stratum})"),
     };
-    let engine = Engine::server(&config.settings).context("DTLS server configuration")?;
+    // Each worker gets its share of the association limits.
+    let mut limits = config.limits.clone();
+    limits.max_associations = limits.max_associations.div_ceil(workers);
+    limits.max_half_open = limits.max_half_open.div_ceil(workers);
+
+    let stats = Arc::new(Stats::default());
+    let mut threads = Vec::new();
+    let mut sockets = sockets.into_iter();
+    let first = sockets.next().context("no listening socket")?;
+    let first = Worker::start(first, &config, limits.clone(), stats.clone()).await?;
+    for (index, socket) in sockets.enumerate() {
+        let (config, limits, stats, shutdown) = (
+            config.clone_for_worker(),
+            limits.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{}", index + 1))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        error!(error = %e, "worker runtime failed to start");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match Worker::start(socket, &config, limits, stats).await {
+                        Ok(mut worker) => worker.run(shutdown).await,
+                        Err(e) => error!(error = %format!("{e:#}"), "worker failed to start"),
+                    }
+                });
+            })
+            .context("cannot start a worker thread")?;
+        threads.push(thread);
+    }
     info!(
         listen = %listen,
         upstream = %upstream_label,
+        workers,
         mutual_auth = config.settings.client_roots.is_some(),
         cipher = %crate::engine::CIPHER_SUITE,
         "ready"
     );
-    notify_ready(&format!("listening on {listen}"));
+    notify_ready(&format!("listening on {listen} with {workers} workers"));
 
-    let stats = Arc::new(Stats::default());
-    let mut worker = Worker {
-        socket,
-        source,
-        engine,
-        admission: Admission::new(config.limits.clone()),
-        audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
-        stats: stats.clone(),
-        pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
-        timers: BinaryHeap::new(),
-        events: Vec::new(),
-        expired: Vec::new(),
-    };
-    worker.run(shutdown).await;
+    let mut first = first;
+    first.run(shutdown).await;
+    for thread in threads {
+        let _ = thread.join();
+    }
     let summary: Vec<String> = stats
         .nonzero()
         .into_iter()
@@ -104,6 +124,32 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
         .collect();
     info!(counters = %summary.join(" "), "stopped");
     Ok(())
+}
+
+/// `count` UDP sockets on `addr` with SO_REUSEPORT; a port of 0 is chosen once, by the first.
+fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut bound = addr;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(bound), Type::DGRAM, Some(Protocol::UDP))?;
+        if bound.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_port(true)?;
+        // Room for bursts (floods, many clients at once); the kernel caps it at rmem_max.
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        socket.set_nonblocking(true)?;
+        socket.bind(&bound.into())?;
+        if bound.port() == 0 {
+            bound = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("bound to a non-IP address"))?;
+        }
+        sockets.push(socket.into());
+    }
+    Ok(sockets)
 }
 
 struct Worker {
@@ -123,6 +169,49 @@ struct Worker {
 }
 
 impl Worker {
+    /// A worker for one listening socket; must run on the runtime that will drive it.
+    async fn start(
+        socket: std::net::UdpSocket,
+        config: &ServerConfig,
+        limits: crate::admission::Limits,
+        stats: Arc<Stats>,
+    ) -> anyhow::Result<Worker> {
+        let socket = UdpSocket::from_std(socket).context("cannot register the socket")?;
+        let source = match config.upstream {
+            Upstream::Udp(addr) => {
+                let bind: IpAddr = if addr.is_ipv4() {
+                    Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv6Addr::UNSPECIFIED.into()
+                };
+                let upstream = UdpSocket::bind((bind, 0))
+                    .await
+                    .context("cannot open the upstream socket")?;
+                upstream
+                    .connect(addr)
+                    .await
+                    .with_context(|| format!("cannot use upstream {addr}"))?;
+                TimeSource::Udp(upstream)
+            }
+            Upstream::Builtin { stratum } => TimeSource::Builtin(BuiltinSource {
+                stratum,
+                ..BuiltinSource::default()
+            }),
+        };
+        Ok(Worker {
+            socket,
+            source,
+            engine: Engine::server(&config.settings).context("DTLS server configuration")?,
+            admission: Admission::new(limits),
+            audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
+            stats,
+            pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
+            timers: BinaryHeap::new(),
+            events: Vec::new(),
+            expired: Vec::new(),
+        })
+    }
+
     async fn run(&mut self, mut shutdown: Shutdown) {
         let mut dtls_buf = [0u8; BUFFER_LEN];
         let mut upstream_buf = [0u8; BUFFER_LEN];

@@ -24,8 +24,18 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", env = "NTP_DTLS_LOG")]
     pub log_level: String,
 
+    /// Log format: human-readable text, or one JSON object per line for log collectors
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,19 +3,28 @@
 use std::io::IsTerminal;
 
 use tokio::sync::watch;
+
+use crate::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Logs go to stderr, one line per event. RUST_LOG, if set, overrides `level`.
-pub fn init_logging(level: &str) {
+/// Logs go to stderr, one line per event. RUST_LOG, if set, overrides `level`. In JSON, every
+/// event is one object with stable field names: `timestamp`, `level`, `target`, and under
+/// `fields` the `message` (e.g. "association established") and the event's own fields (`peer`,
+/// `reason`, `subject`, ...).
+pub fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+        LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).try_init()
+        }
+    };
 }
 
 /// A shutdown signal every task can wait on, fired by SIGINT or SIGTERM.

@@ -50,7 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Client(args) => {
-            daemon::init_logging(&cli.log_level);
+            daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ClientConfig::from_args(&args)?;
             runtime()?.block_on(async {
                 let shutdown = daemon::Shutdown::on_signals().context("signal handlers")?;
@@ -59,7 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Server(args) => {
-            daemon::init_logging(&cli.log_level);
+            daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ServerConfig::from_args(&args)?;
             runtime()?.block_on(async {
                 let shutdown = daemon::Shutdown::on_signals().context("signal handlers")?;

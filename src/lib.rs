@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod health;
+pub mod metrics;
 pub mod ntp;
 pub mod pending;
 pub mod pki;

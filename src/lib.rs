@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ntp;
 pub mod pending;
 pub mod pki;
+pub mod privileges;
 pub mod query;
 pub mod record;
 pub mod server;

@@ -291,7 +291,22 @@ fn example_configs_load_with_every_key_switched_on() {
     let dir = TempDir::new();
 
     let server_text = localize(&read(&dist("server.toml")), &pki);
-    for key in ["listen", "upstream", "cert", "key", "client_ca", "stratum"] {
+    // Every key of the server's file (src/config.rs ServerFile and LimitsFile).
+    for key in [
+        "listen",
+        "upstream",
+        "cert",
+        "key",
+        "client_ca",
+        "stratum",
+        "max_associations",
+        "max_half_open",
+        "handshake_timeout_secs",
+        "handshake_rate",
+        "handshake_burst",
+        "max_handshake_bytes",
+        "idle_timeout_secs",
+    ] {
         assert!(
             server_text
                 .lines()
@@ -307,6 +322,8 @@ fn example_configs_load_with_every_key_switched_on() {
         .unwrap_or_else(|e| panic!("dist/server.toml:\n{server_text}\n{e}"));
     assert_eq!(server.listen.port(), 1123);
     assert!(server.client_ca_path.is_some());
+    // The values the example shows as defaults are the defaults.
+    assert_eq!(server.limits, ntp_dtls::admission::Limits::default());
 
     let client_text = localize(&read(&dist("client.toml")), &pki);
     assert_eq!(
@@ -316,7 +333,20 @@ fn example_configs_load_with_every_key_switched_on() {
             .count(),
         3
     );
-    for key in ["ca", "cert", "key", "listen", "server", "server_name"] {
+    // Every key of the client's file (src/config.rs ClientFile and TunnelFile).
+    for key in [
+        "ca",
+        "cert",
+        "key",
+        "listen",
+        "server",
+        "server_name",
+        "dead_after_unanswered",
+        "dead_after_secs",
+        "rekey_after_records",
+        "rekey_after_secs",
+        "keepalive_secs",
+    ] {
         assert!(
             client_text
                 .lines()
@@ -336,6 +366,9 @@ fn example_configs_load_with_every_key_switched_on() {
         .map(|t| t.listen.to_string())
         .collect();
     assert_eq!(listens, ["127.0.0.1:123", "127.0.0.2:123", "127.0.0.3:123"]);
+    for tunnel in &client.tunnels {
+        assert_eq!(tunnel.policy, ntp_dtls::health::HealthPolicy::default());
+    }
 }
 
 /// Kills the relay when the test ends, however it ends.

@@ -1,7 +1,11 @@
 # ntp-dtls: build, test and demo entry points. CI runs .ci/run, which runs `make test`.
 CARGO ?= cargo
+# `make install` destination; DESTDIR for staged installs (packaging).
+PREFIX ?= /usr/local
+DESTDIR ?=
+MAN_DIR := target/man
 
-.PHONY: deps build test lint conformance demo bench fuzz certs clean
+.PHONY: deps build test lint conformance demo bench fuzz certs clean man deb install check-deb
 
 deps:
 	bash scripts/install-deps.sh
@@ -36,3 +40,38 @@ certs:
 
 clean:
 	$(CARGO) clean
+
+# Man pages from the clap definitions (examples/gen_man.rs), gzipped as Debian ships them.
+man:
+	rm -rf $(MAN_DIR)
+	$(CARGO) run --release --quiet --example gen_man -- $(MAN_DIR)
+	gzip -9n $(MAN_DIR)/*.1
+
+# A .deb in target/debian/: binary, both units, sysusers.d entry, example configs, man pages, docs.
+deb: man
+	@$(CARGO) deb --version >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
+	$(CARGO) deb
+
+# What `make deb` packages, for a system without dpkg. Units get ExecStart under $(PREFIX).
+install: build man
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system \
+		$(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/share/man/man1 \
+		$(DESTDIR)$(PREFIX)/share/doc/ntp-dtls/examples
+	install -m 755 target/release/ntp-dtls $(DESTDIR)$(PREFIX)/bin/ntp-dtls
+	for unit in dist/systemd/*.service; do \
+		sed -e 's|^ExecStart=/usr/bin/ntp-dtls |ExecStart=$(PREFIX)/bin/ntp-dtls |' \
+			-e 's|/usr/share/doc/ntp-dtls/|$(PREFIX)/share/doc/ntp-dtls/|g' $$unit \
+			>$(DESTDIR)$(PREFIX)/lib/systemd/system/$$(basename $$unit) || exit 1; \
+		chmod 644 $(DESTDIR)$(PREFIX)/lib/systemd/system/$$(basename $$unit); \
+	done
+	install -m 644 dist/sysusers.d/ntp-dtls.conf $(DESTDIR)$(PREFIX)/lib/sysusers.d/
+	install -m 644 $(MAN_DIR)/*.1.gz $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 644 dist/client.toml dist/server.toml $(DESTDIR)$(PREFIX)/share/doc/ntp-dtls/examples/
+	install -m 644 README.md docs/OPERATIONS.md $(DESTDIR)$(PREFIX)/share/doc/ntp-dtls/
+	@echo "installed under $(DESTDIR)$(PREFIX). Next: systemd-sysusers (creates the ntp-dtls user),"
+	@echo "install -d -m 0750 -g ntp-dtls /etc/ntp-dtls, certificates and a config there,"
+	@echo "systemctl daemon-reload; see $(PREFIX)/share/doc/ntp-dtls/OPERATIONS.md"
+
+# Builds the .deb and checks its file list (slow: a release build, and cargo-deb if missing).
+check-deb:
+	bash scripts/check-deb.sh

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system tools the integration tests drive (chronyd, ntpdate, sntp, socat, stunnel,
-# openssl). Idempotent: does nothing when they are all present. Never leaves a chronyd service
-# that the install started holding port 123.
+# openssl, and systemd-analyze from the systemd package to verify the units). Idempotent: does
+# nothing when they are all present. Never leaves a chronyd service that the install started
+# holding port 123.
 set -euo pipefail
 
-packages=(chrony ntpsec-ntpdate sntp socat stunnel4 openssl)
+packages=(chrony ntpsec-ntpdate sntp socat stunnel4 openssl systemd)
 
 # chronyd and ntpdate live in /usr/sbin, which is not in a non-root PATH on Debian.
 have() {
@@ -12,13 +13,13 @@ have() {
 }
 
 missing=()
-for cmd in chronyd ntpdate sntp socat openssl; do
+for cmd in chronyd ntpdate sntp socat openssl systemd-analyze; do
     have "$cmd" || missing+=("$cmd")
 done
 have stunnel4 || have stunnel || missing+=(stunnel4)
 
 if ((${#missing[@]} == 0)); then
-    echo "install-deps: all present (chronyd ntpdate sntp socat stunnel openssl); nothing to do"
+    echo "install-deps: all present (chronyd ntpdate sntp socat stunnel openssl systemd-analyze); nothing to do"
     exit 0
 fi
 

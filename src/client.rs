@@ -322,6 +322,12 @@ impl TunnelTask {
                 }
                 Event::Failed { peer, failure } => {
                     self.stats.incr(Counter::AssociationsRefused);
+                    // Send the fatal alert the engine queued before the association goes, so
+                    // the server relay learns (and audits) why.
+                    let stats = self.stats.clone();
+                    if let Some(upstream) = self.upstream(slot) {
+                        flush_upstream(upstream, &stats).await;
+                    }
                     match slot {
                         Slot::Current => self.on_failure(now, peer, &failure),
                         Slot::Next => {

@@ -59,14 +59,26 @@ impl Shutdown {
 
 /// Tells systemd (Type=notify) that we are ready, if it is listening. Tests and people read the
 /// `ready` log line the caller emits alongside.
+///
+/// NOTIFY_SOCKET is a filesystem path, or an abstract socket name written with a leading '@'
+/// (what systemd uses in containers and some service managers use everywhere).
 pub fn notify_ready(status: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
     let message = format!("READY=1\nSTATUS={status}\n");
-    let result = std::os::unix::net::UnixDatagram::unbound()
-        .and_then(|socket| socket.send_to(message.as_bytes(), &path));
+    let result = UnixDatagram::unbound().and_then(|socket| {
+        let address = match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        socket.send_to_addr(message.as_bytes(), &address)
+    });
     if let Err(e) = result {
-        tracing::warn!(error = %e, "could not notify systemd of readiness");
+        tracing::warn!(error = %e, socket = ?path, "could not notify systemd of readiness");
     }
 }

@@ -252,6 +252,14 @@ fn a_client_relay_with_the_wrong_ca_never_forwards_a_reply_and_logs_the_refusal(
         .wait_for_line("association refused", Duration::from_secs(5));
     assert!(refusal.contains("reason=unknown_ca"), "{refusal}");
     assert!(refusal.contains(&server.addr.to_string()), "{refusal}");
+    // The client's fatal alert reaches the server relay, which audits it too.
+    let seen = server
+        .daemon
+        .wait_for_line("association refused", Duration::from_secs(5));
+    assert!(
+        seen.contains("reason=peer_alert") && seen.contains("unknown_ca"),
+        "{seen}"
+    );
     assert!(client.daemon.count_lines("associations_up=0") == 1);
     assert!(ntp_query(client.addr, Duration::from_millis(500)).is_none());
     assert_eq!(

@@ -48,10 +48,34 @@ pub enum Command {
     Certs(CertsArgs),
     /// Query an NTP server, plain or over DTLS, and print offset, delay and stratum
     Query(QueryArgs),
+    /// Print a short summary of a relay's metrics endpoint (see --metrics)
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The relay's metrics address, HOST:PORT
+    #[arg(value_name = "HOST:PORT")]
+    pub addr: String,
+}
+
+/// What both daemons take besides their own settings.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Serve Prometheus metrics on this TCP address (off by default; keep it on loopback)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// Once the sockets are bound, switch to this user (when started as root without systemd)
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
     /// TOML file with one or more [[tunnel]] entries (see README); excludes the tunnel flags
     #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key"])]
     pub config: Option<PathBuf>,
@@ -81,8 +105,11 @@ pub struct ClientArgs {
     pub key: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
     /// TOML file with the server settings (see README); flags given as well override it
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,

@@ -12,15 +12,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::cli::ClientArgs;
 use crate::config::{ClientConfig, Tunnel};
-use crate::daemon::{Shutdown, notify_ready};
+use crate::daemon::{Reload, Shutdown, notify_ready, start_services};
 use crate::engine::{DtlsEngine, Engine, Event, Failure};
 use crate::health::{Health, Verdict};
 use crate::ntp;
+use crate::observe::{Observatory, RttProbe};
 use crate::pending::{InsertError, InsertOutcome, PendingTable};
 use crate::stats::{Counter, Stats};
 
@@ -38,14 +40,25 @@ const BUFFER_LEN: usize = 2048;
 ///
 /// Tunnel tasks are local to this thread: each owns its engine (rtc-dtls's is not `Sync`), and
 /// nothing on a datagram's path crosses threads.
-pub async fn run(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(
+    config: ClientConfig,
+    args: ClientArgs,
+    shutdown: Shutdown,
+    reload: Reload,
+) -> anyhow::Result<()> {
     tokio::task::LocalSet::new()
-        .run_until(run_tunnels(config, shutdown))
+        .run_until(run_tunnels(config, args, shutdown, reload))
         .await
 }
 
-async fn run_tunnels(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let stats = Arc::new(Stats::default());
+async fn run_tunnels(
+    config: ClientConfig,
+    args: ClientArgs,
+    shutdown: Shutdown,
+    mut reload: Reload,
+) -> anyhow::Result<()> {
+    let obs = Arc::new(Observatory::new("client", config.tunnels.len()));
+    record_client_certificates(&obs, &config.tunnels);
     let mut locals = Vec::with_capacity(config.tunnels.len());
     for tunnel in &config.tunnels {
         let socket = UdpSocket::bind(tunnel.listen)
@@ -53,15 +66,20 @@ async fn run_tunnels(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result
             .with_context(|| format!("{}: cannot listen on {}", tunnel.name, tunnel.listen))?;
         locals.push(socket);
     }
+    let metrics = start_services(&config.daemon, &obs, &shutdown).await?;
 
     let mut outcomes = Vec::new();
+    let mut reloaders = Vec::new();
     let mut tasks = Vec::new();
     let mut listening = Vec::new();
-    for (tunnel, local) in config.tunnels.into_iter().zip(locals) {
+    for (index, (tunnel, local)) in config.tunnels.into_iter().zip(locals).enumerate() {
         listening.push(local.local_addr().unwrap_or(tunnel.listen).to_string());
         let (first_outcome, outcome) = oneshot::channel();
         outcomes.push(outcome);
-        let task = TunnelTask::new(tunnel, local, stats.clone(), first_outcome);
+        let (reloader, settings) = watch::channel(tunnel.settings.clone());
+        reloaders.push(reloader);
+        let mut task = TunnelTask::new(index, tunnel, local, obs.clone(), first_outcome);
+        task.settings = Some(settings);
         tasks.push(tokio::task::spawn_local(task.run(shutdown.clone())));
     }
 
@@ -74,15 +92,44 @@ async fn run_tunnels(config: ClientConfig, shutdown: Shutdown) -> anyhow::Result
         }
     }
     let listen = listening.join(",");
-    info!(listen = %listen, tunnels = listening.len(), associations_up = up, "ready");
+    let metrics_label = metrics.map_or_else(|| "off".to_string(), |a| a.to_string());
+    info!(listen = %listen, tunnels = listening.len(), associations_up = up,
+        metrics = %metrics_label, "ready");
     notify_ready(&format!("{up} of {} associations up", listening.len()));
+
+    // SIGHUP: the CA, certificate and key files are read again; new handshakes (reconnects,
+    // rekeys) use them, live associations go on.
+    let reload_task = {
+        let obs = obs.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                reload.next().await;
+                match ClientConfig::from_args(&args) {
+                    Ok(new) if new.tunnels.len() == reloaders.len() => {
+                        record_client_certificates(&obs, &new.tunnels);
+                        for (reloader, tunnel) in reloaders.iter().zip(new.tunnels) {
+                            let _ = reloader.send(tunnel.settings);
+                        }
+                        info!(result = %"ok", "config reload");
+                    }
+                    Ok(_) => warn!(result = %"failed",
+                        error = %"the tunnel list changed: restart to apply it",
+                        "config reload; the material in service stays"),
+                    Err(e) => warn!(result = %"failed", error = %e,
+                        "config reload; the material in service stays"),
+                }
+            }
+        })
+    };
 
     for task in tasks {
         if let Err(e) = task.await {
             warn!(error = %e, "tunnel task ended abnormally");
         }
     }
-    let summary: Vec<String> = stats
+    reload_task.abort();
+    let summary: Vec<String> = obs
+        .stats
         .nonzero()
         .into_iter()
         .map(|(label, value)| format!("{label}={value}"))
@@ -114,9 +161,14 @@ enum Slot {
 const DRAIN: Duration = Duration::from_secs(2);
 
 struct TunnelTask {
+    /// Which tunnel this is, for the association gauges.
+    index: usize,
+    /// Reloaded certificate material, for the next handshake.
+    settings: Option<watch::Receiver<crate::engine::ClientSettings>>,
     tunnel: Tunnel,
     local: UdpSocket,
-    stats: Arc<Stats>,
+    obs: Arc<Observatory>,
+    rtt: RttProbe,
     pending: PendingTable<SocketAddr>,
     current: Option<Upstream>,
     next: Option<Upstream>,
@@ -134,15 +186,19 @@ struct TunnelTask {
 
 impl TunnelTask {
     fn new(
+        index: usize,
         tunnel: Tunnel,
         local: UdpSocket,
-        stats: Arc<Stats>,
+        obs: Arc<Observatory>,
         first_outcome: oneshot::Sender<bool>,
     ) -> Self {
         TunnelTask {
+            index,
+            settings: None,
             tunnel,
             local,
-            stats,
+            obs,
+            rtt: RttProbe::default(),
             pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
             current: None,
             next: None,
@@ -184,11 +240,16 @@ impl TunnelTask {
                 _ = sleep_until(deadline) => self.on_timer(Instant::now()).await,
             }
             self.flush().await;
+            let established = self.current.as_ref().is_some_and(|u| u.health.is_some());
+            let half_open = usize::from(self.current.as_ref().is_some_and(|u| u.health.is_none()))
+                + usize::from(self.next.is_some());
+            self.obs
+                .set_associations(self.index, usize::from(established), half_open);
         }
         if let Some(mut upstream) = self.current.take() {
             if upstream.health.is_some() {
                 upstream.engine.close(Instant::now(), self.tunnel.server);
-                flush_upstream(&mut upstream, &self.stats).await;
+                flush_upstream(&mut upstream, &self.obs.stats).await;
                 info!(tunnel = %self.tunnel.name, server = %self.tunnel.server,
                     reason = %"shutdown", "association closed");
             }
@@ -240,14 +301,14 @@ impl TunnelTask {
         let request = match ntp::check_request(datagram) {
             Ok(request) => request,
             Err(rejection) => {
-                self.stats.incr(rejection.into());
+                self.obs.stats.incr(rejection.into());
                 debug!(tunnel = %self.tunnel.name, %from, %rejection, "request dropped");
                 return;
             }
         };
         let server = self.tunnel.server;
         let Some(upstream) = self.current.as_mut().filter(|u| u.health.is_some()) else {
-            self.stats.incr(Counter::DropNoAssociation);
+            self.obs.stats.incr(Counter::DropNoAssociation);
             debug!(tunnel = %self.tunnel.name, %from, "request dropped: no association up");
             return;
         };
@@ -255,10 +316,12 @@ impl TunnelTask {
             .pending
             .insert(now, request.transmit.0, request.receive.0, from)
         {
-            Ok(InsertOutcome::InsertedEvictingOldest) => self.stats.incr(Counter::EvictedPending),
+            Ok(InsertOutcome::InsertedEvictingOldest) => {
+                self.obs.stats.incr(Counter::EvictedPending)
+            }
             Ok(_) => {}
             Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
-                self.stats.incr(Counter::DropCollision);
+                self.obs.stats.incr(Counter::DropCollision);
                 debug!(tunnel = %self.tunnel.name, %from,
                     "request dropped: transmit timestamp unusable for matching");
                 return;
@@ -266,13 +329,14 @@ impl TunnelTask {
         }
         match upstream.engine.send(now, server, datagram) {
             Ok(()) => {
-                self.stats.incr(Counter::RequestsForwarded);
+                self.obs.stats.incr(Counter::RequestsForwarded);
+                self.rtt.forwarded(request.transmit.0, now);
                 if let Some(health) = upstream.health.as_mut() {
                     health.request_sent(now);
                 }
             }
             Err(e) => {
-                self.stats.incr(Counter::DropNoAssociation);
+                self.obs.stats.incr(Counter::DropNoAssociation);
                 debug!(tunnel = %self.tunnel.name, error = %e, "request dropped");
             }
         }
@@ -302,7 +366,7 @@ impl TunnelTask {
                     if let Some(upstream) = self.upstream(slot) {
                         upstream.health = Some(Health::new(now));
                     }
-                    self.stats.incr(Counter::AssociationsEstablished);
+                    self.obs.stats.incr(Counter::AssociationsEstablished);
                     let rekey = slot == Slot::Next;
                     info!(tunnel = %self.tunnel.name, server = %peer, subject = %identity,
                         cipher = %crate::engine::CIPHER_SUITE, rekey, "association established");
@@ -321,12 +385,13 @@ impl TunnelTask {
                     }
                 }
                 Event::Failed { peer, failure } => {
-                    self.stats.incr(Counter::AssociationsRefused);
+                    self.obs.stats.incr(Counter::AssociationsRefused);
+                    self.obs.failures.incr(failure.label());
                     // Send the fatal alert the engine queued before the association goes, so
                     // the server relay learns (and audits) why.
-                    let stats = self.stats.clone();
+                    let obs = self.obs.clone();
                     if let Some(upstream) = self.upstream(slot) {
-                        flush_upstream(upstream, &stats).await;
+                        flush_upstream(upstream, &obs.stats).await;
                     }
                     match slot {
                         Slot::Current => self.on_failure(now, peer, &failure),
@@ -341,7 +406,7 @@ impl TunnelTask {
                     }
                 }
                 Event::Closed { peer, reason } => {
-                    self.stats.incr(Counter::AssociationsClosed);
+                    self.obs.stats.incr(Counter::AssociationsClosed);
                     info!(tunnel = %self.tunnel.name, server = %peer, %reason, "association closed");
                     match slot {
                         Slot::Current => {
@@ -374,7 +439,7 @@ impl TunnelTask {
 
     /// ICMP port unreachable on an upstream socket.
     fn on_unreachable(&mut self, now: Instant, slot: Slot, error: &std::io::Error) {
-        self.stats.incr(Counter::DropUpstreamError);
+        self.obs.stats.incr(Counter::DropUpstreamError);
         debug!(tunnel = %self.tunnel.name, ?slot, %error, "server relay unreachable");
         let established = self
             .upstream(slot)
@@ -400,7 +465,7 @@ impl TunnelTask {
     fn declare_dead(&mut self, now: Instant, cause: &str) {
         info!(tunnel = %self.tunnel.name, server = %self.tunnel.server, reason = %"dead",
             detail = %cause, "association closed");
-        self.stats.incr(Counter::AssociationsClosed);
+        self.obs.stats.incr(Counter::AssociationsClosed);
         // Late replies may still come: the old association drains like a replaced one.
         if let Some(old) = self.current.take() {
             self.draining = Some((old, now + DRAIN));
@@ -430,18 +495,21 @@ impl TunnelTask {
         let reply = match ntp::check_reply(payload) {
             Ok(reply) => reply,
             Err(rejection) => {
-                self.stats.incr(rejection.into());
+                self.obs.stats.incr(rejection.into());
                 debug!(tunnel = %self.tunnel.name, %rejection, "reply dropped");
                 return;
             }
         };
+        if let Some(rtt) = self.rtt.answered(reply.origin.0, now) {
+            self.obs.observe_rtt(&self.tunnel.server_spec, rtt);
+        }
         let Some(client) = self.pending.take(now, reply.origin.0) else {
-            self.stats.incr(Counter::DropUnmatchedReply);
+            self.obs.stats.incr(Counter::DropUnmatchedReply);
             debug!(tunnel = %self.tunnel.name, "reply dropped: matches no outstanding request");
             return;
         };
         match self.local.send_to(payload, client).await {
-            Ok(_) => self.stats.incr(Counter::RepliesDelivered),
+            Ok(_) => self.obs.stats.incr(Counter::RepliesDelivered),
             Err(e) => {
                 debug!(tunnel = %self.tunnel.name, %client, error = %e, "reply not delivered")
             }
@@ -451,7 +519,7 @@ impl TunnelTask {
     async fn on_timer(&mut self, now: Instant) {
         let expired = self.pending.expire(now);
         if expired > 0 {
-            self.stats.add(Counter::ExpiredPending, expired as u64);
+            self.obs.stats.add(Counter::ExpiredPending, expired as u64);
         }
         let server = self.tunnel.server;
         for slot in [Slot::Current, Slot::Next, Slot::Draining] {
@@ -475,7 +543,7 @@ impl TunnelTask {
         {
             if let Some((mut old, _)) = self.draining.take() {
                 old.engine.close(now, server);
-                flush_upstream(&mut old, &self.stats).await;
+                flush_upstream(&mut old, &self.obs.stats).await;
                 debug!(tunnel = %self.tunnel.name, "replaced association closed");
             }
         }
@@ -506,7 +574,7 @@ impl TunnelTask {
             Verdict::KeepAlive => {
                 if upstream.engine.send(now, server, &[]).is_ok() {
                     health.keepalive_sent(now);
-                    self.stats.incr(Counter::Keepalives);
+                    self.obs.stats.incr(Counter::Keepalives);
                 }
             }
             Verdict::Rekey => {
@@ -522,6 +590,11 @@ impl TunnelTask {
 
     /// A fresh association from a fresh ephemeral port: nothing of a previous one is reused.
     async fn start_association(&mut self, now: Instant, slot: Slot) -> Option<Upstream> {
+        if let Some(settings) = self.settings.as_mut() {
+            if settings.has_changed().unwrap_or(false) {
+                self.tunnel.settings = settings.borrow_and_update().clone();
+            }
+        }
         let server = self.tunnel.server;
         let bind: IpAddr = if server.is_ipv4() {
             Ipv4Addr::UNSPECIFIED.into()
@@ -560,10 +633,10 @@ impl TunnelTask {
     }
 
     async fn flush(&mut self) {
-        let stats = self.stats.clone();
+        let obs = self.obs.clone();
         for slot in [Slot::Current, Slot::Next, Slot::Draining] {
             if let Some(upstream) = self.upstream(slot) {
-                flush_upstream(upstream, &stats).await;
+                flush_upstream(upstream, &obs.stats).await;
             }
         }
     }
@@ -616,4 +689,23 @@ fn jitter_unit() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(0);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The certificates each tunnel relies on, for the expiry gauge and warning.
+fn record_client_certificates(obs: &Observatory, tunnels: &[Tunnel]) {
+    let mut certificates: Vec<(String, &[u8])> = Vec::new();
+    for tunnel in tunnels {
+        for root in &tunnel.settings.roots {
+            certificates.push((format!("{} ca", tunnel.name), root.as_ref()));
+        }
+        if let Some(leaf) = tunnel
+            .settings
+            .identity
+            .as_ref()
+            .and_then(|i| i.chain.first())
+        {
+            certificates.push((format!("{} client", tunnel.name), leaf.as_ref()));
+        }
+    }
+    obs.set_certificates(&certificates);
 }

@@ -58,6 +58,33 @@ pub struct Tunnel {
 
 pub struct ClientConfig {
     pub tunnels: Vec<Tunnel>,
+    pub daemon: DaemonSettings,
+}
+
+/// What both daemons take besides their own settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// Whom to become once the sockets are bound.
+    pub user: Option<String>,
+}
+
+impl DaemonSettings {
+    fn resolve(
+        args: &crate::cli::DaemonArgs,
+        metrics: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let metrics = match args.metrics.as_deref().or(metrics) {
+            Some(spec) => Some(resolve(spec, "metrics")?),
+            None => None,
+        };
+        Ok(DaemonSettings {
+            metrics,
+            user: args.user.clone().or(user.map(str::to_owned)),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +107,7 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Sockets (and threads) sharing the listen address.
     pub workers: usize,
+    pub daemon: DaemonSettings,
 }
 
 impl ServerConfig {
@@ -94,6 +122,7 @@ impl ServerConfig {
             client_ca_path: self.client_ca_path.clone(),
             limits: self.limits.clone(),
             workers: self.workers,
+            daemon: self.daemon.clone(),
         }
     }
 }
@@ -101,6 +130,8 @@ impl ServerConfig {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ClientFile {
+    metrics: Option<String>,
+    user: Option<String>,
     /// Defaults for every tunnel.
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -129,6 +160,8 @@ struct TunnelFile {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ServerFile {
+    metrics: Option<String>,
+    user: Option<String>,
     listen: Option<String>,
     upstream: Option<String>,
     cert: Option<PathBuf>,
@@ -374,7 +407,14 @@ impl ClientConfig {
     pub fn from_args(args: &ClientArgs) -> Result<Self, ConfigError> {
         if let Some(path) = &args.config {
             let file: ClientFile = read_toml(path)?;
-            return Self::from_file(path, file);
+            let daemon = DaemonSettings::resolve(
+                &args.daemon,
+                file.metrics.as_deref(),
+                file.user.as_deref(),
+            )?;
+            let mut config = Self::from_file(path, file)?;
+            config.daemon = daemon;
+            return Ok(config);
         }
         let server = args
             .server
@@ -401,6 +441,7 @@ impl ClientConfig {
         };
         Ok(ClientConfig {
             tunnels: vec![tunnel],
+            daemon: DaemonSettings::resolve(&args.daemon, None, None)?,
         })
     }
 
@@ -442,7 +483,10 @@ impl ClientConfig {
                 policy: policy.clone(),
             });
         }
-        Ok(ClientConfig { tunnels })
+        Ok(ClientConfig {
+            tunnels,
+            daemon: DaemonSettings::default(),
+        })
     }
 }
 
@@ -452,6 +496,8 @@ impl ServerConfig {
             Some(path) => read_toml(path)?,
             None => ServerFile::default(),
         };
+        let daemon =
+            DaemonSettings::resolve(&args.daemon, file.metrics.as_deref(), file.user.as_deref())?;
         let listen_spec = args
             .listen
             .clone()
@@ -496,6 +542,7 @@ impl ServerConfig {
             )));
         }
         Ok(ServerConfig {
+            daemon,
             limits,
             workers,
             listen: resolve(&listen_spec, "listen")?,

@@ -33,28 +33,84 @@ pub struct Shutdown {
     receiver: watch::Receiver<bool>,
 }
 
+/// Fired by SIGHUP: reload certificates, keys and CA files.
+pub struct Reload {
+    receiver: watch::Receiver<u64>,
+}
+
 impl Shutdown {
     /// Installs the signal handlers. Must run inside the runtime.
-    pub fn on_signals() -> std::io::Result<Self> {
+    pub fn on_signals() -> std::io::Result<(Self, Reload)> {
         use tokio::signal::unix::{SignalKind, signal};
         let (sender, receiver) = watch::channel(false);
+        let (reload_sender, reload_receiver) = watch::channel(0u64);
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
         tokio::spawn(async move {
-            let name = tokio::select! {
-                _ = terminate.recv() => "SIGTERM",
-                _ = interrupt.recv() => "SIGINT",
+            let name = loop {
+                tokio::select! {
+                    _ = terminate.recv() => break "SIGTERM",
+                    _ = interrupt.recv() => break "SIGINT",
+                    _ = hangup.recv() => {
+                        reload_sender.send_modify(|generation| *generation += 1);
+                    }
+                }
             };
             tracing::info!(signal = name, "shutting down");
             let _ = sender.send(true);
         });
-        Ok(Shutdown { receiver })
+        Ok((
+            Shutdown { receiver },
+            Reload {
+                receiver: reload_receiver,
+            },
+        ))
     }
 
     /// Resolves once shutdown has been asked for.
     pub async fn wait(&mut self) {
         let _ = self.receiver.wait_for(|stop| *stop).await;
     }
+}
+
+impl Reload {
+    /// Resolves at the next SIGHUP (never, once the signal task is gone).
+    pub async fn next(&mut self) {
+        if self.receiver.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Serves metrics (if asked to) and then gives up root (if asked to): both after the caller
+/// has bound its sockets and read its files. Must run inside a LocalSet.
+pub async fn start_services(
+    settings: &crate::config::DaemonSettings,
+    obs: &std::sync::Arc<crate::observe::Observatory>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    use anyhow::Context;
+    let mut metrics_addr = None;
+    if let Some(addr) = settings.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        metrics_addr = listener.local_addr().ok();
+        let obs = obs.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::task::spawn_local(crate::metrics::serve(
+            listener,
+            move || obs.render(),
+            async move { shutdown.wait().await },
+        ));
+    }
+    if let Some(user) = &settings.user {
+        crate::privileges::drop_to(user)
+            .with_context(|| format!("cannot switch to user {user}"))?;
+        tracing::info!(%user, "privileges dropped");
+    }
+    Ok(metrics_addr)
 }
 
 /// Tells systemd (Type=notify) that we are ready, if it is listening. Tests and people read the

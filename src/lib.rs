@@ -13,6 +13,7 @@ pub mod engine;
 pub mod health;
 pub mod metrics;
 pub mod ntp;
+pub mod observe;
 pub mod pending;
 pub mod pki;
 pub mod privileges;
@@ -51,12 +52,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Status(args) => {
+            let text = runtime()?
+                .block_on(metrics::fetch(
+                    &args.addr,
+                    std::time::Duration::from_secs(3),
+                ))
+                .with_context(|| format!("cannot read metrics from {}", args.addr))?;
+            print!("{}", metrics::summary(&text));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Client(args) => {
             daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ClientConfig::from_args(&args)?;
             runtime()?.block_on(async {
-                let shutdown = daemon::Shutdown::on_signals().context("signal handlers")?;
-                client::run(config, shutdown).await
+                let (shutdown, reload) =
+                    daemon::Shutdown::on_signals().context("signal handlers")?;
+                client::run(config, args, shutdown, reload).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -64,8 +76,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ServerConfig::from_args(&args)?;
             runtime()?.block_on(async {
-                let shutdown = daemon::Shutdown::on_signals().context("signal handlers")?;
-                server::run(config, shutdown).await
+                let (shutdown, reload) =
+                    daemon::Shutdown::on_signals().context("signal handlers")?;
+                server::run(config, shutdown, reload).await
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -13,17 +13,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
-use tracing::{debug, error, info};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
 use crate::client::sleep_until;
 use crate::config::{ServerConfig, Upstream};
-use crate::daemon::{Shutdown, notify_ready};
+use crate::daemon::{Reload, Shutdown, notify_ready, start_services};
+use crate::engine::ServerSettings;
 use crate::engine::{DtlsEngine, Engine, Event};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
+use crate::observe::{Observatory, RttProbe};
 use crate::pending::{InsertError, InsertOutcome, PendingTable};
 use crate::record;
-use crate::stats::{Counter, Stats};
+use crate::stats::Counter;
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
 /// only fills when the time server is down.
@@ -48,7 +51,17 @@ enum TimeSource {
 /// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
 /// socket, so each worker owns its associations outright: its own engine, admission table,
 /// pending table and upstream socket, and no lock on the datagram path.
-pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(config: ServerConfig, shutdown: Shutdown, reload: Reload) -> anyhow::Result<()> {
+    tokio::task::LocalSet::new()
+        .run_until(run_workers(config, shutdown, reload))
+        .await
+}
+
+async fn run_workers(
+    config: ServerConfig,
+    shutdown: Shutdown,
+    mut reload: Reload,
+) -> anyhow::Result<()> {
     let workers = config.workers.max(1);
     let sockets = bind_reuseport(config.listen, workers)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -67,17 +80,30 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
     limits.max_associations = limits.max_associations.div_ceil(workers);
     limits.max_half_open = limits.max_half_open.div_ceil(workers);
 
-    let stats = Arc::new(Stats::default());
+    let obs = Arc::new(Observatory::new("server", workers));
+    record_server_certificates(&obs, &config.settings);
+    let metrics = start_services(&config.daemon, &obs, &shutdown).await?;
+    // New certificate material reaches every worker; live associations keep theirs.
+    let (settings_tx, settings_rx) = watch::channel(None::<Arc<ServerSettings>>);
     let mut threads = Vec::new();
     let mut sockets = sockets.into_iter();
     let first = sockets.next().context("no listening socket")?;
-    let first = Worker::start(first, &config, limits.clone(), stats.clone()).await?;
+    let first = Worker::start(
+        0,
+        first,
+        &config,
+        limits.clone(),
+        obs.clone(),
+        settings_rx.clone(),
+    )
+    .await?;
     for (index, socket) in sockets.enumerate() {
-        let (config, limits, stats, shutdown) = (
+        let (config, limits, obs, shutdown, settings_rx) = (
             config.clone_for_worker(),
             limits.clone(),
-            stats.clone(),
+            obs.clone(),
             shutdown.clone(),
+            settings_rx.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("worker-{}", index + 1))
@@ -93,7 +119,8 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
                     }
                 };
                 runtime.block_on(async move {
-                    match Worker::start(socket, &config, limits, stats).await {
+                    match Worker::start(index + 1, socket, &config, limits, obs, settings_rx).await
+                    {
                         Ok(mut worker) => worker.run(shutdown).await,
                         Err(e) => error!(error = %format!("{e:#}"), "worker failed to start"),
                     }
@@ -102,9 +129,11 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
             .context("cannot start a worker thread")?;
         threads.push(thread);
     }
+    let metrics_label = metrics.map_or_else(|| "off".to_string(), |a| a.to_string());
     info!(
         listen = %listen,
         upstream = %upstream_label,
+        metrics = %metrics_label,
         workers,
         mutual_auth = config.settings.client_roots.is_some(),
         cipher = %crate::engine::CIPHER_SUITE,
@@ -112,12 +141,36 @@ pub async fn run(config: ServerConfig, shutdown: Shutdown) -> anyhow::Result<()>
     );
     notify_ready(&format!("listening on {listen} with {workers} workers"));
 
+    let reloader = {
+        let obs = obs.clone();
+        let (cert, key, client_ca) = (
+            config.cert_path.clone(),
+            config.key_path.clone(),
+            config.client_ca_path.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            loop {
+                reload.next().await;
+                match ServerConfig::load_settings(&cert, &key, client_ca.as_deref()) {
+                    Ok(settings) => {
+                        record_server_certificates(&obs, &settings);
+                        let _ = settings_tx.send(Some(Arc::new(settings)));
+                        info!(result = %"ok", "config reload");
+                    }
+                    Err(e) => warn!(result = %"failed", error = %e,
+                        "config reload; the material in service stays"),
+                }
+            }
+        })
+    };
     let mut first = first;
     first.run(shutdown).await;
+    reloader.abort();
     for thread in threads {
         let _ = thread.join();
     }
-    let summary: Vec<String> = stats
+    let summary: Vec<String> = obs
+        .stats
         .nonzero()
         .into_iter()
         .map(|(label, value)| format!("{label}={value}"))
@@ -153,13 +206,19 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::ne
 }
 
 struct Worker {
+    /// New certificate material after a reload.
+    settings: watch::Receiver<Option<Arc<ServerSettings>>>,
+    /// Which worker this is, for the association gauges.
+    index: usize,
+    upstream_label: String,
+    rtt: RttProbe,
     socket: UdpSocket,
     source: TimeSource,
     engine: Engine,
     /// Who may hold state, how much and how long: rtc-dtls bounds none of it.
     admission: Admission,
     audit_limiter: AuditLimiter,
-    stats: Arc<Stats>,
+    obs: Arc<Observatory>,
     pending: PendingTable<SocketAddr>,
     /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
     /// poll_timeout is checked when one comes due.
@@ -171,10 +230,12 @@ struct Worker {
 impl Worker {
     /// A worker for one listening socket; must run on the runtime that will drive it.
     async fn start(
+        index: usize,
         socket: std::net::UdpSocket,
         config: &ServerConfig,
         limits: crate::admission::Limits,
-        stats: Arc<Stats>,
+        obs: Arc<Observatory>,
+        settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
         let socket = UdpSocket::from_std(socket).context("cannot register the socket")?;
         let source = match config.upstream {
@@ -198,13 +259,21 @@ impl Worker {
                 ..BuiltinSource::default()
             }),
         };
+        let upstream_label = match config.upstream {
+            Upstream::Udp(addr) => addr.to_string(),
+            Upstream::Builtin { .. } => "builtin".to_string(),
+        };
         Ok(Worker {
+            settings,
+            index,
+            upstream_label,
+            rtt: RttProbe::default(),
             socket,
             source,
             engine: Engine::server(&config.settings).context("DTLS server configuration")?,
             admission: Admission::new(limits),
             audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
-            stats,
+            obs,
             pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
             timers: BinaryHeap::new(),
             events: Vec::new(),
@@ -232,13 +301,25 @@ impl Worker {
                     Ok(len) => self.on_time_server_reply(Instant::now(), &upstream_buf[..len]),
                     // chronyd not running: ICMP port unreachable comes back as an error here.
                     Err(e) => {
-                        self.stats.incr(Counter::DropUpstreamError);
+                        self.obs.stats.incr(Counter::DropUpstreamError);
                         debug!(error = %e, "time server receive error");
                     }
                 },
                 _ = sleep_until(deadline) => self.on_timer(Instant::now()),
+                Ok(()) = self.settings.changed() => {
+                    let settings = self.settings.borrow_and_update().clone();
+                    if let Some(settings) = settings {
+                        if let Err(e) = self.engine.replace_server_settings(&settings) {
+                            warn!(error = %e, "reloaded material refused by the DTLS engine");
+                        }
+                    }
+                }
             }
             self.flush().await;
+            let half_open = self.admission.half_open();
+            let established = self.admission.associations().saturating_sub(half_open);
+            self.obs
+                .set_associations(self.index, established, half_open);
         }
         self.close_all().await;
     }
@@ -273,7 +354,7 @@ impl Worker {
             }
         };
         if let Err(refusal) = self.admission.admit(now, peer, datagram.len(), arrival) {
-            self.stats.incr(match refusal {
+            self.obs.stats.incr(match refusal {
                 Refusal::NotClientHello => Counter::DropNotHandshake,
                 Refusal::AssociationLimit => Counter::DropAssociationLimit,
                 Refusal::HalfOpenLimit => Counter::DropHalfOpenLimit,
@@ -288,7 +369,7 @@ impl Worker {
             return;
         }
         if !self.engine.receive(now, peer, datagram, &mut self.events) {
-            self.stats.incr(Counter::DropNotHandshake);
+            self.obs.stats.incr(Counter::DropNotHandshake);
             self.admission.removed(peer);
             return;
         }
@@ -300,7 +381,7 @@ impl Worker {
                     self.admission.activity(now, peer);
                     if payload.is_empty() {
                         // The client relay keeping a quiet association warm: nothing to forward.
-                        self.stats.incr(Counter::Keepalives);
+                        self.obs.stats.incr(Counter::Keepalives);
                     } else {
                         self.forward(now, arrived, peer, &payload);
                     }
@@ -316,13 +397,14 @@ impl Worker {
         match event {
             Event::Established { peer, identity } => {
                 self.admission.established(now, peer);
-                self.stats.incr(Counter::AssociationsEstablished);
+                self.obs.stats.incr(Counter::AssociationsEstablished);
                 info!(%peer, subject = %identity, cipher = %crate::engine::CIPHER_SUITE,
                     "association established");
             }
             Event::Failed { peer, failure } => {
                 self.admission.handshake_failed(peer);
-                self.stats.incr(Counter::AssociationsRefused);
+                self.obs.stats.incr(Counter::AssociationsRefused);
+                self.obs.failures.incr(failure.label());
                 match self.audit_limiter.allow(now) {
                     Some(0) => {
                         info!(%peer, reason = %failure.label(), detail = %failure,
@@ -337,7 +419,7 @@ impl Worker {
             }
             Event::Closed { peer, reason } => {
                 self.admission.removed(peer);
-                self.stats.incr(Counter::AssociationsClosed);
+                self.obs.stats.incr(Counter::AssociationsClosed);
                 info!(%peer, %reason, "association closed");
             }
             Event::Data { .. } => {}
@@ -355,7 +437,7 @@ impl Worker {
         let request = match ntp::check_request(payload) {
             Ok(request) => request,
             Err(rejection) => {
-                self.stats.incr(rejection.into());
+                self.obs.stats.incr(rejection.into());
                 debug!(%peer, %rejection, "request dropped");
                 return;
             }
@@ -370,10 +452,10 @@ impl Worker {
                 );
                 match reply {
                     Ok(reply) => {
-                        self.stats.incr(Counter::RequestsForwarded);
+                        self.obs.stats.incr(Counter::RequestsForwarded);
                         self.reply(now, peer, &reply)
                     }
-                    Err(rejection) => self.stats.incr(rejection.into()),
+                    Err(rejection) => self.obs.stats.incr(rejection.into()),
                 }
             }
             TimeSource::Udp(socket) => {
@@ -382,11 +464,11 @@ impl Worker {
                     .insert(now, request.transmit.0, request.receive.0, peer)
                 {
                     Ok(InsertOutcome::InsertedEvictingOldest) => {
-                        self.stats.incr(Counter::EvictedPending)
+                        self.obs.stats.incr(Counter::EvictedPending)
                     }
                     Ok(_) => {}
                     Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
-                        self.stats.incr(Counter::DropCollision);
+                        self.obs.stats.incr(Counter::DropCollision);
                         debug!(%peer, "request dropped: transmit timestamp unusable for matching");
                         return;
                     }
@@ -394,9 +476,12 @@ impl Worker {
                 // try_send: the socket is writable unless the kernel buffer is full, and a
                 // datagram we cannot send now is better dropped than delayed (it would skew time).
                 match socket.try_send(payload) {
-                    Ok(_) => self.stats.incr(Counter::RequestsForwarded),
+                    Ok(_) => {
+                        self.obs.stats.incr(Counter::RequestsForwarded);
+                        self.rtt.forwarded(request.transmit.0, now);
+                    }
                     Err(e) => {
-                        self.stats.incr(Counter::DropUpstreamError);
+                        self.obs.stats.incr(Counter::DropUpstreamError);
                         debug!(%peer, error = %e, "request not forwarded");
                     }
                 }
@@ -408,15 +493,18 @@ impl Worker {
         let reply = match ntp::check_reply(datagram) {
             Ok(reply) => reply,
             Err(rejection) => {
-                self.stats.incr(rejection.into());
+                self.obs.stats.incr(rejection.into());
                 debug!(%rejection, "time server reply dropped");
                 return;
             }
         };
+        if let Some(rtt) = self.rtt.answered(reply.origin.0, now) {
+            self.obs.observe_rtt(&self.upstream_label, rtt);
+        }
         match self.pending.take(now, reply.origin.0) {
             Some(peer) => self.reply(now, peer, datagram),
             None => {
-                self.stats.incr(Counter::DropUnmatchedReply);
+                self.obs.stats.incr(Counter::DropUnmatchedReply);
                 debug!("time server reply matches no outstanding request");
             }
         }
@@ -425,11 +513,11 @@ impl Worker {
     fn reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
         match self.engine.send(now, peer, datagram) {
             Ok(()) => {
-                self.stats.incr(Counter::RepliesDelivered);
+                self.obs.stats.incr(Counter::RepliesDelivered);
                 self.admission.activity(now, peer);
             }
             Err(e) => {
-                self.stats.incr(Counter::DropNoAssociation);
+                self.obs.stats.incr(Counter::DropNoAssociation);
                 debug!(%peer, error = %e, "reply dropped");
             }
         }
@@ -438,7 +526,7 @@ impl Worker {
     fn on_timer(&mut self, now: Instant) {
         let expired = self.pending.expire(now);
         if expired > 0 {
-            self.stats.add(Counter::ExpiredPending, expired as u64);
+            self.obs.stats.add(Counter::ExpiredPending, expired as u64);
         }
         while let Some(Reverse((due, peer))) = self.timers.peek().copied() {
             if due > now {
@@ -467,10 +555,11 @@ impl Worker {
         match expiry {
             Expiry::HandshakeTimeout { peer, answered } => {
                 self.engine.abandon_handshake(now, peer);
-                self.stats.incr(Counter::HandshakeTimeouts);
+                self.obs.stats.incr(Counter::HandshakeTimeouts);
                 if answered {
                     // The peer proved its address and then stalled: a refusal worth a line.
-                    self.stats.incr(Counter::AssociationsRefused);
+                    self.obs.stats.incr(Counter::AssociationsRefused);
+                    self.obs.failures.incr("handshake_timeout");
                     if let Some(suppressed) = self.audit_limiter.allow(now) {
                         info!(%peer, reason = %"handshake_timeout",
                             detail = %"handshake timed out", suppressed, "association refused");
@@ -482,13 +571,13 @@ impl Worker {
             }
             Expiry::ReplacementTimeout { peer } => {
                 self.engine.abandon_handshake(now, peer);
-                self.stats.incr(Counter::HandshakeTimeouts);
+                self.obs.stats.incr(Counter::HandshakeTimeouts);
                 debug!(%peer, "replacement handshake expired; the association stays");
             }
             Expiry::Idle { peer } => {
                 self.engine.close(now, peer);
-                self.stats.incr(Counter::IdleClosed);
-                self.stats.incr(Counter::AssociationsClosed);
+                self.obs.stats.incr(Counter::IdleClosed);
+                self.obs.stats.incr(Counter::AssociationsClosed);
                 info!(%peer, reason = %"idle", "association closed");
             }
         }
@@ -509,7 +598,7 @@ impl Worker {
         for peer in &peers {
             if self.engine.is_established(*peer) {
                 self.engine.close(now, *peer);
-                self.stats.incr(Counter::AssociationsClosed);
+                self.obs.stats.incr(Counter::AssociationsClosed);
                 info!(%peer, reason = %"shutdown", "association closed");
             }
         }
@@ -524,4 +613,16 @@ async fn recv_source(source: &TimeSource, buf: &mut [u8]) -> std::io::Result<usi
         TimeSource::Udp(socket) => socket.recv(buf).await,
         TimeSource::Builtin(_) => std::future::pending().await,
     }
+}
+
+/// The certificates the server has in service, for the expiry gauge and warning.
+fn record_server_certificates(obs: &Observatory, settings: &crate::engine::ServerSettings) {
+    let mut certificates: Vec<(String, &[u8])> = Vec::new();
+    if let Some(leaf) = settings.identity.chain.first() {
+        certificates.push(("server".into(), leaf.as_ref()));
+    }
+    for root in settings.client_roots.iter().flatten() {
+        certificates.push(("client_ca".into(), root.as_ref()));
+    }
+    obs.set_certificates(&certificates);
 }

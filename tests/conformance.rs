@@ -1350,6 +1350,20 @@ impl TamperProxy {
         }
     }
 
+    /// The last application-data record the client sent.
+    fn last_record(&self) -> Vec<u8> {
+        self.last_app_data
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("a record was captured")
+    }
+
+    /// Sends `record` to the server from the proxy's address.
+    fn send_raw(&self, record: &[u8]) {
+        self.back.send(record).expect("send");
+    }
+
     /// Sends the last application-data record the client sent, once more, to the server.
     fn replay_last(&self) {
         let record = self
@@ -1444,6 +1458,41 @@ fn case_replayed_record_discarded() {
         "{associations:?}"
     );
     assert!(stopped.contains("requests_forwarded=2"), "{stopped}");
+}
+
+#[test]
+fn case_old_association_record_discarded_after_rekey() {
+    // A rekey here is a new association (fresh keys, epoch 1 again) made before the old one is
+    // closed. Through the proxy both come from one address, so a record of the old association
+    // reaches the new one: it must not decrypt, and must cost the new association nothing.
+    let (upstream, lab, mut server, proxy, mut old) = tamper_setup();
+    exchange(&mut old);
+    let old_record = proxy.last_record();
+    let mut new = DtlsTestClient::connect(proxy.addr, lab.ca(), "localhost", None).expect("rekey");
+    old.close();
+    exchange(&mut new);
+    assert_eq!(upstream.requests(), 2);
+
+    proxy.send_raw(&old_record);
+    exchange(&mut new);
+    assert_eq!(
+        upstream.requests(),
+        3,
+        "the old association's record was forwarded"
+    );
+    assert!(
+        new.recv(SILENCE).is_none(),
+        "a reply to the old record arrived"
+    );
+
+    let (associations, stopped) = stop_relay(&mut server);
+    assert!(stopped.contains("requests_forwarded=3"), "{stopped}");
+    assert!(
+        !associations
+            .iter()
+            .any(|l| l.contains("association refused")),
+        "{associations:?}"
+    );
 }
 
 #[test]

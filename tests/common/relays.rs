@@ -225,6 +225,12 @@ impl DtlsTestClient {
         self.socket.local_addr().expect("bound socket")
     }
 
+    /// Ends the association with a close_notify, as the client relay does after a rekey.
+    pub fn close(&mut self) {
+        self.engine.close(Instant::now(), self.server);
+        self.flush();
+    }
+
     /// Sends one datagram as one DTLS record.
     pub fn send(&mut self, payload: &[u8]) {
         self.engine

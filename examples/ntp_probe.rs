@@ -66,6 +66,11 @@ struct RunArgs {
     /// Open a new socket (a new source port) for every query.
     #[arg(long)]
     fresh_port: bool,
+    /// Seconds each client pauses between a query's end and its next query (0: back to back).
+    /// Real NTP clients poll every few seconds to minutes: a paced run lets every relay on the
+    /// path go idle between queries, as it would in service.
+    #[arg(long, default_value_t = 0.0)]
+    interval: f64,
     /// Seconds a query waits for its reply before it is counted lost.
     #[arg(long, default_value_t = 0.5)]
     timeout: f64,
@@ -256,6 +261,8 @@ struct Client {
     socket: Option<UdpSocket>,
     /// Transmit timestamp of the outstanding query and when it times out.
     outstanding: Option<(NtpTimestamp, Instant)>,
+    /// Not before this may the next query go (--interval).
+    next_at: Option<Instant>,
 }
 
 struct Probe<'a> {
@@ -268,6 +275,8 @@ struct Probe<'a> {
     /// Transmit timestamps of queries counted lost, to tell a late reply from a stray one.
     lost_recently: VecDeque<NtpTimestamp>,
     consecutive_lost: u64,
+    /// When the last valid reply came: a timed run that ends long after it has stalled.
+    last_valid: Option<Instant>,
     timeout: Duration,
 }
 
@@ -328,6 +337,10 @@ impl<'a> Probe<'a> {
     /// The query of client `index` is over (answered or lost).
     fn finish(&mut self, index: usize) {
         self.clients[index].outstanding = None;
+        if self.args.interval > 0.0 {
+            self.clients[index].next_at =
+                Some(Instant::now() + Duration::from_secs_f64(self.args.interval));
+        }
         if self.args.fresh_port {
             self.close_socket(index);
         }
@@ -376,6 +389,7 @@ impl<'a> Probe<'a> {
                 } else {
                     let sample = ntp::sample(t1, reply.receive, reply.transmit, t4);
                     self.counters.valid += 1;
+                    self.last_valid = Some(Instant::now());
                     self.delays_ns.push(sample.delay * 1e9);
                     self.offsets_ns.push(sample.offset * 1e9);
                 }
@@ -436,10 +450,16 @@ impl<'a> Probe<'a> {
             // Idle clients ask their next question.
             let mut busy = 0;
             for index in 0..self.clients.len() {
-                if self.clients[index].outstanding.is_none()
-                    && may_send(self.counters.sent, Instant::now())
-                {
-                    self.send(index)?;
+                let now = Instant::now();
+                if self.clients[index].outstanding.is_none() && may_send(self.counters.sent, now) {
+                    match self.clients[index].next_at {
+                        Some(at) if at > now => {
+                            next_due = next_due.min(at);
+                            busy += 1;
+                            continue;
+                        }
+                        _ => self.send(index)?,
+                    }
                 }
                 if let Some((_, due)) = self.clients[index].outstanding {
                     next_due = next_due.min(due);
@@ -469,8 +489,19 @@ impl<'a> Probe<'a> {
                 self.on_readable(event.data() as usize)?;
             }
         }
-        self.counters.elapsed_s = start.elapsed().as_secs_f64();
+        let end = Instant::now();
+        self.counters.elapsed_s = end.duration_since(start).as_secs_f64();
         if let Some(t) = send_until {
+            // A timed run stalled if its queries went unanswered and it had no valid reply for
+            // the last second (or two timeouts): the path stopped answering and did not recover.
+            let quiet = Duration::from_secs(1).max(2 * self.timeout);
+            let stalled = self
+                .last_valid
+                .is_none_or(|last| end.duration_since(last) > quiet);
+            if self.counters.lost > 0 && stalled && self.counters.limit_runs == 0 {
+                self.counters.stalled_runs += 1;
+                self.counters.stalled_after = Some(self.counters.valid);
+            }
             // The rate is over the sending period; replies still in flight are not counted.
             self.counters.elapsed_s = self
                 .counters
@@ -502,6 +533,7 @@ fn run(args: &RunArgs) -> Result<String, String> {
             .map(|_| Client {
                 socket: None,
                 outstanding: None,
+                next_at: None,
             })
             .collect(),
         counters: Counters {
@@ -513,6 +545,7 @@ fn run(args: &RunArgs) -> Result<String, String> {
         offsets_ns: Vec::with_capacity(args.count.min(1 << 20) as usize),
         lost_recently: VecDeque::new(),
         consecutive_lost: 0,
+        last_valid: None,
         timeout: Duration::from_secs_f64(args.timeout),
     };
     probe.run().map_err(|e| format!("{}: {e}", args.server))?;

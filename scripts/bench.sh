@@ -58,7 +58,7 @@ die() {
 # ---------------------------------------------------------------------------------------------
 note "dependencies (scripts/install-deps.sh: chrony, socat, stunnel4, openssl)"
 bash scripts/install-deps.sh >&2
-for tool in ss setsid timeout awk; do
+for tool in ss setsid timeout awk pgrep; do
     if ! command -v "$tool" >/dev/null; then
         note "installing iproute2 procps util-linux mawk for $tool"
         sudo=()
@@ -552,7 +552,7 @@ lost_inv() { # row -> seq lost/invalid, load lost/invalid
 
 elapsed=$(($(date +%s) - t_start))
 echo
-echo "# ntp-dtls benchmark, $(date -u +%Y-%m-%d) on $(nproc) cores ($(uname -r)); mode: $([[ $quick == 1 ]] && echo quick || echo full)"
+echo "**ntp-dtls benchmark, $(date -u +%Y-%m-%d) on $(nproc) cores ($(uname -r)); mode: $([[ $quick == 1 ]] && echo quick || echo full)**"
 echo
 echo "Delay and offset in microseconds (NTP delay: round trip minus the server's own time)."
 echo "Sequential: $seq_total queries per row and mode in $seq_rounds interleaved rounds;"

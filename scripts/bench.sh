@@ -474,7 +474,11 @@ dl_run() { # upstream K workers
     [[ -n $workers ]] && extra=(--workers "$workers")
     [[ $upstream == builtin ]] || name=chronyd
     tag="$name k=$k${workers:+ workers=$workers}"
-    start_daemon dl-server "$bin" server --listen 127.0.0.1:0 --upstream "$upstream" \
+    # All of dtls_load's sockets share 127.0.0.1: lift the per-source handshake rate, which
+    # would otherwise admit 5 new associations a second from it, as meant for one address.
+    printf '[limits]\nhandshake_rate = 1000000\nhandshake_burst = 1000000\n' >"$work/load-server.toml"
+    start_daemon dl-server "$bin" server --config "$work/load-server.toml" \
+        --listen 127.0.0.1:0 --upstream "$upstream" \
         --cert "$work/pki/server.pem" --key "$work/pki/server.key.pem" "${extra[@]}"
     pid=$last_pid
     local addr

@@ -23,7 +23,7 @@ use crate::engine::{DtlsEngine, Engine, Event, Failure};
 use crate::health::{Health, Verdict};
 use crate::ntp;
 use crate::observe::{Observatory, RttProbe};
-use crate::pending::{InsertError, InsertOutcome, PendingTable};
+use crate::pending::PendingTable;
 use crate::stats::{Counter, Stats};
 
 /// Outstanding requests per tunnel. NTP clients poll at most a few times a second each; this
@@ -312,20 +312,13 @@ impl TunnelTask {
             debug!(tunnel = %self.tunnel.name, %from, "request dropped: no association up");
             return;
         };
-        match self
+        let inserted = self
             .pending
-            .insert(now, request.transmit.0, request.receive.0, from)
-        {
-            Ok(InsertOutcome::InsertedEvictingOldest) => {
-                self.obs.stats.incr(Counter::EvictedPending)
-            }
-            Ok(_) => {}
-            Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
-                self.obs.stats.incr(Counter::DropCollision);
-                debug!(tunnel = %self.tunnel.name, %from,
-                    "request dropped: transmit timestamp unusable for matching");
-                return;
-            }
+            .insert(now, request.transmit.0, request.receive.0, from);
+        if !self.obs.stats.pending_inserted(inserted) {
+            debug!(tunnel = %self.tunnel.name, %from,
+                "request dropped: transmit timestamp unusable for matching");
+            return;
         }
         match upstream.engine.send(now, server, datagram) {
             Ok(()) => {

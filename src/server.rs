@@ -24,7 +24,7 @@ use crate::engine::ServerSettings;
 use crate::engine::{DtlsEngine, Engine, Event};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::observe::{Observatory, RttProbe};
-use crate::pending::{InsertError, InsertOutcome, PendingTable};
+use crate::pending::PendingTable;
 use crate::record;
 use crate::stats::Counter;
 
@@ -459,19 +459,12 @@ impl Worker {
                 }
             }
             TimeSource::Udp(socket) => {
-                match self
-                    .pending
-                    .insert(now, request.transmit.0, request.receive.0, peer)
-                {
-                    Ok(InsertOutcome::InsertedEvictingOldest) => {
-                        self.obs.stats.incr(Counter::EvictedPending)
-                    }
-                    Ok(_) => {}
-                    Err(InsertError::Collision) | Err(InsertError::ZeroTransmit) => {
-                        self.obs.stats.incr(Counter::DropCollision);
-                        debug!(%peer, "request dropped: transmit timestamp unusable for matching");
-                        return;
-                    }
+                let inserted =
+                    self.pending
+                        .insert(now, request.transmit.0, request.receive.0, peer);
+                if !self.obs.stats.pending_inserted(inserted) {
+                    debug!(%peer, "request dropped: transmit timestamp unusable for matching");
+                    return;
                 }
                 // try_send: the socket is writable unless the kernel buffer is full, and a
                 // datagram we cannot send now is better dropped than delayed (it would skew time).

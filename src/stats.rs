@@ -79,6 +79,26 @@ impl Stats {
             .map_or(0, |value| value.load(Ordering::Relaxed))
     }
 
+    /// Counts what remembering a request in the pending table did. False when the request must
+    /// be dropped: its transmit timestamp cannot be matched (zero, or another client's).
+    pub fn pending_inserted(
+        &self,
+        result: Result<crate::pending::InsertOutcome, crate::pending::InsertError>,
+    ) -> bool {
+        use crate::pending::InsertOutcome;
+        match result {
+            Ok(InsertOutcome::InsertedEvictingOldest) => {
+                self.incr(Counter::EvictedPending);
+                true
+            }
+            Ok(_) => true,
+            Err(_) => {
+                self.incr(Counter::DropCollision);
+                false
+            }
+        }
+    }
+
     /// The counters that are not zero, for the summary a daemon logs when it stops.
     pub fn nonzero(&self) -> Vec<(&'static str, u64)> {
         Counter::ALL

@@ -308,6 +308,33 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
     })
 }
 
+/// Parses the text of a client config file and runs every check that needs no file, socket or
+/// name lookup: the TOML itself, at least one `[[tunnel]]`, and the association upkeep keys.
+/// Exists for fuzzing and config linting; the daemon goes through [`ClientConfig::from_args`].
+pub fn check_client_toml(text: &str) -> Result<(), String> {
+    let file: ClientFile =
+        parse_toml(Path::new("client config"), text).map_err(|e| e.to_string())?;
+    if file.tunnel.is_empty() {
+        return Err("no [[tunnel]] entry".into());
+    }
+    file.policy().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Parses the text of a server config file and runs every check that needs no file, socket or
+/// name lookup: the TOML itself, the stratum and the `[limits]` table.
+/// Exists for fuzzing and config linting; the daemon goes through [`ServerConfig::from_args`].
+pub fn check_server_toml(text: &str) -> Result<(), String> {
+    let file: ServerFile =
+        parse_toml(Path::new("server config"), text).map_err(|e| e.to_string())?;
+    let stratum = file.stratum.unwrap_or(DEFAULT_STRATUM);
+    if !(1..=15).contains(&stratum) {
+        return Err(format!("stratum {stratum}: must be 1 to 15"));
+    }
+    file.limits.resolve().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Resolves HOST:PORT (names at start-up, once), preferring the first address returned.
 pub fn resolve(spec: &str, what: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = spec.parse::<SocketAddr>() {
@@ -643,6 +670,26 @@ mod tests {
         .unwrap_or_default();
         assert_eq!(file.tunnel.len(), 3);
         assert_eq!(file.tunnel[1].server_name.as_deref(), Some("b.example"));
+    }
+
+    #[test]
+    fn text_checks_find_what_needs_no_file() {
+        let client = "ca = \"ca.pem\"\n[[tunnel]]\nlisten = \"127.0.0.1:123\"\nserver = \"a:1\"\n";
+        assert_eq!(check_client_toml(client), Ok(()));
+        let none = check_client_toml("ca = \"ca.pem\"\n").unwrap_err();
+        assert!(none.contains("[[tunnel]]"), "{none}");
+        let zero = check_client_toml(&format!("rekey_after_records = 0\n{client}")).unwrap_err();
+        assert!(zero.contains("rekey_after_records"), "{zero}");
+        let typed = check_client_toml("[[tunnel]]\nlisten = 1\n").unwrap_err();
+        assert!(typed.contains("line 2"), "{typed}");
+
+        assert_eq!(check_server_toml(""), Ok(()));
+        let builtin = "upstream = \"builtin\"\nstratum = 1\n[limits]\nmax_half_open = 5\n";
+        assert_eq!(check_server_toml(builtin), Ok(()));
+        let stratum = check_server_toml("stratum = 16\n").unwrap_err();
+        assert!(stratum.contains("stratum"), "{stratum}");
+        assert!(check_server_toml("[limits]\nhandshake_rate = nan\n").is_err());
+        assert!(check_server_toml("[limits]\nidle_timeout_secs = inf\n").is_err());
     }
 
     #[test]

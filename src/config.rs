@@ -303,7 +303,15 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
         };
         ConfigError::Parse {
             path: path.to_owned(),
-            message: format!("{place}{}{source_line}", e.message().trim_end()),
+            // toml's own message may span lines: the error must stay one line.
+            message: format!(
+                "{place}{}{source_line}",
+                e.message()
+                    .trim_end()
+                    .lines()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
         }
     })
 }

@@ -26,6 +26,12 @@ fn assert_one_line_error(args: &[&str], needles: &[&str]) {
         .filter(|l| l.starts_with("ntp-dtls: error:"))
         .collect();
     assert_eq!(errors.len(), 1, "{args:?}: stderr was:\n{stderr}");
+    // Nothing else: a message that spans lines is not a one-line error.
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{args:?}: stderr was:\n{stderr}"
+    );
     for needle in needles {
         assert!(
             errors[0].contains(needle),
@@ -156,6 +162,13 @@ fn config_file_errors_name_the_line_and_the_field() {
     assert_one_line_error(
         &["server", "--config", &path],
         &[&path, "line 2", "stratum"],
+    );
+
+    let config = dir.write("syntax.toml", "[t");
+    let path = config.display().to_string();
+    assert_one_line_error(
+        &["server", "--config", &path],
+        &[&path, "line 1", "table header"],
     );
 
     let config = dir.write("empty.toml", "ca = \"ca.pem\"\n");

@@ -355,20 +355,16 @@ fn rekeying_switches_associations_without_losing_a_request() {
         ),
     );
     let mut answered = 0;
-    for _ in 0..20 {
+    for _ in 0..30 {
         if ntp_query(listening[0], Duration::from_secs(2)).is_some() {
             answered += 1;
         }
     }
-    assert_eq!(answered, 20, "a request was lost across a rekey");
-    // 20 records with a limit of 5: requests keep flowing on the old association while the
-    // next one handshakes, so at least two rekeys (log lines may trail the replies).
-    let (first, _) = client.wait_until("a rekey", 0, Duration::from_secs(5), |l| {
-        l.contains("rekey=true")
-    });
-    client.wait_until("a second rekey", first + 1, Duration::from_secs(5), |l| {
-        l.contains("rekey=true")
-    });
+    assert_eq!(answered, 30, "a request was lost across a rekey");
+    // 30 records with a limit of 5: at least one switch to a fresh association (requests keep
+    // flowing on the old one while the next handshakes; log lines may trail the replies).
+    client.wait_for_line("rekey=true", Duration::from_secs(5));
+    assert!(server.daemon.count_lines("association established") >= 2);
     // Replaced associations are closed, not left behind.
     server
         .daemon
@@ -405,10 +401,16 @@ fn keepalives_keep_a_quiet_association_past_the_server_idle_timeout() {
 
     let keen_dir = TempDir::new();
     let (keen, listening) = start_client_config(&keen_dir, &client_toml(0.5));
-    let idle_closes = server.daemon.count_lines("reason=idle");
-    // Quiet for twice the server's idle timeout: a timed behaviour, so the test waits.
+    // Quiet for twice the server's idle timeout: a timed behaviour, so the test waits. (The
+    // killed lazy relay's last association idles out on the server meanwhile: judge the keen
+    // relay by its own log.)
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(server.daemon.count_lines("reason=idle"), idle_closes);
+    assert_eq!(
+        keen.count_lines("association closed"),
+        0,
+        "{}",
+        keen.tail(10)
+    );
     assert!(ntp_query(listening[0], Duration::from_secs(2)).is_some());
     assert_eq!(keen.count_lines("association established"), 1);
 }

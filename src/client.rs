@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::net::UdpSocket;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -25,6 +24,7 @@ use crate::ntp;
 use crate::observe::{Observatory, RttProbe};
 use crate::pending::PendingTable;
 use crate::stats::{Counter, Stats};
+use crate::udp::{DatagramSocket, RecvBatch, SendQueue};
 
 /// Outstanding requests per tunnel. NTP clients poll at most a few times a second each; this
 /// leaves room for bursts from many local clients.
@@ -33,13 +33,14 @@ pub const PENDING_CAPACITY: usize = 4096;
 pub const PENDING_TTL: Duration = Duration::from_secs(8);
 const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Large enough for any datagram we accept (NTP is at most ntp::MAX_PACKET_LEN; DTLS adds 37).
-const BUFFER_LEN: usize = 2048;
 
 /// Runs every tunnel until shutdown. Returns an error only for start-up failures.
 ///
-/// Tunnel tasks are local to this thread: each owns its engine (rtc-dtls's is not `Sync`), and
-/// nothing on a datagram's path crosses threads.
+/// Tunnel tasks run on this thread: each owns its engine (rtc-dtls's is not `Sync`), and
+/// nothing on a datagram's path crosses threads. They are plain tasks of the runtime, not of the
+/// LocalSet the control plane (metrics, reload) needs: a task the I/O driver wakes is queued
+/// directly, where waking a LocalSet task writes to the runtime's eventfd, a system call on
+/// every datagram.
 pub async fn run(
     config: ClientConfig,
     args: ClientArgs,
@@ -61,8 +62,7 @@ async fn run_tunnels(
     record_client_certificates(&obs, &config.tunnels);
     let mut locals = Vec::with_capacity(config.tunnels.len());
     for tunnel in &config.tunnels {
-        let socket = UdpSocket::bind(tunnel.listen)
-            .await
+        let socket = DatagramSocket::bind(tunnel.listen)
             .with_context(|| format!("{}: cannot listen on {}", tunnel.name, tunnel.listen))?;
         locals.push(socket);
     }
@@ -80,7 +80,7 @@ async fn run_tunnels(
         reloaders.push(reloader);
         let mut task = TunnelTask::new(index, tunnel, local, obs.clone(), first_outcome);
         task.settings = Some(settings);
-        tasks.push(tokio::task::spawn_local(task.run(shutdown.clone())));
+        tasks.push(tokio::spawn(task.run(shutdown.clone())));
     }
 
     // Ready once every tunnel's first association is up or has failed once: a supervisor that
@@ -140,8 +140,10 @@ async fn run_tunnels(
 
 /// An association towards the server relay, from its own ephemeral source port.
 struct Upstream {
-    socket: UdpSocket,
+    socket: DatagramSocket,
     engine: Engine,
+    /// Records for the server relay, sent together after each batch of input.
+    outgoing: SendQueue,
     /// Present once the handshake has completed.
     health: Option<Health>,
 }
@@ -166,7 +168,9 @@ struct TunnelTask {
     /// Reloaded certificate material, for the next handshake.
     settings: Option<watch::Receiver<crate::engine::ClientSettings>>,
     tunnel: Tunnel,
-    local: UdpSocket,
+    local: DatagramSocket,
+    /// Replies for local clients, sent together after each batch of input.
+    to_local: SendQueue,
     obs: Arc<Observatory>,
     rtt: RttProbe,
     pending: PendingTable<SocketAddr>,
@@ -188,7 +192,7 @@ impl TunnelTask {
     fn new(
         index: usize,
         tunnel: Tunnel,
-        local: UdpSocket,
+        local: DatagramSocket,
         obs: Arc<Observatory>,
         first_outcome: oneshot::Sender<bool>,
     ) -> Self {
@@ -197,6 +201,7 @@ impl TunnelTask {
             settings: None,
             tunnel,
             local,
+            to_local: SendQueue::default(),
             obs,
             rtt: RttProbe::default(),
             pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
@@ -213,33 +218,57 @@ impl TunnelTask {
     }
 
     async fn run(mut self, mut shutdown: Shutdown) {
-        let mut local_buf = [0u8; BUFFER_LEN];
-        let mut upstream_bufs = [[0u8; BUFFER_LEN]; 3];
+        let mut from_local = RecvBatch::default();
+        let mut from_upstream: [RecvBatch; 3] = Default::default();
+        // One timer, moved only when a deadline comes earlier than the one it is set for: a
+        // deadline that goes away (a reply taking its request's expiry) leaves the timer to fire
+        // early, once, and be set again, instead of moving it on every datagram.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
-            let deadline = self.next_deadline();
+            if let Some(deadline) = self.next_deadline() {
+                if armed.is_none_or(|armed| deadline < armed) {
+                    timer.as_mut().reset(deadline.into());
+                    armed = Some(deadline);
+                }
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
-                received = self.local.recv_from(&mut local_buf) => match received {
-                    Ok((len, from)) => self.on_request(&local_buf[..len], from),
+                received = self.local.recv_batch(&mut from_local) => match received {
+                    Ok(_) => {
+                        let now = Instant::now();
+                        for (from, datagram) in from_local.iter() {
+                            if let Some(from) = from {
+                                self.on_request(now, datagram, from);
+                            }
+                        }
+                    }
                     Err(e) => debug!(tunnel = %self.tunnel.name, error = %e, "local receive error"),
                 },
                 (slot, received) = recv_any(
-                    self.current.as_ref(),
-                    self.next.as_ref(),
-                    self.draining.as_ref().map(|(u, _)| u),
-                    &mut upstream_bufs,
+                    self.current.as_ref().map(|u| &u.socket),
+                    self.next.as_ref().map(|u| &u.socket),
+                    self.draining.as_ref().map(|(u, _)| &u.socket),
+                    &mut from_upstream,
                 ) => match received {
-                    Ok(len) => {
-                        let buf = &upstream_bufs[slot as usize];
-                        self.on_upstream(slot, &buf[..len]).await
+                    Ok(_) => {
+                        let now = Instant::now();
+                        for (_, datagram) in from_upstream[slot as usize].iter() {
+                            self.on_upstream(now, slot, datagram);
+                        }
                     }
                     // ICMP port unreachable: nobody listens at the server relay's address.
                     Err(e) => self.on_unreachable(Instant::now(), slot, &e),
                 },
-                _ = sleep_until(deadline) => self.on_timer(Instant::now()).await,
+                _ = &mut timer, if armed.is_some() => {
+                    // Fired: re-armed from the next deadline, whatever it is.
+                    armed = None;
+                    self.on_timer(Instant::now());
+                }
             }
-            self.flush().await;
+            self.flush();
             let established = self.current.as_ref().is_some_and(|u| u.health.is_some());
             let half_open = usize::from(self.current.as_ref().is_some_and(|u| u.health.is_none()))
                 + usize::from(self.next.is_some());
@@ -249,7 +278,7 @@ impl TunnelTask {
         if let Some(mut upstream) = self.current.take() {
             if upstream.health.is_some() {
                 upstream.engine.close(Instant::now(), self.tunnel.server);
-                flush_upstream(&mut upstream, &self.obs.stats).await;
+                flush_upstream(&mut upstream, &self.obs.stats);
                 info!(tunnel = %self.tunnel.name, server = %self.tunnel.server,
                     reason = %"shutdown", "association closed");
             }
@@ -296,8 +325,7 @@ impl TunnelTask {
     }
 
     /// A request from a local NTP client: check it, remember who asked, send it on.
-    fn on_request(&mut self, datagram: &[u8], from: SocketAddr) {
-        let now = Instant::now();
+    fn on_request(&mut self, now: Instant, datagram: &[u8], from: SocketAddr) {
         let request = match ntp::check_request(datagram) {
             Ok(request) => request,
             Err(rejection) => {
@@ -335,25 +363,24 @@ impl TunnelTask {
         }
     }
 
-    async fn on_upstream(&mut self, slot: Slot, datagram: &[u8]) {
-        let now = Instant::now();
+    fn on_upstream(&mut self, now: Instant, slot: Slot, datagram: &[u8]) {
         let server = self.tunnel.server;
         let mut events = std::mem::take(&mut self.events);
         if let Some(upstream) = self.upstream(slot) {
             upstream.engine.receive(now, server, datagram, &mut events);
         }
-        self.handle_events(now, slot, &mut events).await;
+        self.handle_events(now, slot, &mut events);
         self.events = events;
     }
 
-    async fn handle_events(&mut self, now: Instant, slot: Slot, events: &mut Vec<Event>) {
+    fn handle_events(&mut self, now: Instant, slot: Slot, events: &mut Vec<Event>) {
         for event in events.drain(..) {
             match event {
                 Event::Data { payload, .. } => {
                     if let Some(health) = self.upstream(slot).and_then(|u| u.health.as_mut()) {
                         health.reply_received();
                     }
-                    self.on_reply(now, &payload).await;
+                    self.on_reply(now, payload);
                 }
                 Event::Established { peer, identity } => {
                     if let Some(upstream) = self.upstream(slot) {
@@ -384,7 +411,7 @@ impl TunnelTask {
                     // the server relay learns (and audits) why.
                     let obs = self.obs.clone();
                     if let Some(upstream) = self.upstream(slot) {
-                        flush_upstream(upstream, &obs.stats).await;
+                        flush_upstream(upstream, &obs.stats);
                     }
                     match slot {
                         Slot::Current => self.on_failure(now, peer, &failure),
@@ -484,8 +511,8 @@ impl TunnelTask {
     }
 
     /// A reply from the server relay: back to the local socket whose request it answers.
-    async fn on_reply(&mut self, now: Instant, payload: &[u8]) {
-        let reply = match ntp::check_reply(payload) {
+    fn on_reply(&mut self, now: Instant, payload: bytes::BytesMut) {
+        let reply = match ntp::check_reply(&payload) {
             Ok(reply) => reply,
             Err(rejection) => {
                 self.obs.stats.incr(rejection.into());
@@ -501,15 +528,11 @@ impl TunnelTask {
             debug!(tunnel = %self.tunnel.name, "reply dropped: matches no outstanding request");
             return;
         };
-        match self.local.send_to(payload, client).await {
-            Ok(_) => self.obs.stats.incr(Counter::RepliesDelivered),
-            Err(e) => {
-                debug!(tunnel = %self.tunnel.name, %client, error = %e, "reply not delivered")
-            }
-        }
+        // Sent with the rest of this batch, as soon as it is handled.
+        self.to_local.push(Some(client), payload);
     }
 
-    async fn on_timer(&mut self, now: Instant) {
+    fn on_timer(&mut self, now: Instant) {
         let expired = self.pending.expire(now);
         if expired > 0 {
             self.obs.stats.add(Counter::ExpiredPending, expired as u64);
@@ -526,7 +549,7 @@ impl TunnelTask {
                     upstream.engine.handle_timeout(now, server, &mut events);
                 }
             }
-            self.handle_events(now, slot, &mut events).await;
+            self.handle_events(now, slot, &mut events);
             self.events = events;
         }
         if self
@@ -536,24 +559,24 @@ impl TunnelTask {
         {
             if let Some((mut old, _)) = self.draining.take() {
                 old.engine.close(now, server);
-                flush_upstream(&mut old, &self.obs.stats).await;
+                flush_upstream(&mut old, &self.obs.stats);
                 debug!(tunnel = %self.tunnel.name, "replaced association closed");
             }
         }
-        self.check_health(now).await;
+        self.check_health(now);
         if self.retry_at.is_some_and(|due| due <= now) {
             self.retry_at = None;
-            if let Some(upstream) = self.start_association(now, Slot::Current).await {
+            if let Some(upstream) = self.start_association(now, Slot::Current) {
                 self.current = Some(upstream);
             }
         }
         if self.rekey_at.is_some_and(|due| due <= now) && self.next.is_none() {
             self.rekey_at = None;
-            self.next = self.start_association(now, Slot::Next).await;
+            self.next = self.start_association(now, Slot::Next);
         }
     }
 
-    async fn check_health(&mut self, now: Instant) {
+    fn check_health(&mut self, now: Instant) {
         let policy = self.tunnel.policy.clone();
         let server = self.tunnel.server;
         let Some(upstream) = self.current.as_mut() else {
@@ -582,7 +605,7 @@ impl TunnelTask {
     }
 
     /// A fresh association from a fresh ephemeral port: nothing of a previous one is reused.
-    async fn start_association(&mut self, now: Instant, slot: Slot) -> Option<Upstream> {
+    fn start_association(&mut self, now: Instant, slot: Slot) -> Option<Upstream> {
         if let Some(settings) = self.settings.as_mut() {
             if settings.has_changed().unwrap_or(false) {
                 self.tunnel.settings = settings.borrow_and_update().clone();
@@ -594,9 +617,9 @@ impl TunnelTask {
         } else {
             Ipv6Addr::UNSPECIFIED.into()
         };
-        let attempt = async {
-            let socket = UdpSocket::bind((bind, 0)).await?;
-            socket.connect(server).await?;
+        let attempt = || {
+            let socket = DatagramSocket::bind(SocketAddr::new(bind, 0))?;
+            socket.connect(server)?;
             let mut engine = Engine::client(&self.tunnel.settings)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             engine
@@ -605,10 +628,11 @@ impl TunnelTask {
             Ok::<_, std::io::Error>(Upstream {
                 socket,
                 engine,
+                outgoing: SendQueue::default(),
                 health: None,
             })
         };
-        match attempt.await {
+        match attempt() {
             Ok(upstream) => {
                 debug!(tunnel = %self.tunnel.name, %server, ?slot,
                     local = ?upstream.socket.local_addr().ok(), "handshake started");
@@ -625,53 +649,66 @@ impl TunnelTask {
         }
     }
 
-    async fn flush(&mut self) {
+    /// Sends what the batch just handled produced: records to the server relay, replies to
+    /// local clients.
+    fn flush(&mut self) {
         let obs = self.obs.clone();
         for slot in [Slot::Current, Slot::Next, Slot::Draining] {
             if let Some(upstream) = self.upstream(slot) {
-                flush_upstream(upstream, &obs.stats).await;
+                flush_upstream(upstream, &obs.stats);
+            }
+        }
+        if !self.to_local.is_empty() {
+            let (flushed, error) = self.to_local.flush(&self.local);
+            obs.stats
+                .add(Counter::RepliesDelivered, flushed.sent as u64);
+            if let Some(e) = error {
+                debug!(tunnel = %self.tunnel.name, error = %e, failed = flushed.failed,
+                    "replies not delivered");
             }
         }
     }
 }
 
-async fn flush_upstream(upstream: &mut Upstream, stats: &Stats) {
+fn flush_upstream(upstream: &mut Upstream, stats: &Stats) {
     while let Some(transmit) = upstream.engine.poll_transmit() {
-        if let Err(e) = upstream.socket.send(&transmit.datagram).await {
-            stats.incr(Counter::DropUpstreamError);
-            debug!(error = %e, "upstream send failed");
+        upstream.outgoing.push(None, transmit.datagram);
+    }
+    if !upstream.outgoing.is_empty() {
+        let (flushed, error) = upstream.outgoing.flush(&upstream.socket);
+        if let Some(e) = error {
+            stats.add(Counter::DropUpstreamError, flushed.failed as u64);
+            debug!(error = %e, failed = flushed.failed, "upstream send failed");
         }
     }
 }
 
-/// Receives on whichever upstream socket has a datagram, into that slot's buffer; never
-/// resolves while there is none.
+/// Receives on whichever upstream socket has datagrams, into that slot's batch; never resolves
+/// while there is none. Cancel-safe, like each receive.
+///
+/// Takes the sockets, not the upstreams: the engine is not `Sync`, and a reference to it held
+/// across an await would keep the task from being a plain (`Send`) tokio task.
 async fn recv_any(
-    current: Option<&Upstream>,
-    next: Option<&Upstream>,
-    draining: Option<&Upstream>,
-    bufs: &mut [[u8; BUFFER_LEN]; 3],
+    current: Option<&DatagramSocket>,
+    next: Option<&DatagramSocket>,
+    draining: Option<&DatagramSocket>,
+    batches: &mut [RecvBatch; 3],
 ) -> (Slot, std::io::Result<usize>) {
-    async fn recv(upstream: Option<&Upstream>, buf: &mut [u8]) -> std::io::Result<usize> {
-        match upstream {
-            Some(upstream) => upstream.socket.recv(buf).await,
+    async fn recv(
+        socket: Option<&DatagramSocket>,
+        batch: &mut RecvBatch,
+    ) -> std::io::Result<usize> {
+        match socket {
+            Some(socket) => socket.recv_batch(batch).await,
             None => std::future::pending().await,
         }
     }
-    let [a, b, c] = bufs;
+    let [a, b, c] = batches;
     tokio::select! {
         biased;
         r = recv(current, a) => (Slot::Current, r),
         r = recv(next, b) => (Slot::Next, r),
         r = recv(draining, c) => (Slot::Draining, r),
-    }
-}
-
-/// Sleeps until the deadline, or forever without one.
-pub(crate) async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -21,6 +21,7 @@ pub mod query;
 pub mod record;
 pub mod server;
 pub mod stats;
+pub mod udp;
 
 use std::process::ExitCode;
 

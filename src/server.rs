@@ -12,12 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use tokio::net::UdpSocket;
+use bytes::BytesMut;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
-use crate::client::sleep_until;
 use crate::config::{ServerConfig, Upstream};
 use crate::daemon::{Reload, Shutdown, notify_ready, start_services};
 use crate::engine::ServerSettings;
@@ -27,13 +26,13 @@ use crate::observe::{Observatory, RttProbe};
 use crate::pending::PendingTable;
 use crate::record;
 use crate::stats::Counter;
+use crate::udp::{DatagramSocket, RecvBatch, SendQueue};
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
 /// only fills when the time server is down.
 pub const PENDING_CAPACITY: usize = 65_536;
 /// chronyd answers at once or never: a request unanswered after this is lost.
 pub const PENDING_TTL: Duration = Duration::from_secs(2);
-const BUFFER_LEN: usize = 2048;
 /// Refusal audit lines per second, sustained and in a burst; beyond that they are counted and
 /// the count rides on the next line written.
 const AUDIT_RATE: f64 = 20.0;
@@ -42,7 +41,7 @@ const AUDIT_BURST: f64 = 200.0;
 /// Where requests go.
 enum TimeSource {
     /// A real time server (chronyd), through one connected socket.
-    Udp(UdpSocket),
+    Udp(DatagramSocket),
     /// This host's clock, answered in-process.
     Builtin(BuiltinSource),
 }
@@ -121,7 +120,13 @@ async fn run_workers(
                 runtime.block_on(async move {
                     match Worker::start(index + 1, socket, &config, limits, obs, settings_rx).await
                     {
-                        Ok(mut worker) => worker.run(shutdown).await,
+                        // A spawned task, not the block_on future itself: see worker 0 below.
+                        Ok(mut worker) => {
+                            let task = tokio::spawn(async move { worker.run(shutdown).await });
+                            if let Err(e) = task.await {
+                                error!(error = %e, "worker ended abnormally");
+                            }
+                        }
                         Err(e) => error!(error = %format!("{e:#}"), "worker failed to start"),
                     }
                 });
@@ -163,8 +168,14 @@ async fn run_workers(
             }
         })
     };
+    // Worker 0 runs as a plain task of this thread's runtime, not inside the LocalSet nor as
+    // the block_on future: a task the I/O driver wakes is queued directly, where waking either
+    // of those writes to the runtime's eventfd, a system call on every datagram.
     let mut first = first;
-    first.run(shutdown).await;
+    let first = tokio::spawn(async move { first.run(shutdown).await });
+    if let Err(e) = first.await {
+        error!(error = %e, "worker 0 ended abnormally");
+    }
     reloader.abort();
     for thread in threads {
         let _ = thread.join();
@@ -212,7 +223,7 @@ struct Worker {
     index: usize,
     upstream_label: String,
     rtt: RttProbe,
-    socket: UdpSocket,
+    socket: DatagramSocket,
     source: TimeSource,
     engine: Engine,
     /// Who may hold state, how much and how long: rtc-dtls bounds none of it.
@@ -225,6 +236,10 @@ struct Worker {
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
     events: Vec<Event>,
     expired: Vec<Expiry>,
+    /// DTLS records to peers, sent together after each batch of input.
+    to_peers: SendQueue,
+    /// Requests to the time server, likewise.
+    to_source: SendQueue,
 }
 
 impl Worker {
@@ -237,7 +252,7 @@ impl Worker {
         obs: Arc<Observatory>,
         settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
-        let socket = UdpSocket::from_std(socket).context("cannot register the socket")?;
+        let socket = DatagramSocket::from_std(socket).context("cannot register the socket")?;
         let source = match config.upstream {
             Upstream::Udp(addr) => {
                 let bind: IpAddr = if addr.is_ipv4() {
@@ -245,12 +260,10 @@ impl Worker {
                 } else {
                     Ipv6Addr::UNSPECIFIED.into()
                 };
-                let upstream = UdpSocket::bind((bind, 0))
-                    .await
+                let upstream = DatagramSocket::bind(SocketAddr::new(bind, 0))
                     .context("cannot open the upstream socket")?;
                 upstream
                     .connect(addr)
-                    .await
                     .with_context(|| format!("cannot use upstream {addr}"))?;
                 TimeSource::Udp(upstream)
             }
@@ -278,34 +291,61 @@ impl Worker {
             timers: BinaryHeap::new(),
             events: Vec::new(),
             expired: Vec::new(),
+            to_peers: SendQueue::default(),
+            to_source: SendQueue::default(),
         })
     }
 
     async fn run(&mut self, mut shutdown: Shutdown) {
-        let mut dtls_buf = [0u8; BUFFER_LEN];
-        let mut upstream_buf = [0u8; BUFFER_LEN];
+        let mut from_peers = RecvBatch::default();
+        let mut from_source = RecvBatch::default();
+        // One timer, moved only when a deadline comes earlier than the one it is set for: a
+        // deadline that goes away (a reply taking its request's expiry) leaves the timer to fire
+        // early, once, and be set again, instead of moving it on every datagram.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
-            let deadline = self.next_deadline();
+            if let Some(deadline) = self.next_deadline() {
+                if armed.is_none_or(|armed| deadline < armed) {
+                    timer.as_mut().reset(deadline.into());
+                    armed = Some(deadline);
+                }
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
-                received = self.socket.recv_from(&mut dtls_buf) => match received {
-                    Ok((len, peer)) => {
+                received = self.socket.recv_batch(&mut from_peers) => match received {
+                    Ok(_) => {
                         // Taken first thing: the builtin source's receive timestamp.
                         let arrived = SystemTime::now();
-                        self.on_datagram(Instant::now(), arrived, peer, &dtls_buf[..len]);
+                        let now = Instant::now();
+                        for (peer, datagram) in from_peers.iter() {
+                            if let Some(peer) = peer {
+                                self.on_datagram(now, arrived, peer, datagram);
+                            }
+                        }
                     }
                     Err(e) => debug!(error = %e, "receive error"),
                 },
-                received = recv_source(&self.source, &mut upstream_buf) => match received {
-                    Ok(len) => self.on_time_server_reply(Instant::now(), &upstream_buf[..len]),
+                received = recv_source(&self.source, &mut from_source) => match received {
+                    Ok(_) => {
+                        let now = Instant::now();
+                        for (_, datagram) in from_source.iter() {
+                            self.on_time_server_reply(now, datagram);
+                        }
+                    }
                     // chronyd not running: ICMP port unreachable comes back as an error here.
                     Err(e) => {
                         self.obs.stats.incr(Counter::DropUpstreamError);
                         debug!(error = %e, "time server receive error");
                     }
                 },
-                _ = sleep_until(deadline) => self.on_timer(Instant::now()),
+                _ = &mut timer, if armed.is_some() => {
+                    // Fired: re-armed from the next deadline, whatever it is.
+                    armed = None;
+                    self.on_timer(Instant::now());
+                }
                 Ok(()) = self.settings.changed() => {
                     let settings = self.settings.borrow_and_update().clone();
                     if let Some(settings) = settings {
@@ -383,7 +423,7 @@ impl Worker {
                         // The client relay keeping a quiet association warm: nothing to forward.
                         self.obs.stats.incr(Counter::Keepalives);
                     } else {
-                        self.forward(now, arrived, peer, &payload);
+                        self.forward(now, arrived, peer, payload);
                     }
                 }
                 other => self.audit(now, other),
@@ -433,8 +473,8 @@ impl Worker {
     }
 
     /// A request out of an association: checked, then to the time server.
-    fn forward(&mut self, now: Instant, arrived: SystemTime, peer: SocketAddr, payload: &[u8]) {
-        let request = match ntp::check_request(payload) {
+    fn forward(&mut self, now: Instant, arrived: SystemTime, peer: SocketAddr, payload: BytesMut) {
+        let request = match ntp::check_request(&payload) {
             Ok(request) => request,
             Err(rejection) => {
                 self.obs.stats.incr(rejection.into());
@@ -446,7 +486,7 @@ impl Worker {
             TimeSource::Builtin(builtin) => {
                 let received = NtpTimestamp::from_system_time(arrived);
                 let reply = builtin.reply(
-                    payload,
+                    &payload,
                     received,
                     NtpTimestamp::from_system_time(SystemTime::now()),
                 );
@@ -458,7 +498,7 @@ impl Worker {
                     Err(rejection) => self.obs.stats.incr(rejection.into()),
                 }
             }
-            TimeSource::Udp(socket) => {
+            TimeSource::Udp(_) => {
                 let inserted =
                     self.pending
                         .insert(now, request.transmit.0, request.receive.0, peer);
@@ -466,18 +506,9 @@ impl Worker {
                     debug!(%peer, "request dropped: transmit timestamp unusable for matching");
                     return;
                 }
-                // try_send: the socket is writable unless the kernel buffer is full, and a
-                // datagram we cannot send now is better dropped than delayed (it would skew time).
-                match socket.try_send(payload) {
-                    Ok(_) => {
-                        self.obs.stats.incr(Counter::RequestsForwarded);
-                        self.rtt.forwarded(request.transmit.0, now);
-                    }
-                    Err(e) => {
-                        self.obs.stats.incr(Counter::DropUpstreamError);
-                        debug!(%peer, error = %e, "request not forwarded");
-                    }
-                }
+                // Sent with the rest of this batch, as soon as it is handled.
+                self.to_source.push(None, payload);
+                self.rtt.forwarded(request.transmit.0, now);
             }
         }
     }
@@ -576,10 +607,31 @@ impl Worker {
         }
     }
 
+    /// Sends what the batch just handled produced: requests to the time server first (their
+    /// replies take longest to come back), then DTLS records to peers.
     async fn flush(&mut self) {
+        if let TimeSource::Udp(socket) = &self.source {
+            if !self.to_source.is_empty() {
+                let (flushed, error) = self.to_source.flush(socket);
+                self.obs
+                    .stats
+                    .add(Counter::RequestsForwarded, flushed.sent as u64);
+                if let Some(e) = error {
+                    // A datagram we cannot send now is better dropped than delayed.
+                    self.obs
+                        .stats
+                        .add(Counter::DropUpstreamError, flushed.failed as u64);
+                    debug!(error = %e, failed = flushed.failed, "requests not forwarded");
+                }
+            }
+        }
         while let Some(transmit) = self.engine.poll_transmit() {
-            if let Err(e) = self.socket.send_to(&transmit.datagram, transmit.peer).await {
-                debug!(peer = %transmit.peer, error = %e, "send failed");
+            self.to_peers.push(Some(transmit.peer), transmit.datagram);
+        }
+        if !self.to_peers.is_empty() {
+            let (flushed, error) = self.to_peers.flush(&self.socket);
+            if let Some(e) = error {
+                debug!(error = %e, failed = flushed.failed, "send failed");
             }
         }
     }
@@ -601,9 +653,10 @@ impl Worker {
     }
 }
 
-async fn recv_source(source: &TimeSource, buf: &mut [u8]) -> std::io::Result<usize> {
+/// The time server's next replies; never resolves for the builtin source.
+async fn recv_source(source: &TimeSource, batch: &mut RecvBatch) -> std::io::Result<usize> {
     match source {
-        TimeSource::Udp(socket) => socket.recv(buf).await,
+        TimeSource::Udp(socket) => socket.recv_batch(batch).await,
         TimeSource::Builtin(_) => std::future::pending().await,
     }
 }

@@ -3,6 +3,8 @@
 #
 # Rows (every NTP query goes to one chronyd -x on a high loopback port):
 #   direct   NTP client -> chronyd                                            (the limit)
+#   udp-pair NTP client -> udp_relay -> udp_relay -> chronyd   (the floor of any relay pair:
+#            examples/udp_relay.rs, plain UDP, no DTLS, one blocking thread per direction)
 #   ntp-dtls NTP client -> ntp-dtls client -> DTLS 1.2 -> ntp-dtls server -> chronyd
 #   seed     NTP client -> socat udp4-recvfrom,fork -> TCP -> stunnel client -> TLS ->
 #            stunnel server -> socat tcp4-listen,fork -> UDP chronyd           (the seed's article)
@@ -47,7 +49,7 @@ levels=(1 16 256)
 query_timeout=0.5 # seconds a query waits for its reply
 pace=0.02         # seconds between paced queries: relays go idle in between, as in service
 give_up=10        # consecutive losses that make a sequential run "stalled"
-rows=(direct ntp-dtls seed socat-dtls)
+rows=(direct udp-pair ntp-dtls seed socat-dtls)
 
 note() { printf -- '-- %s\n' "$*" >&2; }
 die() {
@@ -73,11 +75,13 @@ chronyd=$(command -v chronyd || echo /usr/sbin/chronyd)
 stunnel=$(command -v stunnel4 || command -v stunnel || echo /usr/bin/stunnel4)
 [[ -x $chronyd && -x $stunnel ]] || die "chronyd or stunnel missing after install-deps"
 
-note "building (cargo build --release: ntp-dtls, examples ntp_probe and dtls_load)"
-cargo build --release --quiet --bin ntp-dtls --example ntp_probe --example dtls_load
+note "building (cargo build --release: ntp-dtls, examples ntp_probe, dtls_load and udp_relay)"
+cargo build --release --quiet --bin ntp-dtls --example ntp_probe --example dtls_load \
+    --example udp_relay
 bin=$PWD/target/release/ntp-dtls
 probe=$PWD/target/release/examples/ntp_probe
 dtls_load=$PWD/target/release/examples/dtls_load
+udp_relay=$PWD/target/release/examples/udp_relay
 
 work=$(mktemp -d /tmp/ntp-dtls-bench.XXXXXX)
 mkdir -p "$work/s" "$work/log"
@@ -212,6 +216,18 @@ start_row() { # row
     direct)
         row_pgids[$row]=""
         row_addr[$row]=127.0.0.1:$ch_port
+        ;;
+    udp-pair)
+        a=$(free_port) b=$(free_port)
+        local q1 q2
+        start_daemon udp-pair-server "$udp_relay" "127.0.0.1:$b" "127.0.0.1:$ch_port"
+        q2=$last_pid
+        start_daemon udp-pair-client "$udp_relay" "127.0.0.1:$a" "127.0.0.1:$b"
+        q1=$last_pid
+        wait_listen -u "$a"
+        wait_listen -u "$b"
+        row_pgids[$row]="$q1 $q2"
+        row_addr[$row]=127.0.0.1:$a
         ;;
     ntp-dtls)
         start_daemon ntp-dtls-server "$bin" server --listen 127.0.0.1:0 \
@@ -641,6 +657,10 @@ for mode in one fresh; do
     ok=$(holds "$a" "$d" "a - b <= 50")
     echo "- $(verdict "$ok") ntp-dtls adds <= 50 us to p50 delay ($mode port): $(added ntp-dtls "$mode")"
 done
+floor=$(awk -v a="$(f ntp-dtls.one delay_p50_us)" -v u="$(f udp-pair.one delay_p50_us)" 'BEGIN {
+    if (a == "-" || u == "-") print "-"; else printf "%+.1f", a - u }')
+echo "  (the floor: two plain UDP relays without DTLS, udp-pair, add $(added udp-pair one) one port;" \
+    "ntp-dtls adds $floor us more than they do: DTLS and its own logic)"
 o=$(f ntp-dtls.one offset_p50_us) of=$(f ntp-dtls.fresh offset_p50_us)
 ok=$(awk -v a="$o" -v b="$of" 'BEGIN { if (a == "-" || b == "-") print 0; else print ((a < 0 ? -a : a) <= 5 && (b < 0 ? -b : b) <= 5) ? 1 : 0 }')
 echo "- $(verdict "$ok") |offset p50| <= 5 us: $o us (one port), $of us (fresh port)"
@@ -655,6 +675,8 @@ echo "- $(verdict "$ok") a fresh source port costs no more than one port (added 
 r16=$(f ntp-dtls.c16 rate) d16=$(f direct.c16 rate)
 ok=$(holds "$r16" "$d16" "a >= 0.5 * b")
 echo "- $(verdict "$ok") throughput at 16 clients >= half of direct: $r16 vs $d16 replies/s ($(awk -v a="$r16" -v b="$d16" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }') x)"
+u16=$(f udp-pair.c16 rate)
+echo "  (the floor, udp-pair: $u16 replies/s, $(awk -v a="$u16" -v b="$d16" 'BEGIN { if (b > 0 && a != "-") printf "%.2f", a / b; else print "-" }') x direct)"
 for other in seed socat-dtls; do
     lost=()
     for m in one fresh; do

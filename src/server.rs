@@ -202,7 +202,7 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::ne
         }
         socket.set_reuse_port(true)?;
         // Room for bursts (floods, many clients at once); the kernel caps it at rmem_max.
-        let _ = socket.set_recv_buffer_size(4 << 20);
+        let _ = socket.set_recv_buffer_size(crate::udp::RECV_BUFFER);
         socket.set_nonblocking(true)?;
         socket.bind(&bound.into())?;
         if bound.port() == 0 {

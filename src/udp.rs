@@ -36,6 +36,9 @@ pub const BATCH: usize = 16;
 /// a handshake flight record stays under the 1 200-byte MTU rtc-dtls uses).
 pub const MAX_DATAGRAM: usize = 2048;
 
+/// Receive buffer asked for on every relay socket.
+pub const RECV_BUFFER: usize = 4 << 20;
+
 /// A non-blocking UDP socket, registered with the runtime for reading only.
 pub struct DatagramSocket {
     io: AsyncFd<std::net::UdpSocket>,
@@ -45,6 +48,9 @@ impl DatagramSocket {
     /// Takes over a bound socket (made non-blocking here). Must run inside the runtime.
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
+        // Room for bursts: 256 clients answered at once overflowed the kernel's default
+        // (208 KiB) between the relays. The kernel caps it at net.core.rmem_max.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
         // tokio 1.54 deprecates the safe constructor in favour of an `unsafe` one because an
         // arbitrary `T` might close its descriptor while registered. A `std::net::UdpSocket`
         // owned by the `AsyncFd` cannot: it is closed only when the AsyncFd, having
@@ -334,6 +340,25 @@ mod tests {
         tx.send_to(b"two", addr(&rx)).expect("send");
         assert_eq!(recv(&rx, &mut batch).await, 1);
         assert_eq!(batch.get(0).map(|(_, d)| d), Some(&b"two"[..]));
+    }
+
+    #[tokio::test]
+    async fn the_receive_buffer_is_as_large_as_the_kernel_allows() {
+        let rx = socket();
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .expect("rmem_max")
+            .trim()
+            .parse()
+            .expect("a number");
+        let size = socket2::SockRef::from(rx.io.get_ref())
+            .recv_buffer_size()
+            .expect("SO_RCVBUF");
+        // Linux reports twice what was set (bookkeeping overhead included).
+        assert!(
+            size >= RECV_BUFFER.min(rmem_max),
+            "{size} < {}",
+            RECV_BUFFER.min(rmem_max)
+        );
     }
 
     #[tokio::test]

@@ -355,13 +355,13 @@ impl Worker {
                     }
                 }
             }
-            self.flush().await;
+            self.flush();
             let half_open = self.admission.half_open();
             let established = self.admission.associations().saturating_sub(half_open);
             self.obs
                 .set_associations(self.index, established, half_open);
         }
-        self.close_all().await;
+        self.close_all();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -609,7 +609,7 @@ impl Worker {
 
     /// Sends what the batch just handled produced: requests to the time server first (their
     /// replies take longest to come back), then DTLS records to peers.
-    async fn flush(&mut self) {
+    fn flush(&mut self) {
         if let TimeSource::Udp(socket) = &self.source {
             if !self.to_source.is_empty() {
                 let (flushed, error) = self.to_source.flush(socket);
@@ -637,7 +637,7 @@ impl Worker {
     }
 
     /// Tells every peer we are going, so client relays reconnect at once when we are back.
-    async fn close_all(&mut self) {
+    fn close_all(&mut self) {
         let now = Instant::now();
         let peers = self.engine.peers();
         for peer in &peers {
@@ -648,7 +648,7 @@ impl Worker {
             }
         }
         if !peers.is_empty() {
-            self.flush().await;
+            self.flush();
         }
     }
 }

@@ -42,12 +42,15 @@ pub const RECV_BUFFER: usize = 4 << 20;
 /// A non-blocking UDP socket, registered with the runtime for reading only.
 pub struct DatagramSocket {
     io: AsyncFd<std::net::UdpSocket>,
+    /// Which scratch headers its receives use (see [`RECV_HEADERS_V4`]).
+    ipv6: bool,
 }
 
 impl DatagramSocket {
     /// Takes over a bound socket (made non-blocking here). Must run inside the runtime.
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
+        let ipv6 = socket.local_addr()?.is_ipv6();
         // Room for bursts: 256 clients answered at once overflowed the kernel's default
         // (208 KiB) between the relays. The kernel caps it at net.core.rmem_max.
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
@@ -57,7 +60,7 @@ impl DatagramSocket {
         // deregistered it, drops it. So the safe call is sound here, and we write no `unsafe`.
         #[allow(deprecated)]
         let io = AsyncFd::with_interest(socket, Interest::READABLE)?;
-        Ok(DatagramSocket { io })
+        Ok(DatagramSocket { io, ipv6 })
     }
 
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
@@ -83,7 +86,7 @@ impl DatagramSocket {
             // ERROR too: an ICMP error raises only EPOLLERR, not EPOLLIN, and must not wait for
             // the next datagram to be seen.
             let mut guard = self.io.ready(Interest::READABLE | Interest::ERROR).await?;
-            match guard.try_io(|socket| batch.fill(socket.get_ref())) {
+            match guard.try_io(|socket| batch.fill(socket.get_ref(), self.ipv6)) {
                 Ok(Ok(count)) => {
                     if count < BATCH {
                         // The queue is empty: clear readiness here rather than by a call that
@@ -120,9 +123,15 @@ pub struct RecvBatch {
 }
 
 thread_local! {
-    /// Scratch headers for recvmmsg and sendmmsg, one set per thread.
-    static RECV_HEADERS: RefCell<MultiHeaders<SockaddrStorage>> =
+    /// Scratch headers for recvmmsg on IPv4 sockets, one set per thread. One set per address
+    /// family, because the kernel writes each message's address length back into its header
+    /// and nix's recvmmsg does not reset it: after an IPv4 receive (16 bytes), an IPv6 one
+    /// through the same headers would get its sender truncated to 16 of its 28 bytes.
+    static RECV_HEADERS_V4: RefCell<MultiHeaders<SockaddrStorage>> =
         RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    static RECV_HEADERS_V6: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    /// Scratch headers for sendmmsg (nix sets every field it reads before each call).
     static SEND_HEADERS: RefCell<MultiHeaders<SockaddrStorage>> =
         RefCell::new(MultiHeaders::preallocate(BATCH, None));
 }
@@ -140,7 +149,7 @@ impl Default for RecvBatch {
 
 impl RecvBatch {
     /// One recvmmsg on a non-blocking socket: what is queued, up to [`BATCH`] datagrams.
-    fn fill(&mut self, socket: &std::net::UdpSocket) -> io::Result<usize> {
+    fn fill(&mut self, socket: &std::net::UdpSocket, ipv6: bool) -> io::Result<usize> {
         self.count = 0;
         let fd = socket.as_raw_fd();
         let RecvBatch {
@@ -149,7 +158,12 @@ impl RecvBatch {
             senders,
             ..
         } = self;
-        let count = RECV_HEADERS.with_borrow_mut(|headers| {
+        let headers = if ipv6 {
+            &RECV_HEADERS_V6
+        } else {
+            &RECV_HEADERS_V4
+        };
+        let count = headers.with_borrow_mut(|headers| {
             let mut slices = buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
             let messages = recvmmsg(fd, headers, slices.iter_mut(), MsgFlags::empty(), None)
                 .map_err(io::Error::from)?;
@@ -359,6 +373,32 @@ mod tests {
             "{size} < {}",
             RECV_BUFFER.min(rmem_max)
         );
+    }
+
+    #[tokio::test]
+    async fn ipv4_and_ipv6_sockets_on_one_thread_each_get_whole_sender_addresses() {
+        // The kernel writes each message's address length back into the shared headers; an
+        // IPv6 receive after an IPv4 one must still get all 28 bytes of its sender.
+        let (rx4, tx4) = (socket(), socket());
+        let bind6 = |_| DatagramSocket::bind("[::1]:0".parse().expect("addr")).expect("bind ::1");
+        let (rx6, tx6) = (bind6(()), bind6(()));
+        let mut batch = RecvBatch::default();
+        for round in 0..3 {
+            tx4.send_to(b"v4", addr(&rx4)).expect("send");
+            assert_eq!(recv(&rx4, &mut batch).await, 1);
+            assert_eq!(
+                batch.get(0).and_then(|(from, _)| from),
+                Some(addr(&tx4)),
+                "round {round}"
+            );
+            tx6.send_to(b"v6", addr(&rx6)).expect("send");
+            assert_eq!(recv(&rx6, &mut batch).await, 1);
+            assert_eq!(
+                batch.get(0).and_then(|(from, _)| from),
+                Some(addr(&tx6)),
+                "round {round}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -536,10 +536,9 @@ impl Worker {
 
     fn reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
         match self.engine.send(now, peer, datagram) {
-            Ok(()) => {
-                self.obs.stats.incr(Counter::RepliesDelivered);
-                self.admission.activity(now, peer);
-            }
+            // No admission.activity here: idleness is the peer's silence, and its request
+            // has just counted.
+            Ok(()) => self.obs.stats.incr(Counter::RepliesDelivered),
             Err(e) => {
                 self.obs.stats.incr(Counter::DropNoAssociation);
                 debug!(%peer, error = %e, "reply dropped");

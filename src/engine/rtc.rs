@@ -547,7 +547,8 @@ impl DtlsEngine for RtcEngine {
         datagram: &[u8],
         events: &mut Vec<Event>,
     ) -> bool {
-        if !self.peers.contains_key(&peer) {
+        let new_peer = !self.peers.contains_key(&peer);
+        if new_peer {
             // rtc-dtls would create an association for any datagram from a new address.
             if !self.is_server() || !record::is_client_hello(datagram) {
                 return false;
@@ -565,10 +566,14 @@ impl DtlsEngine for RtcEngine {
         let result = self.slots[slot].read(now, peer, None, BytesMut::from(datagram));
         self.drain();
         self.on_slot_events(now, slot, peer, result, Some(datagram), events);
-        // The first ClientHello may have been refused before rtc-dtls kept any state.
-        if let Some(state) = self.peers.get(&peer).copied() {
-            if self.slots[state.slot].get_connection_state(peer).is_none() {
-                self.peers.remove(&peer);
+        // The first ClientHello may have been refused before rtc-dtls kept any state. (Only a
+        // new peer's: a known peer's own slot holds its association; checked only then, as
+        // these lookups would otherwise cost every datagram two more hashes of its address.)
+        if new_peer {
+            if let Some(state) = self.peers.get(&peer).copied() {
+                if self.slots[state.slot].get_connection_state(peer).is_none() {
+                    self.peers.remove(&peer);
+                }
             }
         }
         true

@@ -101,6 +101,27 @@ struct Handshake {
     datagrams: u32,
 }
 
+impl Handshake {
+    /// A handshake opened by a ClientHello of `len` bytes.
+    fn started(now: Instant, len: usize) -> Self {
+        Handshake {
+            since: now,
+            bytes: len,
+            datagrams: 1,
+        }
+    }
+
+    /// Counts one more datagram; refuses once the handshake has sent more than `max_bytes`.
+    fn add(&mut self, len: usize, max_bytes: usize) -> Result<(), Refusal> {
+        self.bytes = self.bytes.saturating_add(len);
+        self.datagrams = self.datagrams.saturating_add(1);
+        if self.bytes > max_bytes {
+            return Err(Refusal::HandshakeBytes);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Phase {
     HalfOpen(Handshake),
@@ -177,27 +198,14 @@ impl Admission {
                     return Err(Refusal::HalfOpenLimit);
                 }
                 self.take_token(now, peer.ip())?;
-                self.peers.insert(
-                    peer,
-                    Phase::HalfOpen(Handshake {
-                        since: now,
-                        bytes: len,
-                        datagrams: 1,
-                    }),
-                );
+                self.peers
+                    .insert(peer, Phase::HalfOpen(Handshake::started(now, len)));
                 self.half_open += 1;
                 self.timers
                     .push(Reverse((now + self.limits.handshake_timeout, peer)));
                 Ok(())
             }
-            Some(Phase::HalfOpen(handshake)) => {
-                handshake.bytes = handshake.bytes.saturating_add(len);
-                handshake.datagrams = handshake.datagrams.saturating_add(1);
-                if handshake.bytes > limits.max_handshake_bytes {
-                    return Err(Refusal::HandshakeBytes);
-                }
-                Ok(())
-            }
+            Some(Phase::HalfOpen(handshake)) => handshake.add(len, limits.max_handshake_bytes),
             Some(Phase::Established { replacement, .. }) => match (arrival, replacement) {
                 (Arrival::ClientHello, None) => {
                     if self.half_open >= limits.max_half_open {
@@ -206,25 +214,16 @@ impl Admission {
                     self.take_token(now, peer.ip())?;
                     if let Some(Phase::Established { replacement, .. }) = self.peers.get_mut(&peer)
                     {
-                        *replacement = Some(Handshake {
-                            since: now,
-                            bytes: len,
-                            datagrams: 1,
-                        });
+                        *replacement = Some(Handshake::started(now, len));
                     }
                     self.half_open += 1;
                     self.timers
                         .push(Reverse((now + self.limits.handshake_timeout, peer)));
                     Ok(())
                 }
+                // Over the limit, only the replacement is at fault: the caller abandons it.
                 (Arrival::ClientHello | Arrival::Handshake, Some(handshake)) => {
-                    handshake.bytes = handshake.bytes.saturating_add(len);
-                    handshake.datagrams = handshake.datagrams.saturating_add(1);
-                    if handshake.bytes > limits.max_handshake_bytes {
-                        // Only the replacement is at fault: the caller abandons it.
-                        return Err(Refusal::HandshakeBytes);
-                    }
-                    Ok(())
+                    handshake.add(len, limits.max_handshake_bytes)
                 }
                 _ => Ok(()),
             },

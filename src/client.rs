@@ -24,6 +24,7 @@ use crate::ntp;
 use crate::observe::{Observatory, RttProbe};
 use crate::pending::PendingTable;
 use crate::stats::{Counter, Stats};
+use crate::timer::LoopTimer;
 use crate::udp::{DatagramSocket, RecvBatch, SendQueue};
 
 /// Outstanding requests per tunnel. NTP clients poll at most a few times a second each; this
@@ -220,19 +221,9 @@ impl TunnelTask {
     async fn run(mut self, mut shutdown: Shutdown) {
         let mut from_local = RecvBatch::default();
         let mut from_upstream: [RecvBatch; 3] = Default::default();
-        // One timer, moved only when a deadline comes earlier than the one it is set for: a
-        // deadline that goes away (a reply taking its request's expiry) leaves the timer to fire
-        // early, once, and be set again, instead of moving it on every datagram.
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
-        let mut armed: Option<Instant> = None;
+        let mut timer = LoopTimer::default();
         loop {
-            if let Some(deadline) = self.next_deadline() {
-                if armed.is_none_or(|armed| deadline < armed) {
-                    timer.as_mut().reset(deadline.into());
-                    armed = Some(deadline);
-                }
-            }
+            timer.arm(self.next_deadline());
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
@@ -262,11 +253,7 @@ impl TunnelTask {
                     // ICMP port unreachable: nobody listens at the server relay's address.
                     Err(e) => self.on_unreachable(Instant::now(), slot, &e),
                 },
-                _ = &mut timer, if armed.is_some() => {
-                    // Fired: re-armed from the next deadline, whatever it is.
-                    armed = None;
-                    self.on_timer(Instant::now());
-                }
+                _ = timer.fired() => self.on_timer(Instant::now()),
             }
             self.flush();
             let established = self.current.as_ref().is_some_and(|u| u.health.is_some());

@@ -21,6 +21,7 @@ pub mod query;
 pub mod record;
 pub mod server;
 pub mod stats;
+pub mod timer;
 pub mod udp;
 
 use std::process::ExitCode;

@@ -26,6 +26,7 @@ use crate::observe::{Observatory, RttProbe};
 use crate::pending::PendingTable;
 use crate::record;
 use crate::stats::Counter;
+use crate::timer::LoopTimer;
 use crate::udp::{DatagramSocket, RecvBatch, SendQueue};
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
@@ -299,19 +300,9 @@ impl Worker {
     async fn run(&mut self, mut shutdown: Shutdown) {
         let mut from_peers = RecvBatch::default();
         let mut from_source = RecvBatch::default();
-        // One timer, moved only when a deadline comes earlier than the one it is set for: a
-        // deadline that goes away (a reply taking its request's expiry) leaves the timer to fire
-        // early, once, and be set again, instead of moving it on every datagram.
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
-        let mut armed: Option<Instant> = None;
+        let mut timer = LoopTimer::default();
         loop {
-            if let Some(deadline) = self.next_deadline() {
-                if armed.is_none_or(|armed| deadline < armed) {
-                    timer.as_mut().reset(deadline.into());
-                    armed = Some(deadline);
-                }
-            }
+            timer.arm(self.next_deadline());
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
@@ -341,11 +332,7 @@ impl Worker {
                         debug!(error = %e, "time server receive error");
                     }
                 },
-                _ = &mut timer, if armed.is_some() => {
-                    // Fired: re-armed from the next deadline, whatever it is.
-                    armed = None;
-                    self.on_timer(Instant::now());
-                }
+                _ = timer.fired() => self.on_timer(Instant::now()),
                 Ok(()) = self.settings.changed() => {
                     let settings = self.settings.borrow_and_update().clone();
                     if let Some(settings) = settings {

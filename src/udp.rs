@@ -194,14 +194,6 @@ impl RecvBatch {
     pub fn get(&self, index: usize) -> Option<(Option<SocketAddr>, &[u8])> {
         self.iter().nth(index)
     }
-
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
 }
 
 fn socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
@@ -246,7 +238,8 @@ impl SendQueue {
 
     /// Sends everything queued, [`BATCH`] per system call, without waiting: a datagram the
     /// kernel refuses (a full send buffer, an unreachable destination) is dropped and counted,
-    /// and the rest still go. Returns the last error with the counts.
+    /// and the rest still go. Returns the counts, and an error exactly when something failed
+    /// (the last one).
     pub fn flush(&mut self, socket: &DatagramSocket) -> (Flushed, Option<io::Error>) {
         let mut flushed = Flushed::default();
         let mut last_error = None;
@@ -259,8 +252,10 @@ impl SendQueue {
                     start += sent;
                 }
                 Ok(_) => {
+                    // The kernel took none of the chunk without saying why: drop its first.
                     flushed.failed += 1;
                     start += 1;
+                    last_error = Some(io::Error::other("sendmmsg sent nothing"));
                 }
                 Err(e) => {
                     // The first datagram of the chunk was refused: drop it, go on with the rest.

@@ -15,11 +15,11 @@ build:
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test: deps
 	$(MAKE) --no-print-directory lint
-	$(CARGO) test
+	$(CARGO) test --workspace
 
 # The OpenSSL conformance suite alone, as a table of cases and NDcPP elements (`make test` runs
 # it too, as part of cargo test).

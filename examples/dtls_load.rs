@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use ntp_dtls::config;
-use ntp_dtls::engine::{ClientSettings, DtlsEngine, Engine, Event};
-use ntp_dtls::ntp::{self, NtpTimestamp};
+use ntp_dtls::proto::engine::{ClientSettings, DtlsEngine, Engine, Event};
+use ntp_dtls::proto::ntp::{self, NtpTimestamp};
 
 use common::{kv, ntp_now, num, p50_p99};
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use ntp_dtls::ntp::{self, NtpTimestamp};
+use ntp_dtls::proto::ntp::{self, NtpTimestamp};
 
 use common::{kv, ntp_now, num, p50_p99};
 

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::admission::Limits;
 use crate::cli::{ClientArgs, ServerArgs};
-use crate::engine::{ClientSettings, Identity, ServerSettings};
-use crate::health::HealthPolicy;
 use crate::pki;
+use ntp_dtls_proto::admission::Limits;
+use ntp_dtls_proto::engine::{ClientSettings, Identity, ServerSettings};
+use ntp_dtls_proto::health::HealthPolicy;
 
 pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:123";
 pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:1123";
@@ -431,7 +431,7 @@ pub fn client_settings(
         identity: optional_identity(cert, key)?,
     };
     // Build an engine once so that every policy error surfaces now.
-    crate::engine::Engine::client(&settings).map_err(|e| ConfigError::Engine {
+    ntp_dtls_proto::engine::Engine::client(&settings).map_err(|e| ConfigError::Engine {
         context: format!("tunnel to {server_spec}"),
         message: e.to_string(),
     })?;
@@ -604,7 +604,7 @@ impl ServerConfig {
             identity,
             client_roots,
         };
-        crate::engine::Engine::server(&settings).map_err(|e| ConfigError::Engine {
+        ntp_dtls_proto::engine::Engine::server(&settings).map_err(|e| ConfigError::Engine {
             context: "server certificate".into(),
             message: e.to_string(),
         })?;

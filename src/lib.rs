@@ -1,29 +1,22 @@
 //! ntp-dtls: NTP over DTLS 1.2, one NTP datagram per DTLS record.
 //!
-//! Pure protocol logic (`ntp`, `pending`, `record`, `backoff`, the `engine` interface) is kept
-//! apart from the tokio shells that drive it (`client`, `server`, `query`).
+//! The protocol logic lives in the `ntp-dtls-proto` crate (sans I/O: no sockets, no clocks, no
+//! tasks). This crate holds what drives it and what an operator touches:
+//! - [`relay`]: the shells, the client relay's tunnels and the server relay's workers, with the
+//!   datagram I/O and the one timer each loop has;
+//! - [`query`]: `ntp-dtls query`, a one-shot NTP client, plain or over DTLS;
+//! - [`config`] and [`cli`]: flags and TOML files turned into validated settings;
+//! - [`pki`]: `ntp-dtls certs`, and loading certificates and keys from files;
+//! - [`ops`]: logs, signals and readiness, metrics, privilege drop.
 
-pub mod admission;
-pub mod backoff;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod daemon;
-pub mod engine;
-pub mod health;
-pub mod metrics;
-pub mod ntp;
-pub mod observe;
-pub mod pending;
+pub mod ops;
 pub mod pki;
-pub mod privileges;
 pub mod query;
-pub mod record;
-pub mod server;
-pub mod stats;
-pub mod timer;
-pub mod udp;
+pub mod relay;
 
+pub use ntp_dtls_proto as proto;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -56,31 +49,31 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             let text = runtime()?
-                .block_on(metrics::fetch(
+                .block_on(ops::metrics::fetch(
                     &args.addr,
                     std::time::Duration::from_secs(3),
                 ))
                 .with_context(|| format!("cannot read metrics from {}", args.addr))?;
-            print!("{}", metrics::summary(&text));
+            print!("{}", ops::metrics::summary(&text));
             Ok(ExitCode::SUCCESS)
         }
         Command::Client(args) => {
-            daemon::init_logging(&cli.log_level, cli.log_format);
+            ops::daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ClientConfig::from_args(&args)?;
             runtime()?.block_on(async {
                 let (shutdown, reload) =
-                    daemon::Shutdown::on_signals().context("signal handlers")?;
-                client::run(config, args, shutdown, reload).await
+                    ops::daemon::Shutdown::on_signals().context("signal handlers")?;
+                relay::client::run(config, args, shutdown, reload).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Server(args) => {
-            daemon::init_logging(&cli.log_level, cli.log_format);
+            ops::daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ServerConfig::from_args(&args)?;
             runtime()?.block_on(async {
                 let (shutdown, reload) =
-                    daemon::Shutdown::on_signals().context("signal handlers")?;
-                server::run(config, shutdown, reload).await
+                    ops::daemon::Shutdown::on_signals().context("signal handlers")?;
+                relay::server::run(config, shutdown, reload).await
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -9,8 +9,8 @@ use tokio::net::UdpSocket;
 
 use crate::cli::{QueryArgs, QueryFormat};
 use crate::config;
-use crate::engine::{DtlsEngine, Engine, Event};
-use crate::ntp::{self, NtpTimestamp};
+use ntp_dtls_proto::engine::{DtlsEngine, Engine, Event};
+use ntp_dtls_proto::ntp::{self, NtpTimestamp};
 
 /// One answered query.
 #[derive(Debug, Clone, Copy)]

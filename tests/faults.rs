@@ -13,7 +13,7 @@ use common::relays::{
     start_server_config, start_server_on,
 };
 use common::*;
-use ntp_dtls::engine::{DtlsEngine, Engine};
+use ntp_dtls::proto::engine::{DtlsEngine, Engine};
 
 fn any_local() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")

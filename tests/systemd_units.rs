@@ -323,7 +323,7 @@ fn example_configs_load_with_every_key_switched_on() {
     assert_eq!(server.listen.port(), 1123);
     assert!(server.client_ca_path.is_some());
     // The values the example shows as defaults are the defaults.
-    assert_eq!(server.limits, ntp_dtls::admission::Limits::default());
+    assert_eq!(server.limits, ntp_dtls::proto::admission::Limits::default());
 
     let client_text = localize(&read(&dist("client.toml")), &pki);
     assert_eq!(
@@ -367,7 +367,7 @@ fn example_configs_load_with_every_key_switched_on() {
         .collect();
     assert_eq!(listens, ["127.0.0.1:123", "127.0.0.2:123", "127.0.0.3:123"]);
     for tunnel in &client.tunnels {
-        assert_eq!(tunnel.policy, ntp_dtls::health::HealthPolicy::default());
+        assert_eq!(tunnel.policy, ntp_dtls::proto::health::HealthPolicy::default());
     }
 }
 

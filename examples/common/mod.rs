@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 use nix::sys::time::TimeSpec;
-use ntp_dtls::ntp::NtpTimestamp;
+use ntp_dtls::proto::ntp::NtpTimestamp;
 
 /// Nearest-rank percentile of an ascending slice; NaN when empty.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {

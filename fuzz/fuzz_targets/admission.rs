@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use ntp_dtls::admission::{Admission, Arrival, Expiry, Limits, Refusal};
+use ntp_dtls::proto::admission::{Admission, Arrival, Expiry, Limits, Refusal};
 
 fn peer(b: u8) -> SocketAddr {
     let ip = Ipv4Addr::new(127, 0, 0, 1 + (b & 3));

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ntp_dtls::record::{CONTENT_HANDSHAKE, RECORD_HEADER_LEN, first_record, is_client_hello};
+use ntp_dtls::proto::record::{CONTENT_HANDSHAKE, RECORD_HEADER_LEN, first_record, is_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     let record = first_record(data);

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ntp_dtls::ntp::{
+use ntp_dtls::proto::ntp::{
     BuiltinSource, HEADER_LEN, MAX_PACKET_LEN, MODE_CLIENT, MODE_SERVER, NtpTimestamp, Rejection,
     check_reply, check_request,
 };

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ntp_dtls::engine::{ClientSettings, DtlsEngine, Engine, Event};
+use ntp_dtls::proto::engine::{ClientSettings, DtlsEngine, Engine, Event};
 
 use super::{Daemon, READY_TIMEOUT, TempDir, ntp_dtls_bin, run_command, spawn_ntp_dtls};
 

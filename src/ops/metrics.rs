@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::stats::{Counter, Stats};
+use ntp_dtls_proto::stats::{Counter, Stats};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "ntp_dtls_";
@@ -43,7 +43,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 const SECONDS_PER_DAY: i64 = 86_400;
 
-/// Every handshake failure reason, as [`crate::engine::Failure::label`] spells them. The
+/// Every handshake failure reason, as [`ntp_dtls_proto::engine::Failure::label`] spells them. The
 /// `ntp_dtls_handshakes_failed_total` family always lists all of them, so rates work from 0.
 pub const FAILURE_REASONS: &[&str] = &[
     "unknown_ca",
@@ -155,7 +155,7 @@ impl Default for FailureCounts {
 }
 
 impl FailureCounts {
-    /// Counts one failure; `reason` is [`crate::engine::Failure::label`]. Unknown labels count
+    /// Counts one failure; `reason` is [`ntp_dtls_proto::engine::Failure::label`]. Unknown labels count
     /// as "other".
     pub fn incr(&self, reason: &str) {
         let index = FAILURE_REASONS
@@ -1012,7 +1012,7 @@ WARNING: certificate /etc/ntp-dtls/client.pem expires in 10 days (under 30): ren
 
     #[test]
     fn failure_counts_cover_every_engine_label() {
-        use crate::engine::Failure;
+        use ntp_dtls_proto::engine::Failure;
         let every = [
             Failure::UnknownCa(String::new()),
             Failure::NameMismatch(String::new()),

@@ -14,18 +14,18 @@ use anyhow::Context;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::cli::ClientArgs;
 use crate::config::{ClientConfig, Tunnel};
-use crate::daemon::{Reload, Shutdown, notify_ready, start_services};
-use crate::engine::{DtlsEngine, Engine, Event, Failure};
-use crate::health::{Health, Verdict};
-use crate::ntp;
-use crate::observe::{Observatory, RttProbe};
-use crate::pending::PendingTable;
-use crate::stats::{Counter, Stats};
-use crate::timer::LoopTimer;
-use crate::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::ops::daemon::{Reload, Shutdown, notify_ready, start_services};
+use crate::ops::observe::{Observatory, RttProbe};
+use crate::relay::timer::LoopTimer;
+use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use ntp_dtls_proto::backoff::Backoff;
+use ntp_dtls_proto::engine::{DtlsEngine, Engine, Event, Failure};
+use ntp_dtls_proto::health::{Health, Verdict};
+use ntp_dtls_proto::ntp;
+use ntp_dtls_proto::pending::PendingTable;
+use ntp_dtls_proto::stats::{Counter, Stats};
 
 /// Outstanding requests per tunnel. NTP clients poll at most a few times a second each; this
 /// leaves room for bursts from many local clients.
@@ -167,7 +167,7 @@ struct TunnelTask {
     /// Which tunnel this is, for the association gauges.
     index: usize,
     /// Reloaded certificate material, for the next handshake.
-    settings: Option<watch::Receiver<crate::engine::ClientSettings>>,
+    settings: Option<watch::Receiver<ntp_dtls_proto::engine::ClientSettings>>,
     tunnel: Tunnel,
     local: DatagramSocket,
     /// Replies for local clients, sent together after each batch of input.
@@ -376,7 +376,7 @@ impl TunnelTask {
                     self.obs.stats.incr(Counter::AssociationsEstablished);
                     let rekey = slot == Slot::Next;
                     info!(tunnel = %self.tunnel.name, server = %peer, subject = %identity,
-                        cipher = %crate::engine::CIPHER_SUITE, rekey, "association established");
+                        cipher = %ntp_dtls_proto::engine::CIPHER_SUITE, rekey, "association established");
                     if rekey {
                         // Make before break: new requests go through the new association; the
                         // old one stays a moment for replies already on their way.

@@ -16,18 +16,18 @@ use bytes::BytesMut;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
 use crate::config::{ServerConfig, Upstream};
-use crate::daemon::{Reload, Shutdown, notify_ready, start_services};
-use crate::engine::ServerSettings;
-use crate::engine::{DtlsEngine, Engine, Event};
-use crate::ntp::{self, BuiltinSource, NtpTimestamp};
-use crate::observe::{Observatory, RttProbe};
-use crate::pending::PendingTable;
-use crate::record;
-use crate::stats::Counter;
-use crate::timer::LoopTimer;
-use crate::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::ops::daemon::{Reload, Shutdown, notify_ready, start_services};
+use crate::ops::observe::{Observatory, RttProbe};
+use crate::relay::timer::LoopTimer;
+use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use ntp_dtls_proto::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
+use ntp_dtls_proto::engine::ServerSettings;
+use ntp_dtls_proto::engine::{DtlsEngine, Engine, Event};
+use ntp_dtls_proto::ntp::{self, BuiltinSource, NtpTimestamp};
+use ntp_dtls_proto::pending::PendingTable;
+use ntp_dtls_proto::record;
+use ntp_dtls_proto::stats::Counter;
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
 /// only fills when the time server is down.
@@ -142,7 +142,7 @@ async fn run_workers(
         metrics = %metrics_label,
         workers,
         mutual_auth = config.settings.client_roots.is_some(),
-        cipher = %crate::engine::CIPHER_SUITE,
+        cipher = %ntp_dtls_proto::engine::CIPHER_SUITE,
         "ready"
     );
     notify_ready(&format!("listening on {listen} with {workers} workers"));
@@ -203,7 +203,7 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::ne
         }
         socket.set_reuse_port(true)?;
         // Room for bursts (floods, many clients at once); the kernel caps it at rmem_max.
-        let _ = socket.set_recv_buffer_size(crate::udp::RECV_BUFFER);
+        let _ = socket.set_recv_buffer_size(crate::relay::udp::RECV_BUFFER);
         socket.set_nonblocking(true)?;
         socket.bind(&bound.into())?;
         if bound.port() == 0 {
@@ -249,7 +249,7 @@ impl Worker {
         index: usize,
         socket: std::net::UdpSocket,
         config: &ServerConfig,
-        limits: crate::admission::Limits,
+        limits: ntp_dtls_proto::admission::Limits,
         obs: Arc<Observatory>,
         settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
@@ -425,7 +425,7 @@ impl Worker {
             Event::Established { peer, identity } => {
                 self.admission.established(now, peer);
                 self.obs.stats.incr(Counter::AssociationsEstablished);
-                info!(%peer, subject = %identity, cipher = %crate::engine::CIPHER_SUITE,
+                info!(%peer, subject = %identity, cipher = %ntp_dtls_proto::engine::CIPHER_SUITE,
                     "association established");
             }
             Event::Failed { peer, failure } => {
@@ -648,7 +648,10 @@ async fn recv_source(source: &TimeSource, batch: &mut RecvBatch) -> std::io::Res
 }
 
 /// The certificates the server has in service, for the expiry gauge and warning.
-fn record_server_certificates(obs: &Observatory, settings: &crate::engine::ServerSettings) {
+fn record_server_certificates(
+    obs: &Observatory,
+    settings: &ntp_dtls_proto::engine::ServerSettings,
+) {
     let mut certificates: Vec<(String, &[u8])> = Vec::new();
     if let Some(leaf) = settings.identity.chain.first() {
         certificates.push(("server".into(), leaf.as_ref()));

@@ -87,7 +87,7 @@ impl Reload {
 /// has bound its sockets and read its files. Must run inside a LocalSet.
 pub async fn start_services(
     settings: &crate::config::DaemonSettings,
-    obs: &std::sync::Arc<crate::observe::Observatory>,
+    obs: &std::sync::Arc<crate::ops::observe::Observatory>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Option<std::net::SocketAddr>> {
     use anyhow::Context;
@@ -99,14 +99,14 @@ pub async fn start_services(
         metrics_addr = listener.local_addr().ok();
         let obs = obs.clone();
         let mut shutdown = shutdown.clone();
-        tokio::task::spawn_local(crate::metrics::serve(
+        tokio::task::spawn_local(crate::ops::metrics::serve(
             listener,
             move || obs.render(),
             async move { shutdown.wait().await },
         ));
     }
     if let Some(user) = &settings.user {
-        crate::privileges::drop_to(user)
+        crate::ops::privileges::drop_to(user)
             .with_context(|| format!("cannot switch to user {user}"))?;
         tracing::info!(%user, "privileges dropped");
     }

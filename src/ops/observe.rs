@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::metrics::{
+use crate::ops::metrics::{
     self, CertificateExpiry, FailureCounts, MetricsSnapshot, RttEstimator, days_until,
     expires_soon, not_after_unix, unix_now,
 };
-use crate::stats::Stats;
+use ntp_dtls_proto::stats::Stats;
 
 pub struct Observatory {
     role: &'static str,
@@ -126,7 +126,7 @@ impl RttProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Counter;
+    use ntp_dtls_proto::stats::Counter;
     use std::time::Instant;
 
     #[test]

@@ -208,10 +208,13 @@ mod tests {
             return;
         }
         let exe = std::env::current_exe().expect("test binary");
+        // The test's path inside the crate, wherever the module lives.
+        let module = module_path!().split_once("::").map_or("", |(_, path)| path);
+        let child = format!("{module}::child_drops_to_nobody");
         let output = std::process::Command::new(exe)
             .args([
                 "--exact",
-                "privileges::tests::child_drops_to_nobody",
+                child.as_str(),
                 "--nocapture",
                 "--test-threads=1",
             ])

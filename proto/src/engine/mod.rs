@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use rustls_pki_types::CertificateDer;
 
-use crate::pki::PrivateKey;
+pub use crate::identity::Identity;
 
 pub use rtc::RtcEngine;
 
@@ -27,13 +27,6 @@ pub type Engine = RtcEngine;
 /// The one cipher suite both sides offer and accept. NDcPP allows others; we allow this one so
 /// there is nothing to misconfigure: ECDHE for forward secrecy, ECDSA P-256, AES-128-GCM.
 pub const CIPHER_SUITE: &str = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256";
-
-/// A certificate chain (leaf first) and the private key of its leaf.
-#[derive(Clone)]
-pub struct Identity {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKey,
-}
 
 /// What a client-role engine needs: whom it trusts, whom it expects, and what it shows.
 #[derive(Clone)]

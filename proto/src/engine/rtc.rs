@@ -403,7 +403,7 @@ impl RtcEngine {
         let subject = self.slots[slot]
             .get_connection_state(peer)
             .and_then(|state| state.peer_certificates.first())
-            .and_then(|der| crate::pki::summarize(der).ok())
+            .and_then(|der| crate::x509::summarize(der).ok())
             .map(|summary| summary.subject);
         PeerIdentity { subject }
     }
@@ -678,54 +678,36 @@ mod tests {
     //! Two engines wired back to back in memory, with simulated time: the policy and the failure
     //! classification, without a socket.
     use super::*;
-    use crate::config::load_identity;
-    use crate::pki::{LabPkiRequest, generate_lab_pki, load_ca_roots};
-    use std::path::{Path, PathBuf};
+    use crate::testpki::TestPki;
     use std::time::Duration;
 
     const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40001);
     const SERVER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 40002);
 
+    /// A CA whose server leaf is named `server_names`, and its client leaf "device-1".
     struct Pki {
-        dir: PathBuf,
+        ca: TestPki,
+        server_names: Vec<String>,
     }
 
     impl Pki {
         fn new(tag: &str, server_names: &[&str]) -> Pki {
-            let dir = std::env::temp_dir().join(format!(
-                "ntp-dtls-engine-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            generate_lab_pki(&LabPkiRequest {
-                out_dir: dir.clone(),
+            Pki {
+                ca: TestPki::new(&format!("test CA {tag}")),
                 server_names: server_names.iter().map(|s| s.to_string()).collect(),
-                client_names: vec!["device-1".into()],
-                days: 1,
-                force: false,
-            })
-            .expect("lab PKI");
-            Pki { dir }
-        }
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.join(name)
+            }
         }
         fn identity(&self, who: &str) -> Identity {
-            load_identity(
-                &self.path(&format!("{who}.pem")),
-                &self.path(&format!("{who}.key.pem")),
-            )
-            .expect("identity")
+            match who {
+                "server" => {
+                    let names: Vec<&str> = self.server_names.iter().map(String::as_str).collect();
+                    self.ca.server(&names)
+                }
+                _ => self.ca.client("device-1"),
+            }
         }
         fn roots(&self) -> Vec<CertificateDer<'static>> {
-            load_ca_roots(&self.path("ca.pem")).expect("roots")
-        }
-    }
-
-    impl Drop for Pki {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            vec![self.ca.ca.clone()]
         }
     }
 
@@ -738,10 +720,10 @@ mod tests {
         .expect("client engine")
     }
 
-    fn server_engine(pki: &Pki, client_roots: Option<&Path>) -> RtcEngine {
+    fn server_engine(pki: &Pki, client_roots: Option<&Pki>) -> RtcEngine {
         RtcEngine::server(&ServerSettings {
             identity: pki.identity("server"),
-            client_roots: client_roots.map(|p| load_ca_roots(p).expect("client roots")),
+            client_roots: client_roots.map(Pki::roots),
         })
         .expect("server engine")
     }
@@ -872,7 +854,7 @@ mod tests {
         let pki = Pki::new("mutual-none", &["localhost"]);
         let now = Instant::now();
         let mut client = client_engine(&pki, "localhost", None);
-        let mut server = server_engine(&pki, Some(&pki.path("ca.pem")));
+        let mut server = server_engine(&pki, Some(&pki));
         client.connect(now, SERVER).expect("connect");
         let (_, s) = pump(&mut client, &mut server, now);
         assert_eq!(failure_of(&s), Some(Failure::NoClientCertificate), "{s:?}");
@@ -884,7 +866,7 @@ mod tests {
         let pki = Pki::new("mutual-ok", &["localhost"]);
         let now = Instant::now();
         let mut client = client_engine(&pki, "localhost", Some(pki.identity("client")));
-        let mut server = server_engine(&pki, Some(&pki.path("ca.pem")));
+        let mut server = server_engine(&pki, Some(&pki));
         client.connect(now, SERVER).expect("connect");
         let (c, s) = pump(&mut client, &mut server, now);
         assert!(established(&c).is_some(), "{c:?}");
@@ -900,7 +882,7 @@ mod tests {
         let other = Pki::new("mutual-b", &["localhost"]);
         let now = Instant::now();
         let mut client = client_engine(&pki, "localhost", Some(other.identity("client")));
-        let mut server = server_engine(&pki, Some(&pki.path("ca.pem")));
+        let mut server = server_engine(&pki, Some(&pki));
         client.connect(now, SERVER).expect("connect");
         let (_, s) = pump(&mut client, &mut server, now);
         assert!(

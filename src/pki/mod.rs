@@ -16,10 +16,9 @@
 //! only private key we accept is ECDSA on P-256; everything else is refused
 //! at load time with a message that says so.
 
-use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,8 +30,7 @@ use rcgen::{
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
-use x509_parser::prelude::FromDer;
+use x509_parser::extensions::ParsedExtension;
 
 /// File names written by [`generate_lab_pki`], in the order they are checked
 /// and written (the "first existing file" in the overwrite error follows it).
@@ -177,34 +175,7 @@ fn wipe(bytes: &mut [u8]) {
     std::hint::black_box(bytes);
 }
 
-/// A validated ECDSA P-256 private key in PKCS#8 DER form.
-///
-/// Only [`load_private_key`] makes one, so holding a `PrivateKey` means the
-/// key is usable for TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256.
-#[derive(Clone)]
-pub struct PrivateKey {
-    pkcs8_der: Vec<u8>,
-}
-
-impl PrivateKey {
-    /// The PKCS#8 `PrivateKeyInfo` DER (version 0, ecPublicKey / prime256v1).
-    pub fn pkcs8_der(&self) -> &[u8] {
-        &self.pkcs8_der
-    }
-}
-
-/// Never print key bytes: a `{:?}` in a log line must not leak the key.
-impl fmt::Debug for PrivateKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PrivateKey(..)")
-    }
-}
-
-impl Drop for PrivateKey {
-    fn drop(&mut self) {
-        wipe(&mut self.pkcs8_der);
-    }
-}
+pub use ntp_dtls_proto::identity::{KeyKind, PrivateKey};
 
 // ---------------------------------------------------------------------------
 // Generation
@@ -663,9 +634,10 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
 
     // Move the bytes out (the wrapper is left empty), rather than clone:
     // one fewer copy of the key to wipe.
-    Ok(PrivateKey {
-        pkcs8_der: std::mem::take(&mut pkcs8.0),
-    })
+    Ok(PrivateKey::from_pkcs8(
+        KeyKind::EcdsaP256,
+        std::mem::take(&mut pkcs8.0),
+    ))
 }
 
 /// Whether `cert`'s public key is the public half of `key`, i.e. whether the
@@ -1177,91 +1149,18 @@ mod der {
 // Summaries
 // ---------------------------------------------------------------------------
 
+pub use ntp_dtls_proto::x509::CertSummary;
+use ntp_dtls_proto::x509::parse_cert;
+
 /// The fields of a certificate an operator looks at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertSummary {
-    /// RFC 4514-style, in encoded order, e.g. "CN=ntp-dtls lab CA, O=ntp-dtls lab".
-    pub subject: String,
-    pub issuer: String,
-    pub not_before_unix: i64,
-    pub not_after_unix: i64,
-    pub dns_names: Vec<String>,
-    pub ip_addresses: Vec<IpAddr>,
-    /// Upper-case hex without separators or DER sign padding, as
-    /// `openssl x509 -noout -serial` prints it, so the two can be compared.
-    pub serial_hex: String,
-}
-
 pub fn summarize(cert_der: &[u8]) -> Result<CertSummary, PkiError> {
-    let cert = parse_cert(cert_der).map_err(PkiError::InvalidCertificate)?;
-    let mut dns_names = Vec::new();
-    let mut ip_addresses = Vec::new();
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| PkiError::InvalidCertificate(format!("subjectAltName: {e}")))?;
-    if let Some(san) = san {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(dns) => dns_names.push((*dns).to_string()),
-                GeneralName::IPAddress(bytes) => ip_addresses.push(ip_from_san(bytes)?),
-                _ => {}
-            }
-        }
-    }
-    Ok(CertSummary {
-        subject: cert.subject().to_string(),
-        issuer: cert.issuer().to_string(),
-        not_before_unix: cert.validity().not_before.timestamp(),
-        not_after_unix: cert.validity().not_after.timestamp(),
-        dns_names,
-        ip_addresses,
-        serial_hex: serial_hex(cert.raw_serial()),
-    })
-}
-
-fn ip_from_san(bytes: &[u8]) -> Result<IpAddr, PkiError> {
-    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
-        return Ok(IpAddr::V4(Ipv4Addr::from(v4)));
-    }
-    if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
-        return Ok(IpAddr::V6(Ipv6Addr::from(v6)));
-    }
-    Err(PkiError::InvalidCertificate(format!(
-        "IP address SAN of {} bytes (expected 4 or 16)",
-        bytes.len()
-    )))
-}
-
-fn serial_hex(raw: &[u8]) -> String {
-    let start = raw
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
-    let hex: String = raw
-        .get(start..)
-        .unwrap_or_default()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
-    if hex.is_empty() { "00".into() } else { hex }
-}
-
-/// Parses one DER certificate, refusing trailing bytes (a sign of a
-/// mangled file that other TLS stacks would reject too).
-fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
-    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "{} trailing bytes after the certificate",
-            rest.len()
-        ));
-    }
-    Ok(cert)
+    ntp_dtls_proto::x509::summarize(cert_der).map_err(PkiError::InvalidCertificate)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x509_parser::prelude::FromDer;
     use std::os::unix::fs::{PermissionsExt, symlink};
     use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -2194,33 +2093,7 @@ mod tests {
         assert_eq!(format!("{key:#?}"), "PrivateKey(..)");
     }
 
-    #[test]
-    fn summarize_rejects_garbage() {
-        assert!(matches!(
-            summarize(b"not a certificate"),
-            Err(PkiError::InvalidCertificate(_))
-        ));
-        assert!(summarize(&[]).is_err());
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = CertificateParams::new(vec!["x.test".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let mut trailing = cert.der().to_vec();
-        trailing.push(0);
-        assert!(summarize(&trailing).is_err());
-        assert!(summarize(cert.der()).is_ok());
-    }
-
     // ---- DER helpers -----------------------------------------------------
-
-    #[test]
-    fn serial_hex_strips_sign_padding() {
-        assert_eq!(serial_hex(&[0x00, 0x8f, 0x01]), "8F01");
-        assert_eq!(serial_hex(&[0x7f]), "7F");
-        assert_eq!(serial_hex(&[0x00]), "00");
-        assert_eq!(serial_hex(&[]), "00");
-    }
 
     #[test]
     fn oid_names() {

@@ -24,6 +24,7 @@ pub mod ntp;
 pub mod pending;
 pub mod record;
 pub mod stats;
+pub mod tunnel;
 pub mod x509;
 
 #[cfg(any(test, feature = "test-pki"))]

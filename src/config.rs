@@ -48,9 +48,11 @@ pub struct Tunnel {
     /// "tunnel N" or the listen address, for logs.
     pub name: String,
     pub listen: SocketAddr,
-    /// As written, for logs.
+    /// HOST:PORT as written: resolved by the tunnel each time it makes an association, so one
+    /// name that does not resolve (yet) stops no other tunnel.
     pub server_spec: String,
-    pub server: SocketAddr,
+    /// The server relay's address when `server_spec` is an address literal.
+    pub server: Option<SocketAddr>,
     pub settings: ClientSettings,
     /// Dead-association detection, rekey and keepalive.
     pub policy: HealthPolicy,
@@ -358,6 +360,24 @@ pub fn resolve(spec: &str, what: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| ConfigError::Invalid(format!("{what} {spec:?}: resolves to no address")))
 }
 
+/// Checks a server relay's HOST:PORT without resolving it: the address when it is a literal,
+/// None for a name (looked up when the tunnel connects).
+pub fn server_address(spec: &str, what: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if let Ok(addr) = spec.parse::<SocketAddr>() {
+        return Ok(Some(addr));
+    }
+    let invalid = |why: &str| ConfigError::Invalid(format!("{what} {spec:?}: {why}"));
+    let (host, port) = spec
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("expected HOST:PORT"))?;
+    port.parse::<u16>()
+        .map_err(|_| invalid("the port is not a number from 0 to 65535"))?;
+    if host.is_empty() || host.contains(['[', ']', ' ', '/']) {
+        return Err(invalid("not an address or a host name"));
+    }
+    Ok(None)
+}
+
 /// The host part of HOST:PORT, without IPv6 brackets: the default reference identifier.
 pub fn host_of(spec: &str) -> String {
     let host = match spec.rsplit_once(':') {
@@ -464,7 +484,7 @@ impl ClientConfig {
             name: listen_spec.to_string(),
             listen: resolve(listen_spec, "--listen")?,
             server_spec: server.to_string(),
-            server: resolve(server, "--server")?,
+            server: server_address(server, "--server")?,
             settings: client_settings(
                 server,
                 args.server_name.as_deref(),
@@ -512,7 +532,7 @@ impl ClientConfig {
                 name: format!("tunnel {}", index + 1),
                 listen,
                 server_spec: entry.server.clone(),
-                server: resolve(&entry.server, "server")
+                server: server_address(&entry.server, "server")
                     .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?,
                 settings,
                 policy: policy.clone(),
@@ -698,6 +718,25 @@ mod tests {
         assert!(stratum.contains("stratum"), "{stratum}");
         assert!(check_server_toml("[limits]\nhandshake_rate = nan\n").is_err());
         assert!(check_server_toml("[limits]\nidle_timeout_secs = inf\n").is_err());
+    }
+
+    #[test]
+    fn server_addresses_are_checked_but_names_not_resolved() {
+        assert_eq!(
+            server_address("127.0.0.1:1123", "server").ok(),
+            Some(Some("127.0.0.1:1123".parse().expect("addr")))
+        );
+        assert!(matches!(
+            server_address("no-such-host.invalid:1123", "server"),
+            Ok(None)
+        ));
+        for bad in ["time.example", "time.example:http", ":1123", "[::1:1123"] {
+            let err = server_address(bad, "server")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]

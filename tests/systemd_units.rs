@@ -367,7 +367,10 @@ fn example_configs_load_with_every_key_switched_on() {
         .collect();
     assert_eq!(listens, ["127.0.0.1:123", "127.0.0.2:123", "127.0.0.3:123"]);
     for tunnel in &client.tunnels {
-        assert_eq!(tunnel.policy, ntp_dtls::proto::health::HealthPolicy::default());
+        assert_eq!(
+            tunnel.policy,
+            ntp_dtls::proto::health::HealthPolicy::default()
+        );
     }
 }
 

@@ -17,7 +17,9 @@
 
 pub mod admission;
 pub mod backoff;
+pub mod endpoint;
 pub mod engine;
+pub mod forward;
 pub mod health;
 pub mod identity;
 pub mod ntp;
@@ -29,3 +31,8 @@ pub mod x509;
 
 #[cfg(any(test, feature = "test-pki"))]
 pub mod testpki;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod sim_tests;

@@ -291,6 +291,42 @@ pub fn check_reply(buf: &[u8]) -> Result<ReplyView, Rejection> {
     })
 }
 
+/// The client relay's keepalive: one NTP-sized record the server relay answers itself, with
+/// the same bytes, without asking the time server. That answer is what tells "association
+/// dead" from "time server down".
+///
+/// Why not an empty record: OpenSSL's s_server and socat read a zero-length record as the end
+/// of the stream and close, and any DTLS peer carrying plain NTP must interoperate. Why this
+/// shape: version 0 with LI 3 and mode 0 is no NTP packet any server answers (a plain DTLS peer
+/// hands it to chronyd, which ignores it), and a local client cannot inject one through the
+/// client relay, which forwards versions 1 to 4 only. The reference ID spells `DTKA` (DTLS
+/// keepalive); the transmit field carries a counter, so each acknowledgement names its probe.
+pub const KEEPALIVE_LEN: usize = HEADER_LEN;
+const KEEPALIVE_FIRST_BYTE: u8 = 0xC0;
+const KEEPALIVE_REFERENCE_ID: [u8; 4] = *b"DTKA";
+
+/// A keepalive probe numbered `nonce`.
+pub fn keepalive(nonce: u64) -> [u8; KEEPALIVE_LEN] {
+    let mut p = [0u8; KEEPALIVE_LEN];
+    p[0] = KEEPALIVE_FIRST_BYTE;
+    write_at::<OFF_REFERENCE_ID, 4>(&mut p, KEEPALIVE_REFERENCE_ID);
+    write_at::<OFF_TRANSMIT_TS, 8>(&mut p, nonce.to_be_bytes());
+    p
+}
+
+/// The number of a keepalive probe (or of its acknowledgement, which is the same bytes);
+/// None for anything else.
+pub fn keepalive_nonce(datagram: &[u8]) -> Option<u64> {
+    let header: &[u8; HEADER_LEN] = datagram.try_into().ok()?;
+    let shape = header[0] == KEEPALIVE_FIRST_BYTE
+        && header[1..OFF_REFERENCE_ID].iter().all(|b| *b == 0)
+        && header[OFF_REFERENCE_ID..OFF_REFERENCE_TS] == KEEPALIVE_REFERENCE_ID
+        && header[OFF_REFERENCE_TS..OFF_TRANSMIT_TS]
+            .iter()
+            .all(|b| *b == 0);
+    shape.then(|| read_ts::<OFF_TRANSMIT_TS>(header).0)
+}
+
 /// A minimal NTPv4 client request (as SNTP sends): only the transmit
 /// timestamp is set, which is all a server needs to answer it.
 pub fn build_request(transmit: NtpTimestamp) -> [u8; HEADER_LEN] {
@@ -380,6 +416,20 @@ pub fn sample(t1: NtpTimestamp, t2: NtpTimestamp, t3: NtpTimestamp, t4: NtpTimes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keepalive_is_recognised_and_is_no_ntp_packet() {
+        let probe = keepalive(7);
+        assert_eq!(keepalive_nonce(&probe), Some(7));
+        assert_eq!(check_request(&probe), Err(Rejection::BadVersion(0)));
+        assert_eq!(check_reply(&probe), Err(Rejection::BadVersion(0)));
+        let mut other = probe;
+        other[20] = 1;
+        assert_eq!(keepalive_nonce(&other), None);
+        assert_eq!(keepalive_nonce(&probe[..47]), None);
+        assert_eq!(keepalive_nonce(&build_request(NtpTimestamp(7))), None);
+        assert_eq!(keepalive_nonce(&[]), None);
+    }
 
     fn packet(len: usize, version: u8, mode: u8) -> Vec<u8> {
         let mut p = vec![0u8; len];

@@ -55,8 +55,10 @@ impl fmt::Display for InsertError {
 impl std::error::Error for InsertError {}
 
 #[derive(Debug, Clone, Copy)]
-struct Entry<A> {
+struct Entry<A, T> {
     addr: A,
+    /// What the caller keeps with the request (e.g. when it arrived and left).
+    value: T,
     /// Only set when the key was free at insert time and is in `by_receive`.
     receive: Option<u64>,
     deadline: Instant,
@@ -79,10 +81,10 @@ struct Slot {
 /// names at most one entry; every entry has exactly one current slot in
 /// `queue`; the queue is in deadline order and its front, if any, is current.
 #[derive(Debug, Clone)]
-pub struct PendingTable<A> {
+pub struct PendingTable<A, T = ()> {
     // std's HashMap uses randomly keyed SipHash, which matters here because
     // the keys are chosen by remote parties.
-    entries: HashMap<u64, Entry<A>>,
+    entries: HashMap<u64, Entry<A, T>>,
     /// receive key -> transmit key of the owning entry.
     by_receive: HashMap<u64, u64>,
     queue: VecDeque<Slot>,
@@ -91,7 +93,44 @@ pub struct PendingTable<A> {
     next_generation: u64,
 }
 
-impl<A: Copy + Eq> PendingTable<A> {
+/// Which key of its request a reply's origin matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matched {
+    /// The request's transmit timestamp: a basic-mode reply.
+    Transmit,
+    /// The request's receive field: an interleaved reply (chronyd `xleave`).
+    Receive,
+}
+
+/// A reply's request, as [`PendingTable::take_entry`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken<A, T> {
+    pub addr: A,
+    pub value: T,
+    pub matched: Matched,
+    /// The request's transmit timestamp (its key).
+    pub transmit: u64,
+}
+
+impl<A: Copy + Eq, T: Default> PendingTable<A, T> {
+    /// [`PendingTable::insert_with`] with a default value.
+    pub fn insert(
+        &mut self,
+        now: Instant,
+        transmit: u64,
+        receive: u64,
+        addr: A,
+    ) -> Result<InsertOutcome, InsertError> {
+        self.insert_with(now, transmit, receive, addr, T::default())
+    }
+
+    /// [`PendingTable::take_entry`], the address only.
+    pub fn take(&mut self, now: Instant, origin: u64) -> Option<A> {
+        self.take_entry(now, origin).map(|taken| taken.addr)
+    }
+}
+
+impl<A: Copy + Eq, T> PendingTable<A, T> {
     /// `capacity` 0 is treated as 1, and `ttl` is capped at [`MAX_TTL`].
     /// A zero ttl makes every entry expire the moment it is inserted.
     pub fn new(capacity: usize, ttl: Duration) -> Self {
@@ -117,12 +156,13 @@ impl<A: Copy + Eq> PendingTable<A> {
     ///
     /// `now` should not go backwards; if it does, deadlines are held in
     /// insertion order rather than misordering the queue.
-    pub fn insert(
+    pub fn insert_with(
         &mut self,
         now: Instant,
         transmit: u64,
         receive: u64,
         addr: A,
+        value: T,
     ) -> Result<InsertOutcome, InsertError> {
         if transmit == 0 {
             return Err(InsertError::ZeroTransmit);
@@ -141,6 +181,7 @@ impl<A: Copy + Eq> PendingTable<A> {
         let outcome = match self.entries.get_mut(&transmit) {
             Some(entry) if entry.addr == addr => {
                 entry.deadline = deadline;
+                entry.value = value;
                 entry.generation = generation;
                 // The retransmission may carry a different receive field;
                 // it is re-indexed below like a fresh one.
@@ -156,6 +197,7 @@ impl<A: Copy + Eq> PendingTable<A> {
                     transmit,
                     Entry {
                         addr,
+                        value,
                         receive: None,
                         deadline,
                         generation,
@@ -186,17 +228,29 @@ impl<A: Copy + Eq> PendingTable<A> {
     /// has not expired at `now`. Removes both of its keys. An expired entry
     /// found this way is removed too, and `None` returned: its requester has
     /// given up, and a stale reply would only mislead it.
-    pub fn take(&mut self, now: Instant, origin: u64) -> Option<A> {
+    pub fn take_entry(&mut self, now: Instant, origin: u64) -> Option<Taken<A, T>> {
         if origin == 0 {
             return None;
         }
-        let transmit = if self.entries.contains_key(&origin) {
-            origin
+        let (transmit, matched) = if self.entries.contains_key(&origin) {
+            (origin, Matched::Transmit)
         } else {
-            *self.by_receive.get(&origin)?
+            (*self.by_receive.get(&origin)?, Matched::Receive)
         };
         let entry = self.remove_entry(transmit)?;
-        (entry.deadline > now).then_some(entry.addr)
+        (entry.deadline > now).then_some(Taken {
+            addr: entry.addr,
+            value: entry.value,
+            matched,
+            transmit,
+        })
+    }
+
+    /// The value kept with the live request whose transmit timestamp is `transmit`.
+    pub fn value_mut(&mut self, transmit: u64) -> Option<&mut T> {
+        self.entries
+            .get_mut(&transmit)
+            .map(|entry| &mut entry.value)
     }
 
     /// Removes every entry whose deadline (insert time + ttl) is <= now;
@@ -298,7 +352,7 @@ impl<A: Copy + Eq> PendingTable<A> {
         false
     }
 
-    fn remove_entry(&mut self, transmit: u64) -> Option<Entry<A>> {
+    fn remove_entry(&mut self, transmit: u64) -> Option<Entry<A, T>> {
         let entry = self.entries.remove(&transmit)?;
         if let Some(receive) = entry.receive {
             self.by_receive.remove(&receive);
@@ -379,6 +433,8 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(2);
 
+    type Table = PendingTable<SocketAddr>;
+
     fn ms(t0: Instant, n: u64) -> Instant {
         t0 + Duration::from_millis(n)
     }
@@ -390,7 +446,7 @@ mod tests {
     #[test]
     fn insert_and_take_by_transmit() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         assert_eq!(t.insert(t0, 100, 0, addr(1)), Ok(InsertOutcome::Inserted));
         assert_eq!(t.len(), 1);
         assert_eq!(t.take(ms(t0, 10), 100), Some(addr(1)));
@@ -402,7 +458,7 @@ mod tests {
     #[test]
     fn take_by_receive_for_interleaved_reply() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         assert_eq!(t.take(ms(t0, 10), 555), Some(addr(1)));
         t.assert_invariants();
@@ -411,7 +467,7 @@ mod tests {
     #[test]
     fn take_removes_both_keys() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         assert_eq!(t.take(ms(t0, 1), 100), Some(addr(1)));
         assert_eq!(t.take(ms(t0, 1), 555), None);
@@ -426,7 +482,7 @@ mod tests {
     #[test]
     fn late_reply_is_not_matched() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         t.insert(t0, 200, 0, addr(2)).unwrap();
         assert_eq!(t.take(t0 + TTL, 100), None, "deadline is exclusive");
@@ -440,7 +496,7 @@ mod tests {
     #[test]
     fn expire_counts_and_removes() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 1, 11, addr(1)).unwrap();
         t.insert(ms(t0, 100), 2, 0, addr(2)).unwrap();
         t.insert(ms(t0, 200), 3, 0, addr(3)).unwrap();
@@ -459,7 +515,7 @@ mod tests {
     #[test]
     fn capacity_eviction_keeps_the_newest() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(3, TTL);
+        let mut t = Table::new(3, TTL);
         for i in 1..=3u64 {
             assert_eq!(
                 t.insert(ms(t0, i), i, i + 100, addr(i as u16)),
@@ -492,7 +548,7 @@ mod tests {
     #[test]
     fn displacing_an_expired_entry_is_not_reported_as_eviction() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(1, TTL);
+        let mut t = Table::new(1, TTL);
         t.insert(t0, 1, 0, addr(1)).unwrap();
         assert_eq!(
             t.insert(t0 + TTL, 2, 0, addr(2)),
@@ -504,7 +560,7 @@ mod tests {
     #[test]
     fn refresh_moves_entry_to_the_back_of_the_eviction_order() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(2, TTL);
+        let mut t = Table::new(2, TTL);
         t.insert(ms(t0, 0), 1, 0, addr(1)).unwrap();
         t.insert(ms(t0, 1), 2, 0, addr(2)).unwrap();
         assert_eq!(
@@ -520,7 +576,7 @@ mod tests {
     #[test]
     fn collision_from_other_address_refused_original_still_routes() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         assert_eq!(
             t.insert(ms(t0, 1), 100, 0, addr(2)),
@@ -539,7 +595,7 @@ mod tests {
     #[test]
     fn collision_with_expired_entry_is_allowed() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         assert_eq!(
             t.insert(t0 + TTL, 100, 0, addr(2)),
@@ -557,7 +613,7 @@ mod tests {
     #[test]
     fn colliding_receive_key_is_not_indexed_and_other_entry_intact() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         // Receive field equal to another entry's receive key...
         assert_eq!(t.insert(t0, 200, 555, addr(2)), Ok(InsertOutcome::Inserted));
@@ -574,7 +630,7 @@ mod tests {
     #[test]
     fn same_address_retransmission_refreshes() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 555, addr(1)).unwrap();
         assert_eq!(
             t.insert(ms(t0, 1500), 100, 777, addr(1)),
@@ -592,7 +648,7 @@ mod tests {
     #[test]
     fn zero_transmit_refused() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         assert_eq!(t.insert(t0, 0, 5, addr(1)), Err(InsertError::ZeroTransmit));
         assert!(t.is_empty());
         assert_eq!(t.take(t0, 0), None);
@@ -602,7 +658,7 @@ mod tests {
     #[test]
     fn zero_receive_not_indexed() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(t0, 100, 0, addr(1)).unwrap();
         t.insert(t0, 200, 0, addr(2)).unwrap();
         assert_eq!(t.take(t0, 0), None);
@@ -615,7 +671,7 @@ mod tests {
     #[test]
     fn fifty_addresses_no_misrouting() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(64, TTL);
+        let mut t = Table::new(64, TTL);
         let key = |i: u64| 0xE900_0000_0000_0000u64 + i * 0x1_0001;
         for i in 0..50u64 {
             let port = 40_000 + i as u16;
@@ -643,7 +699,7 @@ mod tests {
     #[test]
     fn next_deadline_tracks_oldest_live_entry() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         assert_eq!(t.next_deadline(), None);
         t.insert(ms(t0, 0), 1, 0, addr(1)).unwrap();
         t.insert(ms(t0, 10), 2, 0, addr(2)).unwrap();
@@ -663,7 +719,7 @@ mod tests {
     #[test]
     fn backwards_time_keeps_queue_ordered() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(8, TTL);
+        let mut t = Table::new(8, TTL);
         t.insert(ms(t0, 500), 1, 0, addr(1)).unwrap();
         t.insert(ms(t0, 100), 2, 0, addr(2)).unwrap();
         t.assert_invariants();
@@ -673,13 +729,13 @@ mod tests {
     #[test]
     fn degenerate_parameters_do_not_panic() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(0, Duration::MAX);
+        let mut t = Table::new(0, Duration::MAX);
         assert_eq!(t.capacity(), 1);
         assert_eq!(t.ttl(), MAX_TTL);
         t.insert(t0, 1, 1, addr(1)).unwrap();
         assert_eq!(t.take(t0, 1), Some(addr(1)));
 
-        let mut t = PendingTable::new(usize::MAX, Duration::ZERO);
+        let mut t = Table::new(usize::MAX, Duration::ZERO);
         t.insert(t0, 1, 2, addr(1)).unwrap();
         assert_eq!(t.take(t0, 1), None, "zero ttl expires immediately");
         t.insert(t0, u64::MAX, u64::MAX, addr(1)).unwrap();
@@ -690,7 +746,7 @@ mod tests {
     #[test]
     fn retransmissions_do_not_grow_the_queue() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(4, TTL);
+        let mut t = Table::new(4, TTL);
         for i in 0..10_000u64 {
             t.insert(ms(t0, i / 100), 42, 0, addr(1)).unwrap();
             assert!(t.queue_len() <= 8);
@@ -702,7 +758,7 @@ mod tests {
     #[test]
     fn stale_slots_behind_a_live_front_are_compacted() {
         let t0 = Instant::now();
-        let mut t = PendingTable::new(4, TTL);
+        let mut t = Table::new(4, TTL);
         t.insert(t0, 1, 0, addr(1)).unwrap();
         let mut max_queue = 0;
         for i in 0..1000u64 {

@@ -34,14 +34,17 @@ counters! {
     DropCollision => "drop_timestamp_collision", "requests whose transmit timestamp another client already has outstanding";
     DropNoAssociation => "drop_no_association", "requests that arrived while no association was up";
     DropNotHandshake => "drop_not_client_hello", "datagrams from unknown addresses that were not a DTLS ClientHello";
-    DropUpstreamError => "drop_upstream_error", "datagrams the time server socket could not send or reported as refused";
+    DropUpstreamError => "drop_upstream_error", "datagrams the socket towards the next hop could not send";
+    DropDeliveryFailed => "drop_delivery_failed", "replies the socket back to a local NTP client could not send";
     DropAssociationLimit => "drop_association_limit", "ClientHellos refused: the association limit was reached";
     DropHalfOpenLimit => "drop_half_open_limit", "ClientHellos refused: the half-open handshake limit was reached";
     DropSourceRateLimit => "drop_source_rate_limit", "ClientHellos refused: their source address exceeded its handshake rate";
     DropHandshakeBytes => "drop_handshake_bytes", "handshakes abandoned: the peer sent too much before completing";
     HandshakeTimeouts => "handshake_timeouts", "handshakes abandoned unfinished after the handshake timeout";
     IdleClosed => "associations_idle_closed", "associations closed after the idle timeout";
-    Keepalives => "keepalives", "empty keepalive records sent or received";
+    Keepalives => "keepalives", "keepalive records sent (client relay) or received (server relay)";
+    KeepaliveAcks => "keepalive_acks", "keepalives acknowledged: answered (server relay) or answers received (client relay)";
+    UpstreamUnreachable => "upstream_unreachable", "ICMP errors (port unreachable, ...) on a socket towards the next hop; checked, not believed";
     EvictedPending => "pending_evicted", "outstanding requests evicted to make room for new ones";
     ExpiredPending => "pending_expired", "outstanding requests that got no reply in time";
     AssociationsEstablished => "associations_established", "DTLS associations set up";
@@ -123,6 +126,46 @@ impl From<crate::ntp::Rejection> for Counter {
     }
 }
 
+/// The round trip to one upstream (the server relay, or the time server): the last sample and
+/// a smoothed value (1/8 gain, as TCP's SRTT). Written on the datagram path without a lock or
+/// an allocation, read by the metrics endpoint. Zero means no sample; [`RttGauge::clear`]
+/// forgets the samples of an upstream that went away, so a dead upstream shows none.
+#[derive(Debug, Default)]
+pub struct RttGauge {
+    last_nanos: AtomicU64,
+    smoothed_nanos: AtomicU64,
+}
+
+impl RttGauge {
+    pub fn observe(&self, rtt: std::time::Duration) {
+        // At least 1 ns, so a sample is never mistaken for "none".
+        let sample = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.last_nanos.store(sample, Ordering::Relaxed);
+        let smoothed = match self.smoothed_nanos.load(Ordering::Relaxed) {
+            0 => sample,
+            s => (s - s / 8).saturating_add(sample / 8).max(1),
+        };
+        self.smoothed_nanos.store(smoothed, Ordering::Relaxed);
+    }
+
+    pub fn clear(&self) {
+        self.last_nanos.store(0, Ordering::Relaxed);
+        self.smoothed_nanos.store(0, Ordering::Relaxed);
+    }
+
+    /// (last, smoothed), or None before the first sample.
+    pub fn get(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        let last = self.last_nanos.load(Ordering::Relaxed);
+        let smoothed = self.smoothed_nanos.load(Ordering::Relaxed);
+        (last != 0).then(|| {
+            (
+                std::time::Duration::from_nanos(last),
+                std::time::Duration::from_nanos(smoothed),
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +182,20 @@ mod tests {
             stats.nonzero(),
             vec![("requests_forwarded", 1), ("drop_control_mode", 3)]
         );
+    }
+
+    #[test]
+    fn the_rtt_gauge_smooths_and_clears() {
+        use std::time::Duration;
+        let gauge = RttGauge::default();
+        assert_eq!(gauge.get(), None);
+        gauge.observe(Duration::from_micros(800));
+        gauge.observe(Duration::from_micros(0));
+        let (last, smoothed) = gauge.get().expect("samples");
+        assert_eq!(last, Duration::from_nanos(1));
+        assert_eq!(smoothed, Duration::from_micros(700));
+        gauge.clear();
+        assert_eq!(gauge.get(), None);
     }
 
     #[test]

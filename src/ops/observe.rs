@@ -3,25 +3,25 @@
 //! round-trip times, certificate expiry. Writes are atomics or short locks off the hot path.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
 use crate::ops::metrics::{
-    self, CertificateExpiry, FailureCounts, MetricsSnapshot, RttEstimator, days_until,
-    expires_soon, not_after_unix, unix_now,
+    self, CertificateExpiry, FailureCounts, MetricsSnapshot, UpstreamRtt, days_until, expires_soon,
+    not_after_unix, unix_now,
 };
-use ntp_dtls_proto::stats::Stats;
+use ntp_dtls_proto::stats::{RttGauge, Stats};
 
 pub struct Observatory {
     role: &'static str,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     pub failures: FailureCounts,
     /// Per worker (or tunnel): (established, half-open).
     gauges: Vec<(AtomicU64, AtomicU64)>,
-    rtts: Mutex<BTreeMap<String, RttEstimator>>,
+    /// Round-trip gauges by upstream label, written lock-free by the relay loops.
+    rtts: Mutex<BTreeMap<String, Arc<RttGauge>>>,
     certificates: Mutex<Vec<CertificateExpiry>>,
 }
 
@@ -30,7 +30,7 @@ impl Observatory {
     pub fn new(role: &'static str, slots: usize) -> Self {
         Observatory {
             role,
-            stats: Stats::default(),
+            stats: Arc::new(Stats::default()),
             failures: FailureCounts::default(),
             gauges: (0..slots.max(1))
                 .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
@@ -48,9 +48,12 @@ impl Observatory {
         }
     }
 
-    pub fn observe_rtt(&self, upstream: &str, rtt: Duration) {
-        if let Ok(mut rtts) = self.rtts.lock() {
-            rtts.entry(upstream.to_string()).or_default().observe(rtt);
+    /// The round-trip gauge of `upstream` ("host:port"), created on first use. Called when a
+    /// loop starts, not per datagram: the loop keeps the gauge and writes it without a lock.
+    pub fn rtt_gauge(&self, upstream: &str) -> Arc<RttGauge> {
+        match self.rtts.lock() {
+            Ok(mut rtts) => rtts.entry(upstream.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
         }
     }
 
@@ -84,7 +87,17 @@ impl Observatory {
             snapshot.associations_half_open += h.load(Ordering::Relaxed);
         }
         if let Ok(rtts) = self.rtts.lock() {
-            snapshot.upstreams = rtts.iter().map(|(u, r)| r.to_snapshot(u)).collect();
+            snapshot.upstreams = rtts
+                .iter()
+                .map(|(upstream, gauge)| {
+                    let sample = gauge.get();
+                    UpstreamRtt {
+                        upstream: upstream.clone(),
+                        last_seconds: sample.map(|(last, _)| last.as_secs_f64()),
+                        smoothed_seconds: sample.map(|(_, smoothed)| smoothed.as_secs_f64()),
+                    }
+                })
+                .collect();
         }
         if let Ok(certificates) = self.certificates.lock() {
             snapshot.certificates = certificates.clone();
@@ -99,35 +112,11 @@ impl Observatory {
     }
 }
 
-/// Times one request at a time towards an upstream: NTP clients mostly have one request in
-/// flight, so remembering the last one forwarded samples nearly every exchange without a table.
-#[derive(Debug, Default)]
-pub struct RttProbe {
-    last: Option<(u64, std::time::Instant)>,
-}
-
-impl RttProbe {
-    pub fn forwarded(&mut self, transmit: u64, now: std::time::Instant) {
-        self.last = Some((transmit, now));
-    }
-
-    /// The round trip, when `origin` answers the request remembered.
-    pub fn answered(&mut self, origin: u64, now: std::time::Instant) -> Option<Duration> {
-        match self.last {
-            Some((transmit, sent)) if transmit == origin => {
-                self.last = None;
-                Some(now.saturating_duration_since(sent))
-            }
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ntp_dtls_proto::stats::Counter;
-    use std::time::Instant;
+    use std::time::Duration;
 
     #[test]
     fn the_snapshot_sums_gauges_and_carries_counters_rtts_and_failures() {
@@ -136,7 +125,8 @@ mod tests {
         o.failures.incr("unknown_ca");
         o.set_associations(0, 3, 1);
         o.set_associations(1, 2, 0);
-        o.observe_rtt("127.0.0.1:123", Duration::from_micros(80));
+        o.rtt_gauge("127.0.0.1:123")
+            .observe(Duration::from_micros(80));
         let s = o.snapshot();
         assert_eq!(
             (s.associations_established, s.associations_half_open),
@@ -152,18 +142,5 @@ mod tests {
             text.contains("ntp_dtls_requests_forwarded_total 1"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn the_probe_times_the_request_it_remembers() {
-        let t0 = Instant::now();
-        let mut probe = RttProbe::default();
-        probe.forwarded(7, t0);
-        assert_eq!(probe.answered(8, t0), None);
-        assert_eq!(
-            probe.answered(7, t0 + Duration::from_micros(90)),
-            Some(Duration::from_micros(90))
-        );
-        assert_eq!(probe.answered(7, t0), None, "answered once");
     }
 }

@@ -212,12 +212,7 @@ mod tests {
         let module = module_path!().split_once("::").map_or("", |(_, path)| path);
         let child = format!("{module}::child_drops_to_nobody");
         let output = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                child.as_str(),
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", child.as_str(), "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, "1")
             .output()
             .expect("run the child");

@@ -1160,10 +1160,10 @@ pub fn summarize(cert_der: &[u8]) -> Result<CertSummary, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use x509_parser::prelude::FromDer;
     use std::os::unix::fs::{PermissionsExt, symlink};
     use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use x509_parser::prelude::FromDer;
 
     /// A unique directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);

@@ -5,47 +5,23 @@
 //! (matched by origin timestamp, as on the client side). Only NTP client requests (mode 3) are
 //! forwarded: the relay must never open chronyd's control surface (modes 6 and 7) to the network.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use bytes::BytesMut;
+use ntp_dtls_proto::endpoint::{Audit, Destination, Endpoint, EndpointEvent, TimeSource, Transmit};
+use ntp_dtls_proto::engine::{CIPHER_SUITE, ServerSettings};
+use ntp_dtls_proto::ntp::BuiltinSource;
+use ntp_dtls_proto::stats::Counter;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ServerConfig, Upstream};
 use crate::ops::daemon::{Reload, Shutdown, notify_ready, start_services};
-use crate::ops::observe::{Observatory, RttProbe};
+use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
-use ntp_dtls_proto::admission::{Admission, Arrival, AuditLimiter, Expiry, Refusal};
-use ntp_dtls_proto::engine::ServerSettings;
-use ntp_dtls_proto::engine::{DtlsEngine, Engine, Event};
-use ntp_dtls_proto::ntp::{self, BuiltinSource, NtpTimestamp};
-use ntp_dtls_proto::pending::PendingTable;
-use ntp_dtls_proto::record;
-use ntp_dtls_proto::stats::Counter;
-
-/// Requests in flight to the time server at once; chronyd answers within microseconds, so this
-/// only fills when the time server is down.
-pub const PENDING_CAPACITY: usize = 65_536;
-/// chronyd answers at once or never: a request unanswered after this is lost.
-pub const PENDING_TTL: Duration = Duration::from_secs(2);
-/// Refusal audit lines per second, sustained and in a burst; beyond that they are counted and
-/// the count rides on the next line written.
-const AUDIT_RATE: f64 = 20.0;
-const AUDIT_BURST: f64 = 200.0;
-
-/// Where requests go.
-enum TimeSource {
-    /// A real time server (chronyd), through one connected socket.
-    Udp(DatagramSocket),
-    /// This host's clock, answered in-process.
-    Builtin(BuiltinSource),
-}
 
 /// Runs the server relay until shutdown: `config.workers` sockets bound to the listen address
 /// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
@@ -70,7 +46,8 @@ async fn run_workers(
         .and_then(|s| s.local_addr().ok())
         .unwrap_or(config.listen);
     // Check the DTLS settings once, before anything is announced.
-    Engine::server(&config.settings).context("DTLS server configuration")?;
+    ntp_dtls_proto::engine::Engine::server(&config.settings)
+        .context("DTLS server configuration")?;
     let upstream_label = match config.upstream {
         Upstream::Udp(addr) => addr.to_string(),
         Upstream::Builtin { stratum } => format!("builtin(stratum {stratum})"),
@@ -217,30 +194,23 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::ne
     Ok(sockets)
 }
 
+/// One listening socket's share of the server relay: the protocol core's [`Endpoint`] and the
+/// sockets it needs.
 struct Worker {
     /// New certificate material after a reload.
     settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     /// Which worker this is, for the association gauges.
     index: usize,
-    upstream_label: String,
-    rtt: RttProbe,
     socket: DatagramSocket,
-    source: TimeSource,
-    engine: Engine,
-    /// Who may hold state, how much and how long: rtc-dtls bounds none of it.
-    admission: Admission,
-    audit_limiter: AuditLimiter,
+    /// The socket to the time server; None for the builtin source.
+    time_server: Option<DatagramSocket>,
+    endpoint: Endpoint,
     obs: Arc<Observatory>,
-    pending: PendingTable<SocketAddr>,
-    /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
-    /// poll_timeout is checked when one comes due.
-    timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
-    events: Vec<Event>,
-    expired: Vec<Expiry>,
     /// DTLS records to peers, sent together after each batch of input.
     to_peers: SendQueue,
     /// Requests to the time server, likewise.
-    to_source: SendQueue,
+    to_time_server: SendQueue,
+    upstream_label: String,
 }
 
 impl Worker {
@@ -254,7 +224,7 @@ impl Worker {
         settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
         let socket = DatagramSocket::from_std(socket).context("cannot register the socket")?;
-        let source = match config.upstream {
+        let (time_server, source, upstream_label) = match config.upstream {
             Upstream::Udp(addr) => {
                 let bind: IpAddr = if addr.is_ipv4() {
                     Ipv4Addr::UNSPECIFIED.into()
@@ -266,34 +236,30 @@ impl Worker {
                 upstream
                     .connect(addr)
                     .with_context(|| format!("cannot use upstream {addr}"))?;
-                TimeSource::Udp(upstream)
+                (Some(upstream), TimeSource::Forward, addr.to_string())
             }
-            Upstream::Builtin { stratum } => TimeSource::Builtin(BuiltinSource {
-                stratum,
-                ..BuiltinSource::default()
-            }),
+            Upstream::Builtin { stratum } => (
+                None,
+                TimeSource::Builtin(BuiltinSource {
+                    stratum,
+                    ..BuiltinSource::default()
+                }),
+                "builtin".to_string(),
+            ),
         };
-        let upstream_label = match config.upstream {
-            Upstream::Udp(addr) => addr.to_string(),
-            Upstream::Builtin { .. } => "builtin".to_string(),
-        };
+        let rtt = obs.rtt_gauge(&upstream_label);
+        let endpoint = Endpoint::new(&config.settings, limits, source, obs.stats.clone(), rtt)
+            .context("DTLS server configuration")?;
         Ok(Worker {
             settings,
             index,
-            upstream_label,
-            rtt: RttProbe::default(),
             socket,
-            source,
-            engine: Engine::server(&config.settings).context("DTLS server configuration")?,
-            admission: Admission::new(limits),
-            audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
+            time_server,
+            endpoint,
             obs,
-            pending: PendingTable::new(PENDING_CAPACITY, PENDING_TTL),
-            timers: BinaryHeap::new(),
-            events: Vec::new(),
-            expired: Vec::new(),
             to_peers: SendQueue::default(),
-            to_source: SendQueue::default(),
+            to_time_server: SendQueue::default(),
+            upstream_label,
         })
     }
 
@@ -302,348 +268,139 @@ impl Worker {
         let mut from_source = RecvBatch::default();
         let mut timer = LoopTimer::default();
         loop {
-            timer.arm(self.next_deadline());
+            timer.arm(self.endpoint.poll_timeout());
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
                 received = self.socket.recv_batch(&mut from_peers) => match received {
                     Ok(_) => {
-                        // Taken first thing: the builtin source's receive timestamp.
-                        let arrived = SystemTime::now();
+                        let rx = SystemTime::now();
                         let now = Instant::now();
                         for (peer, datagram) in from_peers.iter() {
                             if let Some(peer) = peer {
-                                self.on_datagram(now, arrived, peer, datagram);
+                                self.endpoint.handle_datagram(now, rx, peer, datagram);
                             }
                         }
                     }
                     Err(e) => debug!(error = %e, "receive error"),
                 },
-                received = recv_source(&self.source, &mut from_source) => match received {
-                    Ok(_) => {
-                        let now = Instant::now();
-                        for (_, datagram) in from_source.iter() {
-                            self.on_time_server_reply(now, datagram);
+                received = recv_time_server(self.time_server.as_ref(), &mut from_source) => {
+                    let rx = SystemTime::now();
+                    let now = Instant::now();
+                    match received {
+                        Ok(_) => {
+                            for (_, datagram) in from_source.iter() {
+                                self.endpoint.handle_time_server_reply(now, rx, datagram);
+                            }
                         }
-                    }
-                    // chronyd not running: ICMP port unreachable comes back as an error here.
-                    Err(e) => {
-                        self.obs.stats.incr(Counter::DropUpstreamError);
-                        debug!(error = %e, "time server receive error");
+                        // chronyd not running: ICMP port unreachable comes back as an error.
+                        Err(e) => self.endpoint.handle_time_server_error(now, &e.to_string()),
                     }
                 },
-                _ = timer.fired() => self.on_timer(Instant::now()),
+                _ = timer.fired() => self.endpoint.handle_timeout(Instant::now()),
                 Ok(()) = self.settings.changed() => {
                     let settings = self.settings.borrow_and_update().clone();
                     if let Some(settings) = settings {
-                        if let Err(e) = self.engine.replace_server_settings(&settings) {
+                        if let Err(e) = self.endpoint.replace_settings(&settings) {
                             warn!(error = %e, "reloaded material refused by the DTLS engine");
                         }
                     }
                 }
             }
-            self.flush();
-            let half_open = self.admission.half_open();
-            let established = self.admission.associations().saturating_sub(half_open);
-            self.obs
-                .set_associations(self.index, established, half_open);
+            self.execute();
         }
-        self.close_all();
+        self.endpoint.close_all(Instant::now());
+        self.execute();
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((due, _))| *due);
-        [
-            timer,
-            self.pending.next_deadline(),
-            self.admission.next_deadline(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
-    fn on_datagram(
-        &mut self,
-        now: Instant,
-        arrived: SystemTime,
-        peer: SocketAddr,
-        datagram: &[u8],
-    ) {
-        let arrival = if record::is_client_hello(datagram) {
-            Arrival::ClientHello
-        } else {
-            match record::first_record(datagram).map(|r| r.content_type) {
-                Some(record::CONTENT_HANDSHAKE | record::CONTENT_CHANGE_CIPHER_SPEC) => {
-                    Arrival::Handshake
-                }
-                _ => Arrival::Other,
-            }
-        };
-        if let Err(refusal) = self.admission.admit(now, peer, datagram.len(), arrival) {
-            self.obs.stats.incr(match refusal {
-                Refusal::NotClientHello => Counter::DropNotHandshake,
-                Refusal::AssociationLimit => Counter::DropAssociationLimit,
-                Refusal::HalfOpenLimit => Counter::DropHalfOpenLimit,
-                Refusal::SourceRateLimit => Counter::DropSourceRateLimit,
-                Refusal::HandshakeBytes => Counter::DropHandshakeBytes,
-            });
-            if refusal == Refusal::HandshakeBytes {
-                self.engine.abandon_handshake(now, peer);
-                self.admission.handshake_failed(peer);
-            }
-            debug!(%peer, len = datagram.len(), reason = refusal.label(), "datagram dropped");
-            return;
-        }
-        if !self.engine.receive(now, peer, datagram, &mut self.events) {
-            self.obs.stats.incr(Counter::DropNotHandshake);
-            self.admission.removed(peer);
-            return;
-        }
-        self.schedule(peer);
-        let mut events = std::mem::take(&mut self.events);
-        for event in events.drain(..) {
-            match event {
-                Event::Data { peer, payload } => {
-                    self.admission.activity(now, peer);
-                    if payload.is_empty() {
-                        // The client relay keeping a quiet association warm: nothing to forward.
-                        self.obs.stats.incr(Counter::Keepalives);
-                    } else {
-                        self.forward(now, arrived, peer, payload);
-                    }
-                }
-                other => self.audit(now, other),
+    /// Sends what the endpoint queued (requests to the time server first: their replies take
+    /// longest), and reports what happened.
+    fn execute(&mut self) {
+        while let Some(Transmit {
+            destination,
+            datagram,
+            ntp,
+        }) = self
+            .endpoint
+            .poll_transmit(Instant::now(), SystemTime::now())
+        {
+            match destination {
+                Destination::TimeServer => self.to_time_server.push_tagged(None, datagram, ntp),
+                Destination::Peer(peer) => self.to_peers.push_tagged(Some(peer), datagram, ntp),
             }
         }
-        self.events = events;
-    }
-
-    /// One line per association event: what an evaluator reads.
-    fn audit(&mut self, now: Instant, event: Event) {
-        match event {
-            Event::Established { peer, identity } => {
-                self.admission.established(now, peer);
-                self.obs.stats.incr(Counter::AssociationsEstablished);
-                info!(%peer, subject = %identity, cipher = %ntp_dtls_proto::engine::CIPHER_SUITE,
-                    "association established");
-            }
-            Event::Failed { peer, failure } => {
-                self.admission.handshake_failed(peer);
-                self.obs.stats.incr(Counter::AssociationsRefused);
-                self.obs.failures.incr(failure.label());
-                match self.audit_limiter.allow(now) {
-                    Some(0) => {
-                        info!(%peer, reason = %failure.label(), detail = %failure,
-                            "association refused")
-                    }
-                    Some(suppressed) => {
-                        info!(%peer, reason = %failure.label(), detail = %failure, suppressed,
-                            "association refused")
-                    }
-                    None => debug!(%peer, reason = %failure.label(), "association refused"),
-                }
-            }
-            Event::Closed { peer, reason } => {
-                self.admission.removed(peer);
-                self.obs.stats.incr(Counter::AssociationsClosed);
-                info!(%peer, %reason, "association closed");
-            }
-            Event::Data { .. } => {}
-        }
-    }
-
-    fn schedule(&mut self, peer: SocketAddr) {
-        if let Some(due) = self.engine.poll_timeout(peer) {
-            self.timers.push(Reverse((due, peer)));
-        }
-    }
-
-    /// A request out of an association: checked, then to the time server.
-    fn forward(&mut self, now: Instant, arrived: SystemTime, peer: SocketAddr, payload: BytesMut) {
-        let request = match ntp::check_request(&payload) {
-            Ok(request) => request,
-            Err(rejection) => {
-                self.obs.stats.incr(rejection.into());
-                debug!(%peer, %rejection, "request dropped");
-                return;
-            }
-        };
-        match &self.source {
-            TimeSource::Builtin(builtin) => {
-                let received = NtpTimestamp::from_system_time(arrived);
-                let reply = builtin.reply(
-                    &payload,
-                    received,
-                    NtpTimestamp::from_system_time(SystemTime::now()),
-                );
-                match reply {
-                    Ok(reply) => {
-                        self.obs.stats.incr(Counter::RequestsForwarded);
-                        self.reply(now, peer, &reply)
-                    }
-                    Err(rejection) => self.obs.stats.incr(rejection.into()),
-                }
-            }
-            TimeSource::Udp(_) => {
-                let inserted =
-                    self.pending
-                        .insert(now, request.transmit.0, request.receive.0, peer);
-                if !self.obs.stats.pending_inserted(inserted) {
-                    debug!(%peer, "request dropped: transmit timestamp unusable for matching");
-                    return;
-                }
-                // Sent with the rest of this batch, as soon as it is handled.
-                self.to_source.push(None, payload);
-                self.rtt.forwarded(request.transmit.0, now);
-            }
-        }
-    }
-
-    fn on_time_server_reply(&mut self, now: Instant, datagram: &[u8]) {
-        let reply = match ntp::check_reply(datagram) {
-            Ok(reply) => reply,
-            Err(rejection) => {
-                self.obs.stats.incr(rejection.into());
-                debug!(%rejection, "time server reply dropped");
-                return;
-            }
-        };
-        if let Some(rtt) = self.rtt.answered(reply.origin.0, now) {
-            self.obs.observe_rtt(&self.upstream_label, rtt);
-        }
-        match self.pending.take(now, reply.origin.0) {
-            Some(peer) => self.reply(now, peer, datagram),
-            None => {
-                self.obs.stats.incr(Counter::DropUnmatchedReply);
-                debug!("time server reply matches no outstanding request");
-            }
-        }
-    }
-
-    fn reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
-        match self.engine.send(now, peer, datagram) {
-            // No admission.activity here: idleness is the peer's silence, and its request
-            // has just counted.
-            Ok(()) => self.obs.stats.incr(Counter::RepliesDelivered),
-            Err(e) => {
-                self.obs.stats.incr(Counter::DropNoAssociation);
-                debug!(%peer, error = %e, "reply dropped");
-            }
-        }
-    }
-
-    fn on_timer(&mut self, now: Instant) {
-        let expired = self.pending.expire(now);
-        if expired > 0 {
-            self.obs.stats.add(Counter::ExpiredPending, expired as u64);
-        }
-        while let Some(Reverse((due, peer))) = self.timers.peek().copied() {
-            if due > now {
-                break;
-            }
-            self.timers.pop();
-            if self.engine.poll_timeout(peer).is_some_and(|due| due <= now) {
-                self.engine.handle_timeout(now, peer, &mut self.events);
-                self.schedule(peer);
-                let mut events = std::mem::take(&mut self.events);
-                for event in events.drain(..) {
-                    self.audit(now, event);
-                }
-                self.events = events;
-            }
-        }
-        let mut expired = std::mem::take(&mut self.expired);
-        self.admission.expire(now, &mut expired);
-        for expiry in expired.drain(..) {
-            self.on_expiry(now, expiry);
-        }
-        self.expired = expired;
-    }
-
-    fn on_expiry(&mut self, now: Instant, expiry: Expiry) {
-        match expiry {
-            Expiry::HandshakeTimeout { peer, answered } => {
-                self.engine.abandon_handshake(now, peer);
-                self.obs.stats.incr(Counter::HandshakeTimeouts);
-                if answered {
-                    // The peer proved its address and then stalled: a refusal worth a line.
-                    self.obs.stats.incr(Counter::AssociationsRefused);
-                    self.obs.failures.incr("handshake_timeout");
-                    if let Some(suppressed) = self.audit_limiter.allow(now) {
-                        info!(%peer, reason = %"handshake_timeout",
-                            detail = %"handshake timed out", suppressed, "association refused");
-                    }
-                } else {
-                    // A lone ClientHello, possibly spoofed: counted, not logged.
-                    debug!(%peer, "half-open handshake expired");
-                }
-            }
-            Expiry::ReplacementTimeout { peer } => {
-                self.engine.abandon_handshake(now, peer);
-                self.obs.stats.incr(Counter::HandshakeTimeouts);
-                debug!(%peer, "replacement handshake expired; the association stays");
-            }
-            Expiry::Idle { peer } => {
-                self.engine.close(now, peer);
-                self.obs.stats.incr(Counter::IdleClosed);
-                self.obs.stats.incr(Counter::AssociationsClosed);
-                info!(%peer, reason = %"idle", "association closed");
-            }
-        }
-    }
-
-    /// Sends what the batch just handled produced: requests to the time server first (their
-    /// replies take longest to come back), then DTLS records to peers.
-    fn flush(&mut self) {
-        if let TimeSource::Udp(socket) = &self.source {
-            if !self.to_source.is_empty() {
-                let (flushed, error) = self.to_source.flush(socket);
-                self.obs
-                    .stats
-                    .add(Counter::RequestsForwarded, flushed.sent as u64);
+        let stats = &self.obs.stats;
+        if let Some(socket) = &self.time_server {
+            if !self.to_time_server.is_empty() {
+                let (flushed, error) = self.to_time_server.flush(socket);
+                stats.add(Counter::RequestsForwarded, flushed.tagged as u64);
                 if let Some(e) = error {
                     // A datagram we cannot send now is better dropped than delayed.
-                    self.obs
-                        .stats
-                        .add(Counter::DropUpstreamError, flushed.failed as u64);
+                    stats.add(Counter::DropUpstreamError, flushed.failed as u64);
                     debug!(error = %e, failed = flushed.failed, "requests not forwarded");
                 }
             }
         }
-        while let Some(transmit) = self.engine.poll_transmit() {
-            self.to_peers.push(Some(transmit.peer), transmit.datagram);
-        }
         if !self.to_peers.is_empty() {
             let (flushed, error) = self.to_peers.flush(&self.socket);
+            stats.add(Counter::RepliesDelivered, flushed.tagged as u64);
             if let Some(e) = error {
+                stats.add(Counter::DropDeliveryFailed, flushed.failed as u64);
                 debug!(error = %e, failed = flushed.failed, "send failed");
             }
         }
+        while let Some(event) = self.endpoint.poll_event() {
+            self.log(event);
+        }
+        let (established, half_open) = self.endpoint.association_counts();
+        self.obs
+            .set_associations(self.index, established, half_open);
     }
 
-    /// Tells every peer we are going, so client relays reconnect at once when we are back.
-    fn close_all(&mut self) {
-        let now = Instant::now();
-        let peers = self.engine.peers();
-        for peer in &peers {
-            if self.engine.is_established(*peer) {
-                self.engine.close(now, *peer);
-                self.obs.stats.incr(Counter::AssociationsClosed);
-                info!(%peer, reason = %"shutdown", "association closed");
+    /// One line per association set up, refused or torn down: what an evaluator reads.
+    fn log(&self, event: EndpointEvent) {
+        match event {
+            EndpointEvent::Established { peer, identity } => {
+                info!(%peer, subject = %identity, cipher = %CIPHER_SUITE, "association established")
             }
-        }
-        if !peers.is_empty() {
-            self.flush();
+            EndpointEvent::Refused {
+                peer,
+                failure,
+                audit,
+            } => {
+                self.obs.failures.incr(failure.label());
+                match audit {
+                    Audit::Log { suppressed: 0 } => {
+                        warn!(%peer, reason = %failure.label(), detail = %failure,
+                            "association refused")
+                    }
+                    Audit::Log { suppressed } => {
+                        warn!(%peer, reason = %failure.label(), detail = %failure, suppressed,
+                            "association refused")
+                    }
+                    Audit::Quiet => {
+                        debug!(%peer, reason = %failure.label(), "association refused")
+                    }
+                }
+            }
+            EndpointEvent::Closed { peer, reason } => info!(%peer, %reason, "association closed"),
+            EndpointEvent::UpstreamDown { cause } => {
+                warn!(upstream = %self.upstream_label, %cause, "time server down")
+            }
+            EndpointEvent::UpstreamBack { down_for } => info!(upstream = %self.upstream_label,
+                down_for_s = down_for.as_secs_f64(), "time server answers again"),
         }
     }
 }
 
 /// The time server's next replies; never resolves for the builtin source.
-async fn recv_source(source: &TimeSource, batch: &mut RecvBatch) -> std::io::Result<usize> {
-    match source {
-        TimeSource::Udp(socket) => socket.recv_batch(batch).await,
-        TimeSource::Builtin(_) => std::future::pending().await,
+async fn recv_time_server(
+    socket: Option<&DatagramSocket>,
+    batch: &mut RecvBatch,
+) -> std::io::Result<usize> {
+    match socket {
+        Some(socket) => socket.recv_batch(batch).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -209,12 +209,16 @@ fn socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
 pub struct SendQueue {
     /// Destination (None on a connected socket) and datagram.
     queued: Vec<(Option<SocketAddr>, bytes::BytesMut)>,
+    /// Which of them are tagged (NTP datagrams, as opposed to handshake and keepalive
+    /// records), so that what was really sent can be counted by kind.
+    tagged: Vec<bool>,
 }
 
 impl Default for SendQueue {
     fn default() -> Self {
         SendQueue {
             queued: Vec::with_capacity(BATCH),
+            tagged: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -223,13 +227,26 @@ impl Default for SendQueue {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
     pub sent: usize,
+    /// Of those sent, how many were tagged.
+    pub tagged: usize,
     /// Refused by the kernel (the error is the one of the last failure).
     pub failed: usize,
 }
 
 impl SendQueue {
     pub fn push(&mut self, destination: Option<SocketAddr>, datagram: bytes::BytesMut) {
+        self.push_tagged(destination, datagram, false);
+    }
+
+    /// Queues a datagram, `tagged` for counting (see [`Flushed::tagged`]).
+    pub fn push_tagged(
+        &mut self,
+        destination: Option<SocketAddr>,
+        datagram: bytes::BytesMut,
+        tagged: bool,
+    ) {
         self.queued.push((destination, datagram));
+        self.tagged.push(tagged);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -249,6 +266,10 @@ impl SendQueue {
             match send_chunk(socket, &self.queued[start..end]) {
                 Ok(sent) if sent > 0 => {
                     flushed.sent += sent;
+                    flushed.tagged += self.tagged[start..start + sent]
+                        .iter()
+                        .filter(|t| **t)
+                        .count();
                     start += sent;
                 }
                 Ok(_) => {
@@ -266,6 +287,7 @@ impl SendQueue {
             }
         }
         self.queued.clear();
+        self.tagged.clear();
         (flushed, last_error)
     }
 }
@@ -446,6 +468,7 @@ mod tests {
             flushed,
             Flushed {
                 sent: total,
+                tagged: 0,
                 failed: 0
             }
         );
@@ -472,7 +495,14 @@ mod tests {
         queue.push(Some(addr(&rx)), bytes::BytesMut::from(&b"y"[..]));
         queue.push(Some(addr(&rx)), bytes::BytesMut::from(&b"z"[..]));
         let (flushed, error) = queue.flush(&tx);
-        assert_eq!(flushed, Flushed { sent: 2, failed: 1 });
+        assert_eq!(
+            flushed,
+            Flushed {
+                sent: 2,
+                tagged: 0,
+                failed: 1
+            }
+        );
         assert!(error.is_some());
         let mut batch = RecvBatch::default();
         assert_eq!(recv(&rx, &mut batch).await, 2);

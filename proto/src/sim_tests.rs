@@ -1,0 +1,379 @@
+//! The client tunnel and the server endpoint together, on simulated time: the lifecycle a
+//! device lives through (rekeys, deaths, restarts, ICMP errors, a time server that goes away,
+//! backoff), each scenario in well under a second of real time.
+
+use std::time::Duration;
+
+use crate::endpoint::EndpointEvent;
+use crate::health::{DeathCause, HealthPolicy};
+use crate::sim::{SERVER, SERVER_V6, Sim, local};
+use crate::stats::Counter;
+use crate::tunnel::{CloseReason, TunnelEvent, TunnelState};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A simulation with one tunnel, established and acknowledged.
+fn up(policy: HealthPolicy) -> Sim {
+    let mut sim = Sim::new();
+    sim.add_tunnel(Some(SERVER), policy);
+    sim.run(SECOND);
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+    assert_eq!(sim.established(0), 1);
+    sim
+}
+
+#[test]
+fn requests_from_many_local_clients_each_get_their_own_reply() {
+    let mut sim = up(HealthPolicy::default());
+    for round in 0..20 {
+        for port in 0..10 {
+            sim.request(0, local(5000 + port));
+        }
+        sim.run(ms(50 + round));
+    }
+    sim.run(SECOND);
+    for (client, seen) in &sim.clients {
+        assert_eq!(
+            (seen.sent, seen.answered, seen.wrong),
+            (20, 20, 0),
+            "{client}"
+        );
+    }
+    assert_eq!(
+        sim.stats.get(Counter::KeepaliveAcks),
+        1,
+        "the discovery keepalive"
+    );
+}
+
+#[test]
+fn a_rekey_makes_before_it_breaks_and_loses_no_request() {
+    let policy = HealthPolicy {
+        rekey_after_records: 20,
+        ..HealthPolicy::default()
+    };
+    let mut sim = up(policy);
+    sim.poll(local(5000), 100, ms(100));
+    sim.run(3 * SECOND);
+    let seen = &sim.clients[&local(5000)];
+    assert_eq!((seen.answered, seen.wrong), (100, 0));
+    let rekeys = sim
+        .tunnel_events
+        .iter()
+        .filter(|(_, _, e)| matches!(e, TunnelEvent::Established { rekey: true, .. }))
+        .count();
+    assert!(rekeys >= 4, "{rekeys} rekeys");
+    assert!(
+        sim.closed(0).is_empty(),
+        "a rekey closes nothing: {:?}",
+        sim.closed(0)
+    );
+    // Each replaced association drained and was closed on the server relay's side too.
+    let closed_on_server = sim
+        .endpoint_events
+        .iter()
+        .filter(|(_, e)| matches!(e, EndpointEvent::Closed { .. }))
+        .count();
+    assert_eq!(closed_on_server, rekeys);
+}
+
+#[test]
+fn a_server_relay_that_lost_its_state_is_found_dead_and_replaced_within_two_seconds() {
+    let mut sim = up(HealthPolicy::default());
+    sim.poll(local(5000), 5, ms(500));
+    // Crash and restart: the new server relay knows no association and drops its records.
+    sim.restart_server(true);
+    let crashed = sim.now;
+    let mut recovered = None;
+    for _ in 0..60 {
+        sim.request(0, local(5000));
+        sim.run(ms(100));
+        if sim.established(0) == 2 && recovered.is_none() {
+            recovered = Some(sim.now - crashed);
+        }
+    }
+    let recovered = recovered.expect("a new association");
+    assert!(recovered < 2 * SECOND, "{recovered:?}");
+    assert!(
+        matches!(sim.closed(0).as_slice(), [reason] if reason.contains("keepalives")),
+        "{:?}",
+        sim.closed(0)
+    );
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+}
+
+#[test]
+fn a_graceful_server_restart_brings_the_tunnel_back_at_once() {
+    let mut sim = up(HealthPolicy::default());
+    let now = sim.now;
+    sim.endpoint.as_mut().expect("endpoint").close_all(now);
+    sim.pump();
+    sim.restart_server(true);
+    sim.run(SECOND);
+    assert_eq!(sim.established(0), 2);
+    let closed = sim.closed(0);
+    assert!(
+        matches!(closed.as_slice(), [r] if r.contains("close_notify")),
+        "{closed:?}"
+    );
+    let back = sim
+        .tunnel_events
+        .iter()
+        .filter(|(_, _, e)| matches!(e, TunnelEvent::Established { .. }))
+        .map(|(at, _, _)| *at)
+        .next_back()
+        .expect("established");
+    assert!(back - now < ms(50), "{:?}", back - now);
+}
+
+#[test]
+fn a_forged_port_unreachable_costs_one_keepalive_and_no_handshake() {
+    let mut sim = up(HealthPolicy::default());
+    let socket = sim.opened[0].2;
+    for _ in 0..20 {
+        sim.forge_unreachable(socket);
+        sim.request(0, local(5000));
+        sim.run(ms(200));
+    }
+    assert_eq!(sim.established(0), 1, "no new association");
+    assert!(sim.closed(0).is_empty());
+    assert_eq!(sim.clients[&local(5000)].answered, 20);
+    assert_eq!(sim.stats.get(Counter::UpstreamUnreachable), 20);
+}
+
+#[test]
+fn a_time_server_that_is_down_costs_no_handshake_and_shows_as_upstream_down() {
+    let mut sim = up(HealthPolicy::default());
+    sim.poll(local(5000), 3, ms(500));
+    sim.time_server_up = false;
+    sim.poll(local(5000), 60, ms(500));
+    assert_eq!(sim.tunnels[0].state(), TunnelState::UpstreamDown);
+    assert_eq!(sim.established(0), 1, "no new association");
+    assert!(sim.closed(0).is_empty(), "{:?}", sim.closed(0));
+    let downs: Vec<_> = sim
+        .endpoint_events
+        .iter()
+        .filter(|(_, e)| matches!(e, EndpointEvent::UpstreamDown { .. }))
+        .collect();
+    assert_eq!(downs.len(), 1, "logged once: {downs:?}");
+    assert!(!sim.endpoint.as_ref().expect("endpoint").upstream_up());
+    sim.time_server_up = true;
+    sim.poll(local(5000), 3, ms(500));
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+    assert!(
+        sim.endpoint_events
+            .iter()
+            .any(|(_, e)| matches!(e, EndpointEvent::UpstreamBack { .. }))
+    );
+    let states: Vec<TunnelState> = sim
+        .tunnel_events
+        .iter()
+        .filter_map(|(_, _, e)| match e {
+            TunnelEvent::StateChanged { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [TunnelState::Up, TunnelState::UpstreamDown, TunnelState::Up]
+    );
+}
+
+#[test]
+fn a_quiet_association_is_kept_warm_and_never_idles_out() {
+    let mut sim = up(HealthPolicy::default());
+    sim.run(Duration::from_secs(3 * 3600 + 60));
+    assert_eq!(sim.established(0), 1);
+    assert!(sim.closed(0).is_empty(), "{:?}", sim.closed(0));
+    let keepalives = sim.stats.get(Counter::Keepalives);
+    assert!(
+        (36..=38).contains(&keepalives),
+        "one per 300 s: {keepalives}"
+    );
+    sim.request(0, local(5000));
+    sim.run(SECOND);
+    assert_eq!(sim.clients[&local(5000)].answered, 1);
+}
+
+#[test]
+fn an_absent_server_relay_is_retried_with_growing_jittered_backoff() {
+    let mut sim = Sim::new();
+    sim.restart_server(false);
+    sim.add_tunnel(Some(SERVER), HealthPolicy::default());
+    sim.run(Duration::from_secs(200));
+    let starts: Vec<Duration> = sim
+        .opened
+        .iter()
+        .map(|(at, _, _)| *at - sim.opened[0].0)
+        .collect();
+    let gaps: Vec<f64> = starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    // 1, 2, 4, 8, 16, 32, 60, 60 s, each scaled by a jitter factor in [0.5, 1].
+    let bases = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0];
+    assert!(gaps.len() >= 6, "{gaps:?}");
+    for (gap, base) in gaps.iter().zip(bases) {
+        assert!(*gap >= base * 0.5 - 0.01 && *gap <= base + 0.01, "{gaps:?}");
+    }
+    assert_eq!(sim.tunnels[0].state(), TunnelState::BackingOff);
+    // It comes back.
+    sim.restart_server(true);
+    sim.run(Duration::from_secs(61));
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+}
+
+/// The latent bug of the old TunnelTask: one backoff for reconnects and rekeys. A failed rekey
+/// advanced it, a successful rekey never reset it, so the next dead association lost its
+/// immediate first retry. With one backoff each, the retry is immediate.
+#[test]
+fn a_failed_rekey_does_not_delay_the_reconnect_after_a_death() {
+    let policy = HealthPolicy {
+        rekey_after_records: 10,
+        ..HealthPolicy::default()
+    };
+    let mut sim = up(policy);
+    // The rekey's handshakes are lost until the first has failed.
+    let next_port = sim.next_socket_port();
+    sim.drop_from_port = Some(next_port);
+    sim.poll(local(5000), 12, ms(100));
+    sim.run(Duration::from_secs(70));
+    assert!(
+        sim.tunnel_events
+            .iter()
+            .any(|(_, _, e)| matches!(e, TunnelEvent::Refused { rekey: true, .. })),
+        "a rekey failed"
+    );
+    sim.drop_from_port = None;
+    sim.poll(local(5000), 5, ms(100));
+    sim.run(Duration::from_secs(70));
+    assert!(
+        sim.tunnel_events
+            .iter()
+            .any(|(_, _, e)| matches!(e, TunnelEvent::Established { rekey: true, .. })),
+        "a rekey succeeded"
+    );
+    // Now the association dies: the server relay restarts without a word, and an ICMP error
+    // (a real one this time) makes the tunnel check the association.
+    sim.restart_server(true);
+    let socket = sim.opened.last().expect("a socket").2;
+    sim.forge_unreachable(socket);
+    sim.run(5 * SECOND);
+    let died = sim
+        .tunnel_events
+        .iter()
+        .find(|(_, _, e)| {
+            matches!(
+                e,
+                TunnelEvent::Closed {
+                    reason: CloseReason::Dead(DeathCause::NoAcknowledgement(_)),
+                    ..
+                }
+            )
+        })
+        .map(|(at, _, _)| *at)
+        .unwrap_or_else(|| {
+            panic!(
+                "the association died: {:#?}",
+                sim.tunnel_events
+                    .iter()
+                    .map(|(at, _, e)| (*at - sim.opened[0].0, e.clone()))
+                    .collect::<Vec<_>>()
+            )
+        });
+    let retried = sim
+        .opened
+        .iter()
+        .map(|(at, _, _)| *at)
+        .find(|at| *at >= died)
+        .expect("a new association was started");
+    assert_eq!(retried, died, "the first retry after a death is immediate");
+}
+
+#[test]
+fn every_address_of_a_name_is_tried_in_order() {
+    let mut sim = Sim::new();
+    // The name resolves to ::1-like first (not listening) and then the address that is.
+    sim.resolver.insert(0, Ok(vec![SERVER_V6, SERVER]));
+    sim.add_tunnel(None, HealthPolicy::default());
+    sim.run(SECOND);
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+    assert_eq!(sim.tunnels[0].peer(), Some(SERVER));
+    let refused: Vec<_> = sim
+        .tunnel_events
+        .iter()
+        .filter_map(|(_, _, e)| match e {
+            TunnelEvent::Refused { peer, retry_in, .. } => Some((*peer, *retry_in)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [(SERVER_V6, None)],
+        "the first address, then at once the next"
+    );
+}
+
+#[test]
+fn an_unresolvable_name_backs_off_and_is_picked_up_when_it_resolves() {
+    let mut sim = Sim::new();
+    sim.resolver.insert(0, Err("no such host".into()));
+    sim.add_tunnel(None, HealthPolicy::default());
+    sim.run(Duration::from_secs(10));
+    assert_eq!(sim.tunnels[0].state(), TunnelState::BackingOff);
+    let failures = sim
+        .tunnel_events
+        .iter()
+        .filter(|(_, _, e)| matches!(e, TunnelEvent::ResolveFailed { .. }))
+        .count();
+    assert!((3..=5).contains(&failures), "{failures}");
+    sim.resolver.insert(0, Ok(vec![SERVER]));
+    sim.run(Duration::from_secs(20));
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+}
+
+#[test]
+fn loss_between_the_relays_never_misroutes_a_reply() {
+    let mut sim = up(HealthPolicy::default());
+    sim.loss_percent = 30;
+    for round in 0..100 {
+        sim.request(0, local(5000 + round % 7));
+        sim.run(ms(300));
+    }
+    sim.loss_percent = 0;
+    sim.run(2 * SECOND);
+    let (answered, wrong) = sim
+        .clients
+        .values()
+        .fold((0, 0), |(a, w), c| (a + c.answered, w + c.wrong));
+    assert_eq!(wrong, 0);
+    // 0.7 x 0.7 of 100 expected; well clear of 0 and of 100.
+    assert!((30..=70).contains(&answered), "{answered}");
+}
+
+#[test]
+fn two_devices_behind_one_server_relay_each_get_their_replies() {
+    let mut sim = Sim::new();
+    sim.add_tunnel(Some(SERVER), HealthPolicy::default());
+    sim.add_tunnel(Some(SERVER), HealthPolicy::default());
+    sim.run(SECOND);
+    for _ in 0..20 {
+        sim.request(0, local(5000));
+        sim.request(1, local(5000));
+        sim.run(ms(100));
+    }
+    sim.run(SECOND);
+    let seen = &sim.clients[&local(5000)];
+    assert_eq!((seen.sent, seen.answered, seen.wrong), (40, 40, 0));
+    assert_eq!(
+        sim.endpoint
+            .as_ref()
+            .expect("endpoint")
+            .association_counts(),
+        (2, 0)
+    );
+}

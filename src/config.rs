@@ -20,6 +20,8 @@ pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:123";
 pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:1123";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:123";
 pub const DEFAULT_STRATUM: u8 = 2;
+/// The server relay's port when `--server` or `server =` names none.
+pub const DEFAULT_SERVER_PORT: u16 = 1123;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,11 +58,35 @@ pub struct Tunnel {
     pub settings: ClientSettings,
     /// Dead-association detection, rekey and keepalive.
     pub policy: HealthPolicy,
+    /// Where `settings` came from (re-read at every SIGHUP).
+    pub files: TunnelFiles,
+}
+
+/// The files a tunnel's certificate material is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelFiles {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 pub struct ClientConfig {
     pub tunnels: Vec<Tunnel>,
     pub daemon: DaemonSettings,
+    /// The flags it was built from: a reload reads the same file with the same flags.
+    pub args: ClientArgs,
+}
+
+/// A client configuration read tunnel by tunnel, each tunnel's problem kept apart from the
+/// others': what `client --check` reports. [`ClientConfig::from_args`] stops at the first.
+pub struct ClientCandidate {
+    /// Each `[[tunnel]]` (or the one tunnel of the flags), in order, with its name for
+    /// messages ("tunnel 2", or the listen address).
+    pub tunnels: Vec<(String, Result<Tunnel, ConfigError>)>,
+    pub daemon: DaemonSettings,
+    /// The association upkeep every tunnel shares.
+    pub policy: HealthPolicy,
+    pub args: ClientArgs,
 }
 
 /// What both daemons take besides their own settings.
@@ -70,6 +96,10 @@ pub struct DaemonSettings {
     pub metrics: Option<SocketAddr>,
     /// Whom to become once the sockets are bound.
     pub user: Option<String>,
+    /// Every file the daemon reads again at SIGHUP (the config file, certificates, keys, CA
+    /// files), labelled by its key: after `user` takes over, that user must be able to read
+    /// them.
+    pub files: Vec<(String, PathBuf)>,
 }
 
 impl DaemonSettings {
@@ -85,6 +115,7 @@ impl DaemonSettings {
         Ok(DaemonSettings {
             metrics,
             user: args.user.clone().or(user.map(str::to_owned)),
+            files: Vec::new(),
         })
     }
 }
@@ -110,6 +141,8 @@ pub struct ServerConfig {
     /// Sockets (and threads) sharing the listen address.
     pub workers: usize,
     pub daemon: DaemonSettings,
+    /// The flags it was built from: a reload reads the same file with the same flags.
+    pub args: ServerArgs,
 }
 
 impl ServerConfig {
@@ -125,6 +158,7 @@ impl ServerConfig {
             limits: self.limits.clone(),
             workers: self.workers,
             daemon: self.daemon.clone(),
+            args: self.args.clone(),
         }
     }
 }
@@ -303,11 +337,19 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
             }
             None => (String::new(), String::new()),
         };
+        // A key in the wrong table (appended after `[limits]`, say) reads as an unknown field
+        // of that table: say which table the line is in.
+        let table = match e.span() {
+            Some(span) if e.message().contains("unknown field") => {
+                enclosing_table(text, span.start.min(text.len()))
+            }
+            _ => String::new(),
+        };
         ConfigError::Parse {
             path: path.to_owned(),
             // toml's own message may span lines: the error must stay one line.
             message: format!(
-                "{place}{}{source_line}",
+                "{place}{}{source_line}{table}",
                 e.message()
                     .trim_end()
                     .lines()
@@ -316,6 +358,35 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
             ),
         }
     })
+}
+
+/// "; the line is in the [limits] table, which starts at line 12 (top-level keys go above the
+/// first table)", or nothing for a top-level line.
+fn enclosing_table(text: &str, offset: usize) -> String {
+    let mut header = None;
+    let mut tunnels = 0;
+    for (number, line) in text[..offset].lines().enumerate() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = name.trim();
+            tunnels += usize::from(name == "tunnel");
+            let which = if name == "tunnel" {
+                format!("[[tunnel]] entry {tunnels}")
+            } else {
+                format!("[[{name}]] entry")
+            };
+            header = Some((which, number + 1));
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            header = Some((format!("[{}] table", name.trim()), number + 1));
+        }
+    }
+    match header {
+        Some((which, line)) => format!(
+            "; the line is in the {which}, which starts at line {line} \
+             (top-level keys go above the first table)"
+        ),
+        None => String::new(),
+    }
 }
 
 /// Parses the text of a client config file and runs every check that needs no file, socket or
@@ -376,6 +447,26 @@ pub fn server_address(spec: &str, what: &str) -> Result<Option<SocketAddr>, Conf
         return Err(invalid("not an address or a host name"));
     }
     Ok(None)
+}
+
+/// HOST:PORT with `port` added when `spec` names only a host or an address:
+/// `127.0.0.1` is `127.0.0.1:1123`, `::1` and `[::1]` are `[::1]:1123`, `time.example.net` is
+/// `time.example.net:1123`. Anything else is returned as it is, for [`server_address`] to judge.
+pub fn with_default_port(spec: &str, port: u16) -> String {
+    if spec.parse::<SocketAddr>().is_ok() {
+        return spec.to_string();
+    }
+    match spec.parse::<std::net::IpAddr>() {
+        Ok(ip) => return SocketAddr::new(ip, port).to_string(),
+        Err(_) if spec.starts_with('[') && spec.ends_with(']') => {
+            return format!("{spec}:{port}");
+        }
+        Err(_) => {}
+    }
+    if !spec.is_empty() && !spec.contains(':') {
+        return format!("{spec}:{port}");
+    }
+    spec.to_string()
 }
 
 /// The host part of HOST:PORT, without IPv6 brackets: the default reference identifier.
@@ -459,48 +550,58 @@ pub fn client_settings(
 }
 
 impl ClientConfig {
+    /// The configuration the daemon runs: every tunnel must load.
     pub fn from_args(args: &ClientArgs) -> Result<Self, ConfigError> {
-        if let Some(path) = &args.config {
-            let file: ClientFile = read_toml(path)?;
-            let daemon = DaemonSettings::resolve(
-                &args.daemon,
-                file.metrics.as_deref(),
-                file.user.as_deref(),
-            )?;
-            let mut config = Self::from_file(path, file)?;
-            config.daemon = daemon;
-            return Ok(config);
+        let candidate = ClientCandidate::from_args(args)?;
+        let mut tunnels = Vec::with_capacity(candidate.tunnels.len());
+        for (_, tunnel) in candidate.tunnels {
+            tunnels.push(tunnel?);
         }
-        let server = args
-            .server
-            .as_deref()
-            .ok_or_else(|| ConfigError::Invalid("--server is required".into()))?;
-        let ca = args
-            .ca
-            .as_deref()
-            .ok_or_else(|| ConfigError::Invalid("--ca is required".into()))?;
-        let listen_spec = args.listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN);
-        let tunnel = Tunnel {
-            name: listen_spec.to_string(),
-            listen: resolve(listen_spec, "--listen")?,
-            server_spec: server.to_string(),
-            server: server_address(server, "--server")?,
-            settings: client_settings(
-                server,
-                args.server_name.as_deref(),
-                ca,
-                args.cert.as_deref(),
-                args.key.as_deref(),
-            )?,
-            policy: HealthPolicy::default(),
-        };
+        let mut daemon = candidate.daemon;
+        if let Some(path) = &args.config {
+            daemon.files.push(("config".into(), path.clone()));
+        }
+        for tunnel in &tunnels {
+            let mut push = |key: &str, path: &Path| {
+                if !daemon.files.iter().any(|(_, p)| p == path) {
+                    daemon
+                        .files
+                        .push((format!("{} {key}", tunnel.name), path.to_owned()));
+                }
+            };
+            push("ca", &tunnel.files.ca);
+            for (key, path) in [("cert", &tunnel.files.cert), ("key", &tunnel.files.key)] {
+                if let Some(path) = path {
+                    push(key, path);
+                }
+            }
+        }
         Ok(ClientConfig {
-            tunnels: vec![tunnel],
-            daemon: DaemonSettings::resolve(&args.daemon, None, None)?,
+            tunnels,
+            daemon,
+            args: args.clone(),
         })
     }
 
-    fn from_file(path: &Path, file: ClientFile) -> Result<Self, ConfigError> {
+    /// Reads the configuration again (SIGHUP) with the same flags, and says what of the
+    /// difference a running relay can apply.
+    pub fn reload(&self) -> Result<(ClientConfig, ReloadPlan), ConfigError> {
+        let new = ClientConfig::from_args(&self.args)?;
+        let plan = reload_plan(self, &new);
+        Ok((new, plan))
+    }
+}
+
+impl ClientCandidate {
+    /// Reads the flags and the file; an error here (the file, the upkeep keys, `metrics`)
+    /// concerns every tunnel, one tunnel's problem is kept in its entry.
+    pub fn from_args(args: &ClientArgs) -> Result<Self, ConfigError> {
+        let Some(path) = &args.config else {
+            return Self::from_flags(args);
+        };
+        let file: ClientFile = read_toml(path)?;
+        let daemon =
+            DaemonSettings::resolve(&args.daemon, file.metrics.as_deref(), file.user.as_deref())?;
         if file.tunnel.is_empty() {
             return Err(ConfigError::Invalid(format!(
                 "{}: no [[tunnel]] entry",
@@ -510,39 +611,106 @@ impl ClientConfig {
         let policy = file
             .policy()
             .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
-        let mut tunnels = Vec::with_capacity(file.tunnel.len());
+        let mut tunnels: Vec<(String, Result<Tunnel, ConfigError>)> =
+            Vec::with_capacity(file.tunnel.len());
         for (index, entry) in file.tunnel.iter().enumerate() {
-            let name = format!("{}: tunnel {}", path.display(), index + 1);
-            let ca = entry.ca.as_deref().or(file.ca.as_deref()).ok_or_else(|| {
-                ConfigError::Invalid(format!("{name}: missing field `ca` (or a top-level `ca`)"))
-            })?;
-            let cert = entry.cert.as_deref().or(file.cert.as_deref());
-            let key = entry.key.as_deref().or(file.key.as_deref());
-            let settings =
-                client_settings(&entry.server, entry.server_name.as_deref(), ca, cert, key)
-                    .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
-            let listen = resolve(&entry.listen, "listen")
-                .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
-            if listen.port() != 0 && tunnels.iter().any(|t: &Tunnel| t.listen == listen) {
-                return Err(ConfigError::Invalid(format!(
-                    "{name}: listen address {listen} is used by an earlier tunnel"
-                )));
-            }
-            tunnels.push(Tunnel {
-                name: format!("tunnel {}", index + 1),
-                listen,
-                server_spec: entry.server.clone(),
-                server: server_address(&entry.server, "server")
-                    .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?,
-                settings,
-                policy: policy.clone(),
-            });
+            let name = format!("tunnel {}", index + 1);
+            let context = format!("{}: {name}", path.display());
+            let tunnel = tunnel_from_file(&file, entry, &name, &policy)
+                .map_err(|e| ConfigError::Invalid(format!("{context}: {e}")))
+                .and_then(|tunnel| {
+                    let earlier = tunnels
+                        .iter()
+                        .filter_map(|(_, t)| t.as_ref().ok())
+                        .any(|t| t.listen == tunnel.listen);
+                    if tunnel.listen.port() != 0 && earlier {
+                        return Err(ConfigError::Invalid(format!(
+                            "{context}: listen address {} is used by an earlier tunnel",
+                            tunnel.listen
+                        )));
+                    }
+                    Ok(tunnel)
+                });
+            tunnels.push((name, tunnel));
         }
-        Ok(ClientConfig {
+        Ok(ClientCandidate {
             tunnels,
-            daemon: DaemonSettings::default(),
+            daemon,
+            policy,
+            args: args.clone(),
         })
     }
+
+    fn from_flags(args: &ClientArgs) -> Result<Self, ConfigError> {
+        let server = args
+            .server
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid("--server is required".into()))?;
+        let ca = args
+            .ca
+            .as_deref()
+            .ok_or_else(|| ConfigError::Invalid("--ca is required".into()))?;
+        let listen_spec = args.listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN);
+        let daemon = DaemonSettings::resolve(&args.daemon, None, None)?;
+        let server_spec = with_default_port(server, DEFAULT_SERVER_PORT);
+        let tunnel = (|| {
+            Ok(Tunnel {
+                name: listen_spec.to_string(),
+                listen: resolve(listen_spec, "--listen")?,
+                server: server_address(&server_spec, "--server")?,
+                settings: client_settings(
+                    &server_spec,
+                    args.server_name.as_deref(),
+                    ca,
+                    args.cert.as_deref(),
+                    args.key.as_deref(),
+                )?,
+                server_spec,
+                policy: HealthPolicy::default(),
+                files: TunnelFiles {
+                    ca: ca.to_owned(),
+                    cert: args.cert.clone(),
+                    key: args.key.clone(),
+                },
+            })
+        })();
+        Ok(ClientCandidate {
+            tunnels: vec![(listen_spec.to_string(), tunnel)],
+            daemon,
+            policy: HealthPolicy::default(),
+            args: args.clone(),
+        })
+    }
+}
+
+/// One `[[tunnel]]` of a client file, with the file's defaults.
+fn tunnel_from_file(
+    file: &ClientFile,
+    entry: &TunnelFile,
+    name: &str,
+    policy: &HealthPolicy,
+) -> Result<Tunnel, ConfigError> {
+    let ca =
+        entry.ca.as_deref().or(file.ca.as_deref()).ok_or_else(|| {
+            ConfigError::Invalid("missing field `ca` (or a top-level `ca`)".into())
+        })?;
+    let cert = entry.cert.as_deref().or(file.cert.as_deref());
+    let key = entry.key.as_deref().or(file.key.as_deref());
+    let server_spec = with_default_port(&entry.server, DEFAULT_SERVER_PORT);
+    let settings = client_settings(&server_spec, entry.server_name.as_deref(), ca, cert, key)?;
+    Ok(Tunnel {
+        name: name.to_string(),
+        listen: resolve(&entry.listen, "listen")?,
+        server: server_address(&server_spec, "server")?,
+        server_spec,
+        settings,
+        policy: policy.clone(),
+        files: TunnelFiles {
+            ca: ca.to_owned(),
+            cert: cert.map(Path::to_owned),
+            key: key.map(Path::to_owned),
+        },
+    })
 }
 
 impl ServerConfig {
@@ -596,7 +764,17 @@ impl ServerConfig {
                 "workers = {workers}: must be 1 to 256"
             )));
         }
+        let mut daemon = daemon;
+        if let Some(path) = &args.config {
+            daemon.files.push(("config".into(), path.clone()));
+        }
+        daemon.files.push(("cert".into(), cert_path.clone()));
+        daemon.files.push(("key".into(), key_path.clone()));
+        if let Some(path) = &client_ca_path {
+            daemon.files.push(("client_ca".into(), path.clone()));
+        }
         Ok(ServerConfig {
+            args: args.clone(),
             daemon,
             limits,
             workers,
@@ -629,6 +807,235 @@ impl ServerConfig {
             message: e.to_string(),
         })?;
         Ok(settings)
+    }
+}
+
+impl ServerConfig {
+    /// Reads the configuration again (SIGHUP) with the same flags, and says what of the
+    /// difference a running relay can apply.
+    pub fn reload(&self) -> Result<(ServerConfig, ReloadPlan), ConfigError> {
+        let new = ServerConfig::from_args(&self.args)?;
+        let plan = reload_plan(self, &new);
+        Ok((new, plan))
+    }
+}
+
+/// What a reload (SIGHUP) does with a configuration read again: what it puts into service,
+/// and every changed key it cannot apply without a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadPlan {
+    /// Keys whose new values (and files) a running relay takes: certificates, keys, CA files
+    /// (read again even when their paths did not change), and the reference identifier.
+    pub applied: Vec<String>,
+    /// Keys that changed but need a restart, as the file spells them (`listen`,
+    /// `limits.max_half_open`, `tunnel[2].server`, `tunnel[3]` for a tunnel added or removed).
+    pub restart_required: Vec<String>,
+}
+
+impl ReloadPlan {
+    pub fn needs_restart(&self) -> bool {
+        !self.restart_required.is_empty()
+    }
+
+    fn apply(&mut self, key: &str) {
+        if !self.applied.iter().any(|k| k == key) {
+            self.applied.push(key.to_string());
+        }
+    }
+
+    fn restart_if(&mut self, changed: bool, key: impl Into<String>) {
+        if changed {
+            self.restart_required.push(key.into());
+        }
+    }
+}
+
+/// A configuration a running relay can reload.
+pub trait Reloadable {
+    fn reload_plan(&self, new: &Self) -> ReloadPlan;
+}
+
+/// What reloading from `old` to `new` applies and what needs a restart.
+pub fn reload_plan<C: Reloadable>(old: &C, new: &C) -> ReloadPlan {
+    old.reload_plan(new)
+}
+
+fn daemon_plan(plan: &mut ReloadPlan, old: &DaemonSettings, new: &DaemonSettings) {
+    plan.restart_if(old.metrics != new.metrics, "metrics");
+    plan.restart_if(old.user != new.user, "user");
+}
+
+impl Reloadable for ClientConfig {
+    fn reload_plan(&self, new: &ClientConfig) -> ReloadPlan {
+        let mut plan = ReloadPlan::default();
+        daemon_plan(&mut plan, &self.daemon, &new.daemon);
+        if let (Some(old), Some(new)) = (self.tunnels.first(), new.tunnels.first()) {
+            let (a, b) = (&old.policy, &new.policy);
+            plan.restart_if(
+                a.dead_after_unanswered != b.dead_after_unanswered,
+                "dead_after_unanswered",
+            );
+            plan.restart_if(a.dead_after != b.dead_after, "dead_after_secs");
+            plan.restart_if(
+                a.rekey_after_records != b.rekey_after_records,
+                "rekey_after_records",
+            );
+            plan.restart_if(a.rekey_after != b.rekey_after, "rekey_after_secs");
+            plan.restart_if(a.keepalive_after != b.keepalive_after, "keepalive_secs");
+        }
+        for (index, (old, new)) in self.tunnels.iter().zip(&new.tunnels).enumerate() {
+            let key = |k: &str| format!("tunnel[{}].{k}", index + 1);
+            plan.restart_if(old.listen != new.listen, key("listen"));
+            plan.restart_if(old.server_spec != new.server_spec, key("server"));
+            // Certificate material and the name to expect go into every new handshake.
+            plan.apply("ca");
+            if new.files.cert.is_some() || old.files.cert.is_some() {
+                plan.apply("cert");
+                plan.apply("key");
+            }
+            if old.settings.server_name != new.settings.server_name {
+                plan.apply("server_name");
+            }
+        }
+        let (shorter, longer) = if self.tunnels.len() < new.tunnels.len() {
+            (self.tunnels.len(), new.tunnels.len())
+        } else {
+            (new.tunnels.len(), self.tunnels.len())
+        };
+        for index in shorter..longer {
+            plan.restart_required.push(format!("tunnel[{}]", index + 1));
+        }
+        plan
+    }
+}
+
+impl Reloadable for ServerConfig {
+    fn reload_plan(&self, new: &ServerConfig) -> ReloadPlan {
+        let mut plan = ReloadPlan::default();
+        daemon_plan(&mut plan, &self.daemon, &new.daemon);
+        plan.restart_if(self.listen != new.listen, "listen");
+        match (self.upstream, new.upstream) {
+            (Upstream::Builtin { stratum: a }, Upstream::Builtin { stratum: b }) => {
+                plan.restart_if(a != b, "stratum")
+            }
+            (a, b) => plan.restart_if(a != b, "upstream"),
+        }
+        plan.restart_if(self.workers != new.workers, "workers");
+        let (a, b) = (&self.limits, &new.limits);
+        for (changed, key) in [
+            (a.max_associations != b.max_associations, "max_associations"),
+            (a.max_half_open != b.max_half_open, "max_half_open"),
+            (
+                a.handshake_timeout != b.handshake_timeout,
+                "handshake_timeout_secs",
+            ),
+            (a.handshake_rate != b.handshake_rate, "handshake_rate"),
+            (a.handshake_burst != b.handshake_burst, "handshake_burst"),
+            (
+                a.max_handshake_bytes != b.max_handshake_bytes,
+                "max_handshake_bytes",
+            ),
+            (a.idle_timeout != b.idle_timeout, "idle_timeout_secs"),
+        ] {
+            plan.restart_if(changed, format!("limits.{key}"));
+        }
+        plan.apply("cert");
+        plan.apply("key");
+        if self.client_ca_path.is_some() || new.client_ca_path.is_some() {
+            plan.apply("client_ca");
+        }
+        plan
+    }
+}
+
+/// The keys of both config files, read off the structs that parse them, so that docs, example
+/// files and man pages can be checked against the parser: (table, key), table "" being the top
+/// level, "tunnel" the client's `[[tunnel]]` entries and "limits" the server's `[limits]`.
+pub struct ConfigKeys {
+    pub client: Vec<(&'static str, &'static str)>,
+    pub server: Vec<(&'static str, &'static str)>,
+}
+
+pub fn config_keys() -> ConfigKeys {
+    let mut client: Vec<_> = introspect::fields::<ClientFile>()
+        .iter()
+        .map(|k| ("", *k))
+        .collect();
+    client.extend(
+        introspect::fields::<TunnelFile>()
+            .iter()
+            .map(|k| ("tunnel", *k)),
+    );
+    let mut server: Vec<_> = introspect::fields::<ServerFile>()
+        .iter()
+        .map(|k| ("", *k))
+        .collect();
+    server.extend(
+        introspect::fields::<LimitsFile>()
+            .iter()
+            .map(|k| ("limits", *k)),
+    );
+    // The tables themselves are keys of their parent, not settings.
+    client.retain(|(table, key)| !(table.is_empty() && *key == "tunnel"));
+    server.retain(|(table, key)| !(table.is_empty() && *key == "limits"));
+    ConfigKeys { client, server }
+}
+
+/// A serde Deserializer that only records the field names a struct asks for.
+mod introspect {
+    use serde::de::{self, Deserialize, Visitor};
+
+    pub fn fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Recorder {
+            fields: &mut fields,
+        });
+        fields
+    }
+
+    struct Recorder<'a> {
+        fields: &'a mut &'static [&'static str],
+    }
+
+    #[derive(Debug)]
+    struct Stop;
+
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names recorded")
+        }
+    }
+
+    impl std::error::Error for Stop {}
+
+    impl de::Error for Stop {
+        fn custom<T: std::fmt::Display>(_: T) -> Self {
+            Stop
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for Recorder<'_> {
+        type Error = Stop;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            *self.fields = fields;
+            Err(Stop)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
     }
 }
 
@@ -737,6 +1144,290 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_server_without_a_port_gets_1123() {
+        assert_eq!(with_default_port("127.0.0.1", 1123), "127.0.0.1:1123");
+        assert_eq!(with_default_port("127.0.0.1:99", 1123), "127.0.0.1:99");
+        assert_eq!(with_default_port("::1", 1123), "[::1]:1123");
+        assert_eq!(with_default_port("[::1]", 1123), "[::1]:1123");
+        assert_eq!(with_default_port("[::1]:5", 1123), "[::1]:5");
+        assert_eq!(
+            with_default_port("time.example.net", 1123),
+            "time.example.net:1123"
+        );
+        // Left for server_address to refuse, with the spec as written.
+        assert_eq!(
+            with_default_port("time.example:ntp", 1123),
+            "time.example:ntp"
+        );
+        assert_eq!(with_default_port("", 1123), "");
+    }
+
+    #[test]
+    fn a_key_after_a_table_header_is_said_to_be_in_that_table() {
+        let err = check_server_toml(
+            "listen = \"0.0.0.0:1123\"\n[limits]\nmax_half_open = 10\nworkers = 2\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("line 4")
+                && err.contains("workers")
+                && err.contains("in the [limits] table, which starts at line 2")
+                && err.contains("top-level keys go above the first table"),
+            "{err}"
+        );
+        let client = "ca = \"ca.pem\"\n[[tunnel]]\nlisten = \"127.0.0.1:123\"\nserver = \"a:1\"\n\
+                      [[tunnel]]\nlisten = \"127.0.0.2:123\"\nserver = \"b:1\"\nkeepalive_secs = 60\n";
+        let err = check_client_toml(client).unwrap_err();
+        assert!(
+            err.contains("keepalive_secs")
+                && err.contains("[[tunnel]] entry 2, which starts at line 5"),
+            "{err}"
+        );
+        // A misspelt top-level key is just that.
+        let err = check_server_toml("listne = \"x\"\n").unwrap_err();
+        assert!(!err.contains("table"), "{err}");
+    }
+
+    #[test]
+    fn the_key_lists_come_from_the_structs() {
+        let keys = config_keys();
+        for key in ["metrics", "user", "ca", "keepalive_secs", "dead_after_secs"] {
+            assert!(keys.client.contains(&("", key)), "client {key}");
+        }
+        for key in ["listen", "server", "server_name", "ca", "cert", "key"] {
+            assert!(keys.client.contains(&("tunnel", key)), "tunnel {key}");
+        }
+        for key in ["metrics", "user", "workers", "stratum", "client_ca"] {
+            assert!(keys.server.contains(&("", key)), "server {key}");
+        }
+        assert!(keys.server.contains(&("limits", "idle_timeout_secs")));
+        assert!(!keys.server.contains(&("", "limits")));
+        assert!(!keys.client.contains(&("", "tunnel")));
+        assert_eq!(keys.client.len(), 16, "{:?}", keys.client);
+        assert_eq!(keys.server.len(), 16, "{:?}", keys.server);
+    }
+
+    /// A lab PKI and config files in a temporary directory, parsed as main() would.
+    struct Lab {
+        dir: PathBuf,
+    }
+
+    impl Lab {
+        fn new() -> Lab {
+            static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "ntp-dtls-config-{}-{}",
+                std::process::id(),
+                COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            pki::generate_lab_pki(&pki::LabPkiRequest {
+                out_dir: dir.clone(),
+                server_names: vec!["localhost".into()],
+                client_names: vec![],
+                days: 30,
+                force: false,
+            })
+            .expect("lab pki");
+            Lab { dir }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.join(name).display().to_string()
+        }
+
+        fn write(&self, name: &str, text: &str) -> String {
+            let text = text.replace("DIR", &self.dir.display().to_string());
+            std::fs::write(self.dir.join(name), text).expect("write");
+            self.path(name)
+        }
+
+        fn server(&self, text: &str) -> ServerConfig {
+            let path = self.write("server.toml", text);
+            match crate::cli::Cli::try_parse_from(["ntp-dtls", "server", "--config", &path])
+                .expect("args")
+                .command
+            {
+                crate::cli::Command::Server(args) => {
+                    ServerConfig::from_args(&args).expect("server config")
+                }
+                _ => unreachable!("parsed as the server command"),
+            }
+        }
+
+        fn client(&self, text: &str) -> ClientConfig {
+            let path = self.write("client.toml", text);
+            match crate::cli::Cli::try_parse_from(["ntp-dtls", "client", "--config", &path])
+                .expect("args")
+                .command
+            {
+                crate::cli::Command::Client(args) => {
+                    ClientConfig::from_args(&args).expect("client config")
+                }
+                _ => unreachable!("parsed as the client command"),
+            }
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    use clap::Parser as _;
+
+    const SERVER: &str = "listen = \"127.0.0.1:1123\"\nupstream = \"builtin\"\n\
+                          cert = \"DIR/server.pem\"\nkey = \"DIR/server.key.pem\"\nworkers = 2\n";
+
+    #[test]
+    fn a_server_reload_applies_material_and_names_what_needs_a_restart() {
+        let lab = Lab::new();
+        let old = lab.server(SERVER);
+        let same = lab.server(SERVER);
+        let plan = reload_plan(&old, &same);
+        assert_eq!(plan.applied, ["cert", "key"]);
+        assert!(!plan.needs_restart(), "{plan:?}");
+
+        let changed = lab.server(&format!(
+            "{}client_ca = \"DIR/ca.pem\"\nmetrics = \"127.0.0.1:0\"\nstratum = 3\n\
+             [limits]\nmax_half_open = 7\nidle_timeout_secs = 60\n",
+            SERVER.replace("127.0.0.1:1123", "127.0.0.1:1124")
+        ));
+        let plan = reload_plan(&old, &changed);
+        assert_eq!(plan.applied, ["cert", "key", "client_ca"]);
+        assert_eq!(
+            plan.restart_required,
+            [
+                "metrics",
+                "listen",
+                "stratum",
+                "limits.max_half_open",
+                "limits.idle_timeout_secs"
+            ]
+        );
+        let upstream = lab.server(&SERVER.replace("builtin", "127.0.0.1:123"));
+        assert_eq!(reload_plan(&old, &upstream).restart_required, ["upstream"]);
+
+        // The config keeps the flags it came from: reload reads the file again.
+        lab.write("server.toml", &SERVER.replace("workers = 2", "workers = 3"));
+        let (new, plan) = old.reload().expect("reload");
+        assert_eq!(new.workers, 3);
+        assert_eq!(plan.restart_required, ["workers"]);
+        // A file that no longer parses is a failed reload, not a partial one.
+        lab.write("server.toml", &format!("{SERVER}bogus = 1\n"));
+        let err = old
+            .reload()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    const CLIENT: &str = "ca = \"DIR/ca.pem\"\n\
+                          [[tunnel]]\nlisten = \"127.0.0.1:10123\"\nserver = \"127.0.0.1\"\n\
+                          [[tunnel]]\nlisten = \"127.0.0.2:10123\"\nserver = \"localhost:1123\"\n";
+
+    #[test]
+    fn a_client_reload_applies_material_and_names_what_needs_a_restart() {
+        let lab = Lab::new();
+        let old = lab.client(CLIENT);
+        assert_eq!(old.tunnels[0].server_spec, "127.0.0.1:1123", "default port");
+        assert_eq!(old.tunnels[0].settings.server_name, "127.0.0.1");
+        assert_eq!(
+            old.daemon
+                .files
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+            ["config", "tunnel 1 ca"],
+            "the CA file is shared: listed once"
+        );
+        let plan = reload_plan(&old, &lab.client(CLIENT));
+        assert_eq!(
+            plan,
+            ReloadPlan {
+                applied: vec!["ca".into()],
+                restart_required: vec![],
+            }
+        );
+
+        let changed = lab.client(&format!(
+            "keepalive_secs = 30\nuser = \"nobody\"\n{}\
+             [[tunnel]]\nlisten = \"127.0.0.3:10123\"\nserver = \"localhost\"\n",
+            CLIENT
+                .replace("127.0.0.2:10123", "127.0.0.4:10123")
+                .replace(
+                    "server = \"127.0.0.1\"",
+                    "server = \"127.0.0.1\"\nserver_name = \"localhost\""
+                )
+        ));
+        let plan = reload_plan(&old, &changed);
+        assert_eq!(plan.applied, ["ca", "server_name"]);
+        assert_eq!(
+            plan.restart_required,
+            ["user", "keepalive_secs", "tunnel[2].listen", "tunnel[3]"]
+        );
+        // Fewer tunnels: the ones gone are named too.
+        assert_eq!(
+            reload_plan(&changed, &old)
+                .restart_required
+                .last()
+                .map(String::as_str),
+            Some("tunnel[3]")
+        );
+    }
+
+    #[test]
+    fn a_client_candidate_keeps_each_tunnels_problem_apart() {
+        let lab = Lab::new();
+        let path = lab.write(
+            "client.toml",
+            "ca = \"DIR/ca.pem\"\n\
+             [[tunnel]]\nlisten = \"127.0.0.1:10123\"\nserver = \"localhost\"\n\
+             [[tunnel]]\nlisten = \"127.0.0.2:10123\"\nserver = \"localhost\"\nca = \"DIR/missing.pem\"\n\
+             [[tunnel]]\nlisten = \"127.0.0.1:10123\"\nserver = \"localhost\"\n",
+        );
+        let args = match crate::cli::Cli::try_parse_from(["ntp-dtls", "client", "--config", &path])
+            .expect("args")
+            .command
+        {
+            crate::cli::Command::Client(args) => args,
+            _ => unreachable!("client"),
+        };
+        let candidate = ClientCandidate::from_args(&args).expect("the file parses");
+        assert!(candidate.tunnels[0].1.is_ok());
+        let second = candidate.tunnels[1]
+            .1
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            second.contains("tunnel 2") && second.contains("missing.pem"),
+            "{second}"
+        );
+        let third = candidate.tunnels[2]
+            .1
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            third.contains("tunnel 3") && third.contains("earlier tunnel"),
+            "{third}"
+        );
+        let err = ClientConfig::from_args(&args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("tunnel 2"),
+            "the daemon stops at the first: {err}"
+        );
     }
 
     #[test]

@@ -141,6 +141,76 @@ fn verify(user: &str, account: &Account) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
+/// A file `account` could not read: the path component that stops it, its owner and mode,
+/// and the usual fix. One line, for a log line or `--check`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{path}: user {user} cannot read it ({blocked} is {owner}:{group}, mode {mode:04o}) and the \
+     daemon reads it again at every SIGHUP: chgrp {user_group} {blocked} && chmod {fix_mode} {blocked}"
+)]
+pub struct Unreadable {
+    pub path: String,
+    pub user: String,
+    /// The file itself, or the directory on its way that `user` may not enter.
+    pub blocked: String,
+    pub owner: String,
+    pub group: String,
+    pub mode: u32,
+    /// The user's primary group, to give the file to.
+    pub user_group: String,
+    /// 0640 for a file, 0750 for a directory.
+    pub fix_mode: String,
+}
+
+/// Whether `account` may read `path`, by the owner, group and mode of the file and of every
+/// directory on its way (POSIX permission bits; ACLs are not consulted). Root reads anything.
+pub fn readable_by(account: &Account, path: &std::path::Path) -> Result<(), Box<Unreadable>> {
+    use std::os::unix::fs::MetadataExt;
+    if account.uid == 0 {
+        return Ok(());
+    }
+    let absolute = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut components: Vec<&std::path::Path> = absolute.ancestors().collect();
+    components.reverse();
+    for component in components {
+        // What cannot be looked at is not this check's business: loading the file reports it.
+        let Ok(meta) = std::fs::metadata(component) else {
+            return Ok(());
+        };
+        let is_dir = meta.is_dir() && component != absolute.as_path();
+        let needed = if is_dir { 0o1 } else { 0o4 };
+        let mode = meta.mode() & 0o7777;
+        let bits = if meta.uid() == account.uid {
+            mode >> 6
+        } else if account.groups.contains(&meta.gid()) || meta.gid() == account.gid {
+            mode >> 3
+        } else {
+            mode
+        };
+        if bits & needed == 0 {
+            let owner = User::from_uid(Uid::from_raw(meta.uid()))
+                .ok()
+                .flatten()
+                .map_or_else(|| meta.uid().to_string(), |u| u.name);
+            return Err(Box::new(Unreadable {
+                path: path.display().to_string(),
+                user: account.name.clone(),
+                blocked: component.display().to_string(),
+                owner,
+                group: group_name(meta.gid()),
+                mode,
+                user_group: group_name(account.gid),
+                fix_mode: if is_dir { "0750" } else { "0640" }.into(),
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// The name of the group `gid`, for logs ("nogroup"), or its number.
 pub fn group_name(gid: u32) -> String {
     match Group::from_gid(Gid::from_raw(gid)) {
@@ -222,6 +292,48 @@ mod tests {
             output.status.success() && stdout.contains("dropped to nobody"),
             "child failed:\n{stdout}\n{stderr}"
         );
+    }
+
+    #[test]
+    fn readability_follows_owner_group_and_mode_along_the_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ntp-dtls-perm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("keys")).expect("dirs");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let key = dir.join("keys/server.key.pem");
+        std::fs::write(&key, "k").expect("write");
+        let me = lookup(&unistd::geteuid().as_raw().to_string()).expect("me");
+        // Somebody else: nobody, in none of the file's groups unless the file is world-readable.
+        let nobody = lookup("nobody").expect("nobody");
+        let set = |path: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        set(&dir.join("keys"), 0o755);
+        set(&key, 0o600);
+        assert_eq!(readable_by(&lookup("root").expect("root"), &key), Ok(()));
+        if me.uid != 0 {
+            assert_eq!(readable_by(&me, &key), Ok(()));
+        }
+        let err = readable_by(&nobody, &key).expect_err("0600 is the owner's");
+        assert_eq!(err.blocked, key.display().to_string());
+        assert_eq!(err.fix_mode, "0640");
+        let line = err.to_string();
+        assert!(
+            line.contains("user nobody cannot read it")
+                && line.contains("mode 0600")
+                && line.contains(&format!("chgrp {} ", group_name(nobody.gid)))
+                && line.contains("chmod 0640"),
+            "{line}"
+        );
+        set(&key, 0o644);
+        assert_eq!(readable_by(&nobody, &key), Ok(()));
+        // A directory on the way that nobody may not enter.
+        set(&dir.join("keys"), 0o750);
+        let err = readable_by(&nobody, &key).expect_err("0750 directory");
+        assert_eq!(err.blocked, dir.join("keys").display().to_string());
+        assert_eq!(err.fix_mode, "0750");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     const CHILD_ENV: &str = "NTP_DTLS_PRIVILEGES_CHILD";

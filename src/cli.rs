@@ -69,6 +69,12 @@ pub struct DaemonArgs {
     /// Once the sockets are bound, switch to this user (when started as root without systemd)
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+
+    /// Check the configuration and exit: load every file, resolve names, check that the
+    /// listen addresses are free and that --user can read the files a reload reads, and
+    /// print what would run. Exit status 0 when the daemon would start cleanly, else 1
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -80,12 +86,13 @@ pub struct ClientArgs {
     #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key"])]
     pub config: Option<PathBuf>,
 
-    /// Local UDP address the NTP clients query
+    /// Local UDP address the NTP clients query [default: 127.0.0.1:123]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
 
-    /// Server relay to connect to, HOST:PORT (host names are resolved at start-up)
-    #[arg(long, value_name = "HOST:PORT", required_unless_present = "config")]
+    /// Server relay to connect to, HOST[:PORT] (port 1123 when omitted); a host name is looked
+    /// up each time an association is made
+    #[arg(long, value_name = "HOST[:PORT]", required_unless_present = "config")]
     pub server: Option<String>,
 
     /// Name expected in the server certificate's DNS or IP SAN [default: the host of --server]

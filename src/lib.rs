@@ -48,15 +48,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Status(args) => {
-            let text = runtime()?
-                .block_on(ops::metrics::fetch(
-                    &args.addr,
-                    std::time::Duration::from_secs(3),
-                ))
-                .with_context(|| format!("cannot read metrics from {}", args.addr))?;
-            print!("{}", ops::metrics::summary(&text));
+            print!("{}", runtime()?.block_on(ops::status::run(&args.addr))?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Client(args) if args.daemon.check => ops::check::client(&args),
+        Command::Server(args) if args.daemon.check => ops::check::server(&args),
         Command::Client(args) => {
             ops::daemon::init_logging(&cli.log_level, cli.log_format);
             let config = config::ClientConfig::from_args(&args)?;

@@ -169,9 +169,34 @@ async fn run_workers(
 }
 
 /// `count` UDP sockets on `addr` with SO_REUSEPORT; a port of 0 is chosen once, by the first.
+///
+/// First a probe without SO_REUSEPORT: it fails if anything holds the address, including
+/// another relay's SO_REUSEPORT group, which this one would otherwise silently join (and share
+/// new associations with). The probe is closed before the group binds.
 fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
     use socket2::{Domain, Protocol, Socket, Type};
     let mut bound = addr;
+    // A port of 0 cannot be held by anyone else: the kernel picks a free one below.
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.bind(&addr.into()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}: another process holds it (another ntp-dtls server? \
+                         `ss -ulpn 'sport = :{}'` shows who)",
+                        addr.port()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+    }
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count {
         let socket = Socket::new(Domain::for_address(bound), Type::DGRAM, Some(Protocol::UDP))?;

@@ -239,3 +239,73 @@ fn a_ca_file_that_holds_a_leaf_is_refused() {
         &["server.pem"],
     );
 }
+
+#[test]
+fn with_json_logs_a_start_up_error_is_one_json_line() {
+    let pki = Pki::generate(&["localhost"]);
+    let key = pki.path("server.key.pem").display().to_string();
+    let (ok, stderr) = ntp_dtls(&[
+        "--log-format",
+        "json",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        "/nonexistent/server.pem",
+        "--key",
+        &key,
+    ]);
+    assert!(!ok);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert_eq!(line["level"], "ERROR", "{stderr}");
+    assert!(line["timestamp"].is_string() && line["target"].is_string());
+    let error = line["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("/nonexistent/server.pem") && error.contains("No such file"),
+        "{stderr}"
+    );
+    // Text stays the default.
+    assert_one_line_error(
+        &["server", "--cert", "/nonexistent/server.pem", "--key", &key],
+        &["/nonexistent/server.pem"],
+    );
+}
+
+#[test]
+fn status_without_a_metrics_endpoint_says_what_to_check() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    assert_one_line_error(
+        &["status", &addr],
+        &[
+            &addr,
+            "Connection refused",
+            &format!("--metrics {addr}"),
+            "is the relay running",
+        ],
+    );
+}
+
+#[test]
+fn a_key_after_the_limits_table_is_said_to_be_in_it() {
+    let dir = TempDir::new();
+    let config = dir.write(
+        "server.toml",
+        "listen = \"127.0.0.1:0\"\n[limits]\nmax_half_open = 10\n# appended later:\nworkers = 2\n",
+    );
+    let path = config.display().to_string();
+    assert_one_line_error(
+        &["server", "--config", &path],
+        &[
+            &path,
+            "line 5",
+            "workers",
+            "in the [limits] table, which starts at line 2",
+        ],
+    );
+}

@@ -41,21 +41,34 @@ certs:
 clean:
 	$(CARGO) clean
 
-# Man pages from the clap definitions (examples/gen_man.rs), gzipped as Debian ships them.
+# Man pages (examples/gen_man.rs): ntp-dtls(1), one page per command and ntp-dtls.toml(5),
+# gzipped as Debian ships them.
 man:
+	@echo "make man: generating the man pages into $(MAN_DIR) (cargo run --release --example gen_man)"
 	rm -rf $(MAN_DIR)
 	$(CARGO) run --release --quiet --example gen_man -- $(MAN_DIR)
-	gzip -9n $(MAN_DIR)/*.1
+	gzip -9n $(MAN_DIR)/*.1 $(MAN_DIR)/*.5
 
-# A .deb in target/debian/: binary, both units, sysusers.d entry, example configs, man pages, docs.
+# A .deb in target/debian/: binary (stripped), both units, sysusers.d entry, example configs,
+# man pages, docs; the debug symbols go into a separate -dbgsym .ddeb beside it
+# ([package.metadata.deb] dbgsym = true in Cargo.toml).
 deb: man
-	@$(CARGO) deb --version >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
+	@if ! $(CARGO) deb --version >/dev/null 2>&1; then \
+		echo "make deb: cargo-deb is not installed: installing it (cargo install cargo-deb --locked, a few minutes, once)"; \
+		$(CARGO) install cargo-deb --locked || exit 1; \
+	fi
+	@echo "make deb: $$($(CARGO) deb --version): release build (minutes the first time), strip, package"
 	$(CARGO) deb
+	@for f in target/debian/*.deb target/debian/*.ddeb; do \
+		[ -f "$$f" ] && echo "make deb: $$f: $$(du -h "$$f" | cut -f1)"; \
+	done; true
 
 # What `make deb` packages, for a system without dpkg. Units get ExecStart under $(PREFIX).
 install: build man
+	@echo "make install: installing under $(DESTDIR)$(PREFIX)"
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system \
 		$(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/share/man/man1 \
+		$(DESTDIR)$(PREFIX)/share/man/man5 \
 		$(DESTDIR)$(PREFIX)/share/doc/ntp-dtls/examples
 	install -m 755 target/release/ntp-dtls $(DESTDIR)$(PREFIX)/bin/ntp-dtls
 	for unit in dist/systemd/*.service; do \
@@ -66,6 +79,7 @@ install: build man
 	done
 	install -m 644 dist/sysusers.d/ntp-dtls.conf $(DESTDIR)$(PREFIX)/lib/sysusers.d/
 	install -m 644 $(MAN_DIR)/*.1.gz $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 644 $(MAN_DIR)/*.5.gz $(DESTDIR)$(PREFIX)/share/man/man5/
 	install -m 644 dist/client.toml dist/server.toml $(DESTDIR)$(PREFIX)/share/doc/ntp-dtls/examples/
 	install -m 644 README.md docs/OPERATIONS.md $(DESTDIR)$(PREFIX)/share/doc/ntp-dtls/
 	@echo "installed under $(DESTDIR)$(PREFIX). Next: systemd-sysusers (creates the ntp-dtls user),"

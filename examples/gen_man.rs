@@ -1,13 +1,14 @@
-//! Writes the man pages of ntp-dtls, generated from its clap definitions: `ntp-dtls.1` and one
-//! `ntp-dtls-COMMAND.1` per subcommand, into the directory given as the only argument (created
-//! if missing). `make deb` and `make install` run it:
+//! Writes the man pages of ntp-dtls into the directory given as the only argument (created if
+//! missing): `ntp-dtls.1` and one `ntp-dtls-COMMAND.1` per subcommand, generated from the clap
+//! definitions with FILES, CONFIGURATION, SIGNALS, EXIT STATUS and EXAMPLES sections added, and
+//! `ntp-dtls.toml.5` for both configuration files (examples/man/mod.rs). `make man` runs it:
 //!
 //!     cargo run --release --example gen_man -- target/man
 
+mod man;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-use clap::CommandFactory;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
@@ -16,20 +17,19 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let out = PathBuf::from(out);
-    let result = std::fs::create_dir_all(&out)
-        .and_then(|()| clap_mangen::generate_to(ntp_dtls::cli::Cli::command(), &out));
-    if let Err(e) = result {
-        eprintln!("gen_man: {}: {e}", out.display());
-        return ExitCode::FAILURE;
+    match man::write_all(&out) {
+        Ok(written) => {
+            let mut names: Vec<String> = written
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            names.sort();
+            println!("gen_man: wrote {} in {}", names.join(" "), out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gen_man: {}: {e}", out.display());
+            ExitCode::FAILURE
+        }
     }
-    let mut pages: Vec<_> = std::fs::read_dir(&out)
-        .map(|dir| {
-            dir.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .filter(|name| name.ends_with(".1"))
-                .collect()
-        })
-        .unwrap_or_default();
-    pages.sort();
-    println!("gen_man: wrote {} in {}", pages.join(" "), out.display());
-    ExitCode::SUCCESS
 }

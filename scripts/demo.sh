@@ -15,7 +15,11 @@ say() { printf '\n== %s\n' "$*"; }
 
 say "building (cargo build --release)"
 cargo build --release --quiet
-bin=$PWD/target/release/ntp-dtls
+# Wherever cargo puts it: CARGO_TARGET_DIR, build.target-dir in a cargo config, or ./target.
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+bin=$target_dir/release/ntp-dtls
+[[ -x $bin ]] || { echo "demo: no $bin after cargo build --release" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/ntp-dtls-demo.XXXXXX)
 pids=()

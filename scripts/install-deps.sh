@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system tools the integration tests drive (chronyd, ntpdate, sntp, socat, stunnel,
-# openssl, and systemd-analyze from the systemd package to verify the units). Idempotent: does
-# nothing when they are all present. Never leaves a chronyd service that the install started
-# holding port 123.
+# openssl, systemd-analyze from the systemd package to verify the units, and promtool from the
+# prometheus package to lint the metrics). Idempotent: does nothing when they are all present.
+# Never leaves a chronyd or prometheus service that the install started running.
 set -euo pipefail
 
-packages=(chrony ntpsec-ntpdate sntp socat stunnel4 openssl systemd)
+packages=(chrony ntpsec-ntpdate sntp socat stunnel4 openssl systemd prometheus)
 
 # chronyd and ntpdate live in /usr/sbin, which is not in a non-root PATH on Debian.
 have() {
@@ -13,13 +13,13 @@ have() {
 }
 
 missing=()
-for cmd in chronyd ntpdate sntp socat openssl systemd-analyze; do
+for cmd in chronyd ntpdate sntp socat openssl systemd-analyze promtool; do
     have "$cmd" || missing+=("$cmd")
 done
 have stunnel4 || have stunnel || missing+=(stunnel4)
 
 if ((${#missing[@]} == 0)); then
-    echo "install-deps: all present (chronyd ntpdate sntp socat stunnel openssl systemd-analyze); nothing to do"
+    echo "install-deps: all present (chronyd ntpdate sntp socat stunnel openssl systemd-analyze promtool); nothing to do"
     exit 0
 fi
 
@@ -32,31 +32,38 @@ if [[ $(id -u) != 0 ]]; then
     sudo=(sudo)
 fi
 
-# Daemonized chronyd processes (parent pid 1), i.e. services, not a test's `chronyd -d`.
-chronyd_pids() {
+# Daemonized chronyd and prometheus processes (parent pid 1), i.e. services, not a test's
+# `chronyd -d`.
+service_pids() {
     local p comm ppid
     for p in /proc/[0-9]*; do
         read -r _ comm _ ppid _ 2>/dev/null <"$p/stat" || continue
-        [[ $comm == "(chronyd)" && $ppid == 1 ]] && echo "${p#/proc/}"
+        [[ ($comm == "(chronyd)" || $comm == "(prometheus)") && $ppid == 1 ]] && echo "${p#/proc/}"
     done
     return 0
 }
 
-before=" $(chronyd_pids | tr '\n' ' ')"
+before=" $(service_pids | tr '\n' ' ')"
 "${sudo[@]}" apt-get update -qq >/dev/null
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 
-# The chrony package may have started its service: stop only what the install started.
+# The chrony and prometheus packages may have started their services: stop only what the
+# install started (only promtool is wanted of prometheus).
 stopped=""
-if [[ " ${missing[*]} " == *" chronyd "* && -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
-    "${sudo[@]}" systemctl disable --now chrony.service >/dev/null 2>&1 || true
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    if [[ " ${missing[*]} " == *" chronyd "* ]]; then
+        "${sudo[@]}" systemctl disable --now chrony.service >/dev/null 2>&1 || true
+    fi
+    if [[ " ${missing[*]} " == *" promtool "* ]]; then
+        "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
-for pid in $(chronyd_pids); do
+for pid in $(service_pids); do
     if [[ $before != *" $pid "* ]]; then
         "${sudo[@]}" kill "$pid" 2>/dev/null || true
         stopped+=" $pid"
     fi
 done
 
-echo "install-deps: missing ${missing[*]}; installed ${packages[*]}${stopped:+; stopped chronyd started by the package (pid$stopped)}"
+echo "install-deps: missing ${missing[*]}; installed ${packages[*]}${stopped:+; stopped services the packages started (pid$stopped)}"

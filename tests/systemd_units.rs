@@ -1,8 +1,12 @@
-//! The systemd units and example configs in dist/: `systemd-analyze verify` finds no problem,
+//! The systemd units, example configs and man pages: `systemd-analyze verify` finds no problem,
 //! the hardening stays in place, the command lines and example configs are ones the binary
-//! accepts, and readiness reaches the supervisor over NOTIFY_SOCKET (path and abstract socket).
+//! accepts, the examples and the config man page show every key the parser knows, the man
+//! pages have their sections, and readiness, status, reload and stop reach the supervisor over
+//! NOTIFY_SOCKET (path and abstract socket).
 
 mod common;
+#[path = "../examples/man/mod.rs"]
+mod man;
 
 use std::io::ErrorKind;
 use std::os::linux::net::SocketAddrExt;
@@ -11,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use ntp_dtls::cli::{Cli, Command as Sub};
 use ntp_dtls::config::{ClientConfig, ServerConfig};
 
@@ -72,9 +76,11 @@ impl VerifyDir {
             );
             dir.write(unit, text);
         }
-        let man1 = dir.join("man/man1");
-        std::fs::create_dir_all(&man1).expect("man dir");
-        clap_mangen::generate_to(Cli::command(), &man1).expect("man pages");
+        for (name, text) in man::pages().expect("man pages") {
+            let section = dir.join(format!("man/man{}", &name[name.len() - 1..]));
+            std::fs::create_dir_all(&section).expect("man dir");
+            std::fs::write(section.join(&name), text).expect("write man page");
+        }
         VerifyDir { dir }
     }
 }
@@ -291,29 +297,9 @@ fn example_configs_load_with_every_key_switched_on() {
     let dir = TempDir::new();
 
     let server_text = localize(&read(&dist("server.toml")), &pki);
-    // Every key of the server's file (src/config.rs ServerFile and LimitsFile).
-    for key in [
-        "listen",
-        "upstream",
-        "cert",
-        "key",
-        "client_ca",
-        "stratum",
-        "max_associations",
-        "max_half_open",
-        "handshake_timeout_secs",
-        "handshake_rate",
-        "handshake_burst",
-        "max_handshake_bytes",
-        "idle_timeout_secs",
-    ] {
-        assert!(
-            server_text
-                .lines()
-                .any(|l| l.starts_with(&format!("{key} = "))),
-            "server.toml does not show `{key}`"
-        );
-    }
+    let keys = ntp_dtls::config::config_keys();
+    // Every key of the server's file, as the parser's structs list them.
+    assert_shows_every_key("server.toml", &server_text, &keys.server);
     let server_path = dir.write("server.toml", &server_text);
     let Sub::Server(args) = parse_args("server", &server_path) else {
         panic!("not the server command")
@@ -333,27 +319,8 @@ fn example_configs_load_with_every_key_switched_on() {
             .count(),
         3
     );
-    // Every key of the client's file (src/config.rs ClientFile and TunnelFile).
-    for key in [
-        "ca",
-        "cert",
-        "key",
-        "listen",
-        "server",
-        "server_name",
-        "dead_after_unanswered",
-        "dead_after_secs",
-        "rekey_after_records",
-        "rekey_after_secs",
-        "keepalive_secs",
-    ] {
-        assert!(
-            client_text
-                .lines()
-                .any(|l| l.starts_with(&format!("{key} = "))),
-            "client.toml does not show `{key}`"
-        );
-    }
+    // Every key of the client's file, as the parser's structs list them.
+    assert_shows_every_key("client.toml", &client_text, &keys.client);
     let client_path = dir.write("client.toml", &client_text);
     let Sub::Client(args) = parse_args("client", &client_path) else {
         panic!("not the client command")
@@ -371,6 +338,147 @@ fn example_configs_load_with_every_key_switched_on() {
             tunnel.policy,
             ntp_dtls::proto::health::HealthPolicy::default()
         );
+    }
+}
+
+/// Each key appears as a `key = ` line of `text` (once switched on), under its table: top-level
+/// keys before the first table header, the others after their own.
+fn assert_shows_every_key(file: &str, text: &str, keys: &[(&str, &str)]) {
+    for (table, key) in keys {
+        let mut current = "";
+        let found = text.lines().any(|line| {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+                current = if name == "tunnel" { "tunnel" } else { "?" };
+            } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                current = if name == "limits" { "limits" } else { "?" };
+            }
+            current == *table && line.starts_with(&format!("{key} = "))
+        });
+        let place = if table.is_empty() { "top level" } else { table };
+        assert!(found, "{file} does not show `{key}` ({place})");
+    }
+}
+
+#[test]
+fn the_readme_and_the_config_man_page_describe_exactly_the_keys_the_parser_knows() {
+    let keys = ntp_dtls::config::config_keys();
+    let described = |list: &[(&str, &str, &str)]| -> Vec<(String, String)> {
+        let mut v: Vec<_> = list
+            .iter()
+            .map(|(t, k, _)| (t.to_string(), k.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let known = |list: &[(&'static str, &'static str)]| -> Vec<(String, String)> {
+        let mut v: Vec<_> = list
+            .iter()
+            .map(|(t, k)| (t.to_string(), k.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(described(man::CLIENT_KEYS), known(&keys.client));
+    assert_eq!(described(man::SERVER_KEYS), known(&keys.server));
+    let page = man::pages()
+        .expect("pages")
+        .into_iter()
+        .find(|(name, _)| name == "ntp-dtls.toml.5")
+        .map(|(_, text)| text)
+        .expect("ntp-dtls.toml(5)");
+    for (_, key) in keys.client.iter().chain(&keys.server) {
+        let key = key.replace('-', "\\-");
+        assert!(
+            page.contains(&format!(".TP\n\\fB{key}\\fR\n")),
+            "toml(5) lacks {key}"
+        );
+    }
+    // The README's configuration reference shows each key in its client or server block.
+    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
+    let reference = readme
+        .split_once("## Configuration reference")
+        .and_then(|(_, rest)| rest.split_once("\n## "))
+        .map(|(reference, _)| reference)
+        .expect("the configuration reference");
+    let (client, server) = reference
+        .split_once("### Server")
+        .expect("client, then server");
+    for (text, list) in [(client, &keys.client), (server, &keys.server)] {
+        for (_, key) in list.iter() {
+            assert!(
+                text.lines().any(|l| {
+                    let l = l.trim_start_matches("# ");
+                    l.starts_with(&format!("{key} = "))
+                }),
+                "the README's reference lacks `{key}`"
+            );
+        }
+    }
+}
+
+#[test]
+fn man_pages_have_the_sections_help_cannot_hold() {
+    let pages = man::pages().expect("pages");
+    let names: Vec<&str> = pages.iter().map(|(name, _)| name.as_str()).collect();
+    for name in [
+        "ntp-dtls.1",
+        "ntp-dtls-client.1",
+        "ntp-dtls-server.1",
+        "ntp-dtls-certs.1",
+        "ntp-dtls-query.1",
+        "ntp-dtls-status.1",
+        "ntp-dtls.toml.5",
+    ] {
+        assert!(names.contains(&name), "no {name} in {names:?}");
+    }
+    for (name, text) in &pages {
+        let sections: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(".SH "))
+            .map(|s| s.trim_matches('"'))
+            .collect();
+        let mut required = vec!["NAME", "EXAMPLES", "SEE ALSO"];
+        if name.ends_with(".1") {
+            required.extend(["SYNOPSIS", "EXIT STATUS"]);
+        }
+        if ["ntp-dtls.1", "ntp-dtls-client.1", "ntp-dtls-server.1"].contains(&name.as_str()) {
+            required.extend(["FILES", "SIGNALS"]);
+        }
+        if ["ntp-dtls-client.1", "ntp-dtls-server.1"].contains(&name.as_str()) {
+            required.extend(["OPTIONS", "CONFIGURATION"]);
+        }
+        if name == "ntp-dtls.toml.5" {
+            required.extend(["CLIENT FILE", "SERVER FILE", "RELOAD", "PERMISSIONS"]);
+        }
+        for section in required {
+            assert!(
+                sections.contains(&section),
+                "{name} lacks {section}: {sections:?}"
+            );
+        }
+        // The --check flag and the default port are documented where they apply.
+        if name == "ntp-dtls-client.1" {
+            assert!(
+                text.contains("\\-\\-check") && text.contains("1123"),
+                "{name}"
+            );
+        }
+        // groff finds nothing wrong with the roff, when it is installed.
+        if let Some(groff) = find_tool("groff") {
+            let dir = TempDir::new();
+            let path = dir.write(name, text);
+            let out = Command::new(groff)
+                .args(["-man", "-Tutf8", "-ww", "-z"])
+                .arg(&path)
+                .output()
+                .expect("groff ran");
+            let warnings = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && warnings.trim().is_empty(),
+                "{name}: {warnings}"
+            );
+        }
     }
 }
 
@@ -437,4 +545,115 @@ fn readiness_reaches_an_abstract_notify_socket() {
     let socket = UnixDatagram::bind_addr(&address).expect("bind abstract notify socket");
     let message = readiness_message(&pki, &socket, &format!("@{name}"));
     assert!(message.starts_with("READY=1\n"), "{message:?}");
+}
+
+/// Messages on `socket` until one satisfies `done` (returned last), within `limit`.
+fn notifications_until(
+    socket: &UnixDatagram,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no such notification within {limit:?}; got {seen:?}"
+        );
+        socket.set_read_timeout(Some(left)).expect("timeout");
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let finished = done(&message);
+                seen.push(message);
+                if finished {
+                    return seen;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("no such notification within {limit:?}; got {seen:?}")
+            }
+            Err(e) => panic!("receive: {e}"),
+        }
+    }
+}
+
+#[test]
+fn status_reload_and_stop_reach_the_supervisor() {
+    let pki = Pki::generate(&["localhost"]);
+    let dir = TempDir::new();
+    let path = dir.join("notify");
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    let notify = path.display().to_string();
+    let mut args: Vec<String> = ["server", "--listen", "127.0.0.1:0", "--upstream", "builtin"]
+        .map(String::from)
+        .to_vec();
+    args.extend(pki.server_identity());
+    let mut server = common::Daemon::spawn_with_env(
+        "server-relay",
+        ntp_dtls_bin(),
+        &args,
+        &[("NOTIFY_SOCKET", notify.as_str())],
+    );
+    let addr = server.wait_ready(common::READY_TIMEOUT)[0];
+    let ready = notifications_until(&socket, Duration::from_secs(20), |m| {
+        m.starts_with("READY=1")
+    });
+    assert!(
+        ready[0].contains("STATUS=listening on 127.0.0.1:"),
+        "{ready:?}"
+    );
+
+    // An association comes up: the status line follows, prefixed by what READY said.
+    let client = common::relays::start_client(
+        &pki.ca(),
+        "127.0.0.1:0".parse().expect("addr"),
+        addr,
+        &["--server-name", "localhost"],
+    );
+    let updates = notifications_until(&socket, Duration::from_secs(10), |m| {
+        m.contains("1 association established")
+    });
+    let last = updates.last().expect("an update");
+    assert!(
+        last.starts_with("STATUS=listening on 127.0.0.1:")
+            && last.contains(" workers; 1 association established, 0 handshaking"),
+        "{updates:?}"
+    );
+
+    // SIGHUP: RELOADING=1 with the monotonic clock, then READY=1 once the reload is handled.
+    let status = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let reload = notifications_until(&socket, Duration::from_secs(10), |m| m == "READY=1\n");
+    let reloading = reload
+        .iter()
+        .find(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no RELOADING=1 in {reload:?}"));
+    let micros: u64 = reloading
+        .trim_end()
+        .rsplit('=')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("MONOTONIC_USEC is a number");
+    assert!(micros > 0);
+    server.wait_for_line("config reload", Duration::from_secs(5));
+
+    // SIGTERM: STOPPING=1 before the associations are closed.
+    drop(client);
+    let stop = std::thread::spawn(move || {
+        notifications_until(&socket, Duration::from_secs(10), |m| {
+            m.starts_with("STOPPING=1")
+        })
+    });
+    server.terminate();
+    let stopping = stop.join().expect("the listener thread");
+    assert!(
+        stopping.last().is_some_and(|m| m == "STOPPING=1\n"),
+        "{stopping:?}"
+    );
 }

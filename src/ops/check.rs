@@ -87,6 +87,11 @@ pub fn check_client(args: &ClientArgs) -> anyhow::Result<Report> {
     for (name, tunnel) in &candidate.tunnels {
         let tunnel = match tunnel {
             Ok(tunnel) => tunnel,
+            // A file's tunnel errors name the file and the tunnel already; the flags' do not.
+            Err(e) if args.config.is_none() => {
+                report.problem(format!("{name}: {e}"));
+                continue;
+            }
             Err(e) => {
                 report.problem(e);
                 continue;

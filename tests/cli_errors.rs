@@ -309,3 +309,28 @@ fn a_key_after_the_limits_table_is_said_to_be_in_it() {
         ],
     );
 }
+
+#[test]
+fn client_help_shows_the_defaults_and_the_check() {
+    let out = run_command(
+        {
+            let mut c = Command::new(ntp_dtls_bin());
+            c.args(["client", "--help"]);
+            c
+        },
+        Duration::from_secs(10),
+    )
+    .expect("help ran");
+    assert!(out.status.success(), "{}", out.combined());
+    for needle in [
+        "[default: 127.0.0.1:123]",
+        "port 1123 when omitted",
+        "--check",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            out.stdout
+        );
+    }
+}

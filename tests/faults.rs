@@ -368,13 +368,70 @@ fn rekeying_switches_associations_without_losing_a_request() {
     }
     assert_eq!(answered, 30, "a request was lost across a rekey");
     // 30 records with a limit of 5: at least one switch to a fresh association (requests keep
-    // flowing on the old one while the next handshakes; log lines may trail the replies).
-    client.wait_for_line("rekey=true", Duration::from_secs(5));
-    assert!(server.daemon.count_lines("association established") >= 2);
-    // Replaced associations are closed, not left behind.
+    // flowing on the old one while the next handshakes; log lines may trail the replies). A
+    // rekey that fails is logged `association refused ... rekey=true`: only an established
+    // one counts.
+    let rekeyed = |l: &str| l.contains("association established") && l.contains("rekey=true");
+    client.wait_until("a successful rekey", 0, Duration::from_secs(5), rekeyed);
     server
         .daemon
-        .wait_for_line("association closed", Duration::from_secs(5));
+        .wait_for_count("association established", 2, Duration::from_secs(5));
+    // A replaced association is closed once it has drained: it stays DRAIN (2 s,
+    // src/client.rs) for replies still on their way, then the client relay sends close_notify.
+    // By the two relays' own log timestamps (one clock), the close comes 2 s after the rekey
+    // that replaced it, the latest before the close. (With a rekey every 5 records, rekeys
+    // come faster than that: one still draining when the next rekey comes is dropped without
+    // a close_notify, and the server relay forgets it only at its idle timeout.)
+    let (_, closed) = server.daemon.wait_until(
+        "the replaced association closed by close_notify",
+        0,
+        Duration::from_secs(10),
+        |l| l.contains("association closed") && l.contains("reason=peer sent close_notify"),
+    );
+    let closed_at = log_time(&closed);
+    let replaced_at = client
+        .lines()
+        .iter()
+        .filter(|l| rekeyed(l))
+        .map(|l| log_time(l))
+        .filter(|t| *t <= closed_at)
+        .fold(f64::MIN, f64::max);
+    let drained = closed_at - replaced_at;
+    eprintln!("the replaced association drained for {drained:.3} s");
+    assert!(
+        (1.95..4.0).contains(&drained),
+        "closed {drained:.3} s after the rekey, not after DRAIN (2 s):\n{closed}\n{}",
+        client.tail(20)
+    );
+}
+
+/// Seconds since 1970 (UTC) of a text log line's timestamp (`2026-12-02T07:40:06.003725Z`).
+fn log_time(line: &str) -> f64 {
+    let stamp = line
+        .split_whitespace()
+        .find(|w| w.len() > 20 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
+        .unwrap_or_else(|| panic!("no timestamp in {line}"));
+    let number = |range: std::ops::Range<usize>| -> f64 {
+        stamp[range]
+            .parse()
+            .unwrap_or_else(|e| panic!("{stamp}: {e}"))
+    };
+    let (y, m, d) = (
+        number(0..4) as i64,
+        number(5..7) as i64,
+        number(8..10) as i64,
+    );
+    // Days from civil (H. Hinnant's algorithm), exact for the proleptic Gregorian calendar.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days as f64 * 86_400.0
+        + number(11..13) * 3600.0
+        + number(14..16) * 60.0
+        + number(17..stamp.len() - 1)
 }
 
 #[test]

@@ -221,9 +221,15 @@ fn a_flood_of_spoofed_handshakes_and_garbage_leaves_a_legitimate_client_served()
         "the legitimate client lost replies: {answered}/{asked}"
     );
     let (first_peak, second_peak) = (rounds[0].1, rounds[1].1);
+    // What bounds the flood's memory is the half-open table (max_half_open = 500 above). Here
+    // (2026-12-02, 2-vCPU VM, three runs) the relay went from 9.3 MB to 11.5-11.6 MB, i.e.
+    // +2.2 MiB for 500 pending handshakes; with the limit raised to 5 000 the same flood took
+    // it to 29.6 MB (+20 MiB). So +8 MiB leaves room for allocator slack and a loaded machine
+    // but fails if the table does not hold the flood to its limit.
     assert!(
-        first_peak < baseline + 64 * 1024,
-        "peak RSS {first_peak} KiB from {baseline} KiB"
+        first_peak < baseline + 8 * 1024,
+        "peak RSS {first_peak} KiB from {baseline} KiB: more than +8 MiB for 500 half-open \
+         handshakes"
     );
     assert!(
         second_peak < first_peak + 4 * 1024,

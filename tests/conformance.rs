@@ -1244,12 +1244,19 @@ fn case_mutual_refuses_no_client_auth_eku() {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Tamper {
     Pass,
-    /// Flip the low bit of the first ciphertext byte of the next application-data record.
+    /// Flip the low bit of the last transmit-timestamp byte in the next record that carries a
+    /// 48-byte NTP packet.
     FlipNext,
 }
 
 /// A UDP proxy between one client and the server relay that can flip a ciphertext bit in an
 /// application-data record, and resend the last one it forwarded.
+///
+/// AES-GCM encrypts like a stream cipher: a flipped ciphertext bit flips the same plaintext bit
+/// if the record is decrypted without its tag being checked. So the bit chosen is one no NTP
+/// check reads: the last byte of the transmit timestamp. (Bit 0 of the first byte would turn
+/// mode 3 into mode 2, which the relay drops as drop_wrong_mode even without authentication.)
+/// A record whose tag were not checked would reach the time server as a valid request.
 struct TamperProxy {
     addr: SocketAddr,
     tamper: Arc<Mutex<Tamper>>,
@@ -1262,6 +1269,10 @@ struct TamperProxy {
 const CONTENT_APPLICATION_DATA: u8 = 23;
 /// DTLS record header, then AES-GCM's 8-byte explicit nonce: the ciphertext starts here.
 const CIPHERTEXT_OFFSET: usize = 13 + 8;
+/// A record carrying one 48-byte NTP packet: header, nonce, ciphertext, 16-byte tag.
+const NTP_RECORD_LEN: usize = CIPHERTEXT_OFFSET + 48 + 16;
+/// The byte flipped: the NTP transmit timestamp's last (bytes 40..48 of the packet).
+const FLIPPED_BYTE: usize = CIPHERTEXT_OFFSET + 47;
 
 impl TamperProxy {
     fn start(server: SocketAddr) -> TamperProxy {
@@ -1300,8 +1311,8 @@ impl TamperProxy {
                     if datagram[0] == CONTENT_APPLICATION_DATA && len > CIPHERTEXT_OFFSET {
                         *last.lock().expect("lock") = Some(datagram.clone());
                         let mut mode = tamper.lock().expect("lock");
-                        if *mode == Tamper::FlipNext {
-                            datagram[CIPHERTEXT_OFFSET] ^= 1;
+                        if *mode == Tamper::FlipNext && len == NTP_RECORD_LEN {
+                            datagram[FLIPPED_BYTE] ^= 1;
                             *mode = Tamper::Pass;
                         }
                     }
@@ -1409,6 +1420,18 @@ fn exchange(dtls: &mut DtlsTestClient) -> NtpPacket {
     reply
 }
 
+/// The relay's `stopped` summary names every counter that moved; none of the drop_* ones may
+/// have: rtc-dtls discards a record that fails authentication before the relay sees it, and
+/// nothing counts or logs that (see the tampering case), so an NTP check that caught the
+/// record instead would show up here.
+fn assert_no_drop_counter(stopped: &str) {
+    let drops: Vec<&str> = stopped
+        .split_whitespace()
+        .filter(|field| field.starts_with("drop_") || field.contains("=drop_"))
+        .collect();
+    assert!(drops.is_empty(), "{drops:?} moved: {stopped}");
+}
+
 #[test]
 fn case_tampered_record_discarded() {
     let (upstream, _lab, mut server, proxy, mut dtls) = tamper_setup();
@@ -1416,16 +1439,29 @@ fn case_tampered_record_discarded() {
     assert_eq!(upstream.requests(), 1);
 
     proxy.flip_next();
-    dtls.send(&ntp_client_request(ntp_now()));
+    let tampered = ntp_now();
+    dtls.send(&ntp_client_request(tampered));
     proxy.wait_flipped();
     // The relay handles datagrams in order: once the next request is answered, the tampered
-    // record before it has been dealt with, and nothing came of it.
+    // record before it has been dealt with, and nothing came of it. Decrypted without its tag
+    // checked, it would be a valid request (its transmit timestamp one bit off) and would be
+    // forwarded and answered.
     let reply = exchange(&mut dtls);
     assert_eq!(reply.mode, 4);
     assert_eq!(upstream.requests(), 2, "the tampered record was forwarded");
     assert_eq!(upstream.datagrams(), 2);
+    assert!(
+        dtls.recv(SILENCE).is_none(),
+        "the tampered record was answered"
+    );
 
+    // Neither the relay nor rtc-dtls counts or logs a record that fails authentication (rtc-dtls
+    // logs `decrypt failed` through the `log` crate at debug level, which the relays' tracing
+    // subscriber does not carry). The evidence is: nothing forwarded, no drop_* counter moved
+    // (no NTP check caught it instead), and the association is still up (answered above, and
+    // closed only at shutdown).
     let (associations, stopped) = stop_relay(&mut server);
+    assert_no_drop_counter(&stopped);
     assert_eq!(associations.len(), 2, "{associations:?}"); // established, closed at shutdown
     assert!(
         associations[0].contains("association established"),
@@ -1460,24 +1496,59 @@ fn case_replayed_record_discarded() {
     assert!(stopped.contains("requests_forwarded=2"), "{stopped}");
 }
 
+/// The epoch and sequence number of a DTLS record (header bytes 3..5 and 5..11).
+fn epoch_and_sequence(record: &[u8]) -> (u16, u64) {
+    let epoch = u16::from_be_bytes([record[3], record[4]]);
+    let mut sequence = [0u8; 8];
+    sequence[2..].copy_from_slice(&record[5..11]);
+    (epoch, u64::from_be_bytes(sequence))
+}
+
 #[test]
 fn case_old_association_record_discarded_after_rekey() {
     // A rekey here is a new association (fresh keys, epoch 1 again) made before the old one is
     // closed. Through the proxy both come from one address, so a record of the old association
     // reaches the new one: it must not decrypt, and must cost the new association nothing.
+    //
+    // rtc-dtls checks the replay window before it decrypts. A record of the old association
+    // whose sequence number the new one has already used would be dropped as a duplicate, keys
+    // or no keys; so the old association sends four requests first, and the record replayed is
+    // its fourth (epoch 1, sequence 4) while the new association has sent one (sequence 1).
+    // Only the keys can tell that record apart from the new association's next.
     let (upstream, lab, mut server, proxy, mut old) = tamper_setup();
-    exchange(&mut old);
+    for _ in 0..4 {
+        exchange(&mut old);
+    }
     let old_record = proxy.last_record();
     let mut new = DtlsTestClient::connect(proxy.addr, lab.ca(), "localhost", None).expect("rekey");
-    old.close();
     exchange(&mut new);
-    assert_eq!(upstream.requests(), 2);
+    let new_record = proxy.last_record();
+    let (old_epoch, old_sequence) = epoch_and_sequence(&old_record);
+    let (new_epoch, new_sequence) = epoch_and_sequence(&new_record);
+    assert_eq!((old_epoch, new_epoch), (1, 1), "both in their first epoch");
+    assert!(
+        old_sequence > new_sequence,
+        "the old record (sequence {old_sequence}) must be ahead of the new association's \
+         (sequence {new_sequence}) for the replay window to let it through"
+    );
+    assert_eq!(upstream.requests(), 5);
 
     proxy.send_raw(&old_record);
-    exchange(&mut new);
+    // Handled in order: the reply to the next request comes after the old record was dealt
+    // with. Decrypted, that record would be a valid request, forwarded and answered first.
+    let transmit = ntp_now();
+    new.send(&ntp_client_request(transmit));
+    let reply = new
+        .recv(REPLY_TIMEOUT)
+        .expect("the new association still answers");
+    let reply = parse_ntp(&reply).expect("an NTP reply");
+    assert_eq!(
+        reply.origin_ts, transmit,
+        "the old association's record was answered in the new one"
+    );
     assert_eq!(
         upstream.requests(),
-        3,
+        6,
         "the old association's record was forwarded"
     );
     assert!(
@@ -1485,8 +1556,15 @@ fn case_old_association_record_discarded_after_rekey() {
         "a reply to the old record arrived"
     );
 
+    // The old association's close_notify, under its own keys (sequence 5), reaches the new
+    // association too, and must not end it.
+    old.close();
+    exchange(&mut new);
+    assert_eq!(upstream.requests(), 7);
+
     let (associations, stopped) = stop_relay(&mut server);
-    assert!(stopped.contains("requests_forwarded=3"), "{stopped}");
+    assert!(stopped.contains("requests_forwarded=7"), "{stopped}");
+    assert_no_drop_counter(&stopped);
     assert!(
         !associations
             .iter()

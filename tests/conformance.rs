@@ -295,6 +295,30 @@ fn assert_one_refusal(associations: &[String], reason: &str) -> String {
     line.clone()
 }
 
+/// For the client relay, which tries again after a refusal (backoff 0.5-1 s at first, then
+/// longer): how many attempts fall between its start and its stop depends on the machine's
+/// speed, so the count is not the claim. The first association line is the refusal with this
+/// reason, and no line says an association was established; returns the first line.
+fn assert_first_refusal(associations: &[String], reason: &str) -> String {
+    let first = associations
+        .first()
+        .unwrap_or_else(|| panic!("no association line: expected a refusal, reason={reason}"));
+    assert!(first.contains("association refused"), "{first}");
+    assert!(
+        first.contains(&format!("reason={reason} ")),
+        "expected reason={reason}: {first}"
+    );
+    assert!(
+        !associations
+            .iter()
+            .any(|l| l.contains("association established")),
+        "an association was established:\n{}",
+        associations.join("\n")
+    );
+    eprintln!("audit: {first}");
+    first.clone()
+}
+
 // ---------------------------------------------------------------------------------------------
 // OpenSSL and socat as processes
 // ---------------------------------------------------------------------------------------------
@@ -312,7 +336,7 @@ struct Peer {
     child: Child,
     stdin: Option<ChildStdin>,
     out: Arc<(Mutex<Captured>, Condvar)>,
-    _readers: Vec<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Peer {
@@ -361,8 +385,38 @@ impl Peer {
             stdin: child.stdin.take(),
             child,
             out,
-            _readers: readers,
+            readers,
         }
+    }
+
+    /// Closes the peer's stdin (EOF after whatever was written).
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the peer to exit by itself (panics after `timeout`), then for its output to be
+    /// read to the end.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{}: still running after {timeout:?}\n{}",
+                    self.name,
+                    self.text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        // A grandchild could hold the pipes open: end the group, then read to the end.
+        kill_group(self.child.id());
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -481,8 +535,17 @@ fn openssl() -> Command {
 }
 
 /// `openssl s_client -connect SERVER -CAfile CA -verify_hostname localhost -verify_return_error`
-/// plus `extra`, expected to end by itself (stdin is closed).
-fn s_client_once(server: SocketAddr, ca: &Path, extra: &[&str], env: &[(&str, &Path)]) -> String {
+/// plus `extra`, with an NTP request waiting on its stdin, then EOF. s_client reads stdin only
+/// once its handshake has completed: if the relay let one complete, the request would go into
+/// the association (one record) and reach the time server, which the cases' "nothing
+/// forwarded" check would see (s_client_request_reaches_the_time_server_once_accepted shows
+/// it does). Returns s_client's exit status and output.
+fn s_client_with_request(
+    server: SocketAddr,
+    ca: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> (std::process::ExitStatus, String) {
     let mut cmd = openssl();
     cmd.args(["s_client", "-connect", &server.to_string(), "-CAfile"])
         .arg(ca)
@@ -491,9 +554,22 @@ fn s_client_once(server: SocketAddr, ca: &Path, extra: &[&str], env: &[(&str, &P
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = run_command(cmd, OPENSSL_TIMEOUT).expect("s_client ran");
-    let text = out.combined();
-    eprintln!("[s_client {}] {}\n{text}", extra.join(" "), out.status);
+    let mut peer = Peer::spawn("s_client", cmd);
+    // Written before the handshake can be over; should s_client already be gone, it never had
+    // an association to send in, and the write's error does not matter.
+    if let Some(stdin) = peer.stdin.as_mut() {
+        let _ = stdin.write_all(&ntp_client_request(ntp_now()));
+    }
+    peer.close_stdin();
+    let status = peer.wait_exit(OPENSSL_TIMEOUT);
+    let text = peer.text();
+    eprintln!("[s_client {}] {status}\n{text}", extra.join(" "));
+    (status, text)
+}
+
+/// s_client_with_request, expected to be refused with an alert; returns s_client's output.
+fn s_client_once(server: SocketAddr, ca: &Path, extra: &[&str], env: &[(&str, &Path)]) -> String {
+    let (status, text) = s_client_with_request(server, ca, extra, env);
     assert!(
         !text.contains("no cipher match") && !text.contains("no ciphers available"),
         "s_client could not offer what the case asks for:\n{text}"
@@ -501,7 +577,7 @@ fn s_client_once(server: SocketAddr, ca: &Path, extra: &[&str], env: &[(&str, &P
     // OpenSSL reports the pending suite even for a failed handshake: what counts is that it
     // failed, on a fatal alert from the relay.
     assert!(
-        !out.status.success() && text.contains("SSL alert number"),
+        !status.success() && text.contains("SSL alert number"),
         "s_client was not refused with an alert:\n{text}"
     );
     text
@@ -843,6 +919,29 @@ fn server_refuses(extra: &[&str], env: &[(&str, &Path)], reason: &str) -> String
     output
 }
 
+/// Not a case: shows that the refusal cases' "nothing forwarded" can fail. The same s_client
+/// run, on a handshake the relay accepts, delivers its request to the time server.
+#[test]
+fn s_client_request_reaches_the_time_server_once_accepted() {
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let lab = Lab::new();
+    let mut server =
+        start_server_relay(&lab.issue("server", &Leaf::server()), upstream.addr(), &[]);
+    let (_, text) = s_client_with_request(server.addr, lab.ca(), &["-dtls1_2"], &[]);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    let (associations, stopped) = stop_relay(&mut server);
+    assert!(
+        associations[0].contains("association established"),
+        "{associations:?}"
+    );
+    assert!(stopped.contains("requests_forwarded=1"), "{stopped}");
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the request did not reach the time server"
+    );
+}
+
 #[test]
 fn case_server_refuses_dtls1_0() {
     let out = server_refuses(&["-dtls1"], &[], "protocol_version");
@@ -903,18 +1002,14 @@ fn case_server_refuses_x25519_only() {
     let lab = Lab::new();
     let mut server =
         start_server_relay(&lab.issue("server", &Leaf::server()), upstream.addr(), &[]);
-    let mut cmd = openssl();
-    cmd.args(["s_client", "-connect", &server.addr.to_string(), "-CAfile"])
-        .arg(lab.ca())
-        .args(["-verify_hostname", "localhost", "-verify_return_error"])
-        .args(["-dtls1_2", "-groups", "X25519"]);
-    let out = run_command(cmd, OPENSSL_TIMEOUT).expect("s_client ran");
-    assert!(!out.status.success(), "{}", out.combined());
-    assert!(
-        !out.combined().contains("Server Temp Key: X25519"),
-        "{}",
-        out.combined()
+    let (status, text) = s_client_with_request(
+        server.addr,
+        lab.ca(),
+        &["-dtls1_2", "-groups", "X25519"],
+        &[],
     );
+    assert!(!status.success(), "{text}");
+    assert!(!text.contains("Server Temp Key: X25519"), "{text}");
     let (associations, stopped) = stop_relay(&mut server);
     let line = assert_one_refusal(&associations, "peer_alert");
     assert!(line.contains("illegal_parameter"), "{line}");
@@ -959,8 +1054,9 @@ fn case_server_refuses_no_ems() {
 // Client relay: the server's version, EMS and certificate (peer: s_server)
 // ---------------------------------------------------------------------------------------------
 
-/// A client relay against s_server presenting `identity`: exactly one audit line with
-/// `reason`, no association, and s_server never sees a request.
+/// A client relay against s_server presenting `identity`: its first association line is the
+/// refusal with `reason`, it never establishes an association, and s_server never sees the
+/// request sent to the client relay.
 fn client_refuses(ca: &Path, identity: &Credential, server_name: Option<&str>, reason: &str) {
     client_refuses_with(ca, identity, server_name, &["-dtls1_2"], &[], reason);
 }
@@ -983,7 +1079,7 @@ fn client_refuses_with(
     socket.send_to(&request, client.addr).expect("send");
     assert_no_reply_through(&client);
     let (associations, stopped) = stop_relay(&mut client);
-    let audit = assert_one_refusal(&associations, reason);
+    let audit = assert_first_refusal(&associations, reason);
     assert!(stopped.contains("associations_refused="), "{stopped}");
     assert!(!stopped.contains("associations_established"), "{stopped}");
     assert!(

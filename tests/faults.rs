@@ -395,8 +395,9 @@ fn rekeying_switches_associations_without_losing_a_request() {
         |l| l.contains("association closed") && l.contains("reason=peer sent close_notify"),
     );
     let closed_at = log_time(&closed);
+    // Every line the client relay wrote, read to the end once it has exited.
     let replaced_at = client
-        .lines()
+        .terminate_and_drain()
         .iter()
         .filter(|l| rekeyed(l))
         .map(|l| log_time(l))

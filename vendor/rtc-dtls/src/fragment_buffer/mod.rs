@@ -6,23 +6,85 @@ use crate::handshake::handshake_header::*;
 use crate::record_layer::record_layer_header::*;
 use shared::error::*;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Cursor};
 
 // 2 mb max buffer size
 const FRAGMENT_BUFFER_MAX_SIZE: usize = 2_000_000;
 
-pub(crate) struct Fragment {
-    record_layer_header: RecordLayerHeader,
+// The fragments of one handshake message, kept so that it can be reassembled by offset in one
+// pass, without re-scanning them for every record.
+struct Message {
+    // The first fragment's record epoch and handshake header: the reassembled message takes its
+    // type, length and sequence number from them.
+    epoch: u16,
     handshake_header: HandshakeHeader,
-    data: Vec<u8>,
+    // Every fragment accepted, in arrival order: (fragment offset, fragment data).
+    fragments: Vec<(u32, Vec<u8>)>,
+    // [0, covered) is covered by the fragments accepted so far.
+    covered: u32,
+    // Fragments that begin beyond `covered`: offset -> furthest end among them.
+    pending: BTreeMap<u32, u32>,
+}
+
+impl Message {
+    fn new(epoch: u16, handshake_header: HandshakeHeader) -> Self {
+        Message {
+            epoch,
+            handshake_header,
+            fragments: vec![],
+            covered: 0,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, offset: u32, data: Vec<u8>) {
+        let end = offset + data.len() as u32;
+        if offset <= self.covered {
+            self.covered = self.covered.max(end);
+            // Each pending fragment is taken off once, when the covered prefix reaches it.
+            while let Some((&start, &end)) = self.pending.first_key_value() {
+                if start > self.covered {
+                    break;
+                }
+                self.covered = self.covered.max(end);
+                self.pending.remove(&start);
+            }
+        } else {
+            let furthest = self.pending.entry(offset).or_insert(end);
+            *furthest = (*furthest).max(end);
+        }
+        self.fragments.push((offset, data));
+    }
+
+    fn is_complete(&self) -> bool {
+        self.covered >= self.handshake_header.length
+    }
+
+    fn size(&self) -> usize {
+        self.fragments.iter().map(|(_, data)| data.len()).sum()
+    }
+
+    // Where fragments overlap, the one that arrived first supplies the bytes: they are copied in
+    // reverse arrival order, so the earliest is written last.
+    fn reassemble(&self) -> Vec<u8> {
+        let mut message = vec![0u8; self.handshake_header.length as usize];
+        for (offset, data) in self.fragments.iter().rev() {
+            let offset = *offset as usize;
+            message[offset..offset + data.len()].copy_from_slice(data);
+        }
+        message
+    }
 }
 
 pub(crate) struct FragmentBuffer {
-    // map of MessageSequenceNumbers that hold slices of fragments
-    cache: HashMap<u16, Vec<Fragment>>,
+    // map of MessageSequenceNumbers that hold the fragments of one message
+    cache: HashMap<u16, Message>,
 
     current_message_sequence_number: u16,
+
+    // Bytes of fragment data held in `cache`, kept up to date as fragments come and go.
+    size: usize,
 }
 
 impl FragmentBuffer {
@@ -30,6 +92,7 @@ impl FragmentBuffer {
         FragmentBuffer {
             cache: HashMap::new(),
             current_message_sequence_number: 0,
+            size: 0,
         }
     }
 
@@ -37,7 +100,7 @@ impl FragmentBuffer {
     // when it returns true it means the FragmentBuffer has inserted and the buffer shouldn't be handled
     // when an error returns it is fatal, and the DTLS connection should be stopped
     pub fn push(&mut self, mut buf: &[u8]) -> Result<bool> {
-        let current_size = self.size();
+        let current_size = self.size;
         if current_size + buf.len() >= FRAGMENT_BUFFER_MAX_SIZE {
             return Err(Error::ErrFragmentBufferOverflow {
                 new_size: current_size + buf.len(),
@@ -58,10 +121,6 @@ impl FragmentBuffer {
             let mut reader = Cursor::new(buf);
             let handshake_header = HandshakeHeader::unmarshal(&mut reader)?;
 
-            self.cache
-                .entry(handshake_header.message_sequence)
-                .or_default();
-
             // end index should be the length of handshake header but if the handshake
             // was fragmented, we should keep them all
             let mut end = HANDSHAKE_HEADER_LENGTH + handshake_header.length as usize;
@@ -71,15 +130,26 @@ impl FragmentBuffer {
 
             // Discard all headers, when rebuilding the packet we will re-build
             let data = buf[HANDSHAKE_HEADER_LENGTH..end].to_vec();
-
-            if let Some(x) = self.cache.get_mut(&handshake_header.message_sequence) {
-                x.push(Fragment {
-                    record_layer_header,
-                    handshake_header,
-                    data,
-                });
-            }
             buf = &buf[end..];
+
+            // A fragment reaching past the end of its message cannot be part of it, nor can one
+            // that disagrees with the message's first fragment on its type or length.
+            let offset = handshake_header.fragment_offset;
+            if offset as u64 + data.len() as u64 > handshake_header.length as u64 {
+                continue;
+            }
+            let message = self
+                .cache
+                .entry(handshake_header.message_sequence)
+                .or_insert_with(|| Message::new(record_layer_header.epoch, handshake_header));
+            if handshake_header.handshake_type != message.handshake_header.handshake_type
+                || handshake_header.length != message.handshake_header.length
+            {
+                continue;
+            }
+
+            self.size += data.len();
+            message.add(offset, data);
         }
 
         Ok(true)
@@ -87,74 +157,36 @@ impl FragmentBuffer {
 
     pub fn pop(&mut self) -> Result<(Vec<u8>, u16)> {
         let seq_num = self.current_message_sequence_number;
-        if !self.cache.contains_key(&seq_num) {
-            return Err(Error::ErrEmptyFragment);
-        }
-
-        let (content, epoch) = if let Some(frags) = self.cache.get_mut(&seq_num) {
-            let mut raw_message = vec![];
-            // Recursively collect up
-            if !append_message(0, frags, &mut raw_message) {
-                return Err(Error::ErrEmptyFragment);
-            }
-
-            let mut first_header = frags[0].handshake_header;
-            first_header.fragment_offset = 0;
-            first_header.fragment_length = first_header.length;
-
-            let mut raw_header = vec![];
-            {
-                let mut writer = BufWriter::<&mut Vec<u8>>::new(raw_header.as_mut());
-                if first_header.marshal(&mut writer).is_err() {
-                    return Err(Error::ErrEmptyFragment);
-                }
-            }
-
-            let message_epoch = frags[0].record_layer_header.epoch;
-
-            raw_header.extend_from_slice(&raw_message);
-
-            (raw_header, message_epoch)
-        } else {
+        let Some(message) = self.cache.get(&seq_num) else {
             return Err(Error::ErrEmptyFragment);
         };
+        if !message.is_complete() {
+            return Err(Error::ErrEmptyFragment);
+        }
 
-        self.cache.remove(&seq_num);
+        let raw_message = message.reassemble();
+
+        let mut first_header = message.handshake_header;
+        first_header.fragment_offset = 0;
+        first_header.fragment_length = first_header.length;
+
+        let mut raw_header = vec![];
+        {
+            let mut writer = BufWriter::<&mut Vec<u8>>::new(raw_header.as_mut());
+            if first_header.marshal(&mut writer).is_err() {
+                return Err(Error::ErrEmptyFragment);
+            }
+        }
+
+        let message_epoch = message.epoch;
+
+        raw_header.extend_from_slice(&raw_message);
+
+        if let Some(message) = self.cache.remove(&seq_num) {
+            self.size -= message.size();
+        }
         self.current_message_sequence_number += 1;
 
-        Ok((content, epoch))
+        Ok((raw_header, message_epoch))
     }
-
-    fn size(&self) -> usize {
-        self.cache
-            .values()
-            .map(|fragment| fragment.iter().map(|f| f.data.len()).sum::<usize>())
-            .sum()
-    }
-}
-
-fn append_message(target_offset: u32, frags: &[Fragment], raw_message: &mut Vec<u8>) -> bool {
-    for f in frags {
-        if f.handshake_header.fragment_offset == target_offset {
-            let fragment_end =
-                f.handshake_header.fragment_offset + f.handshake_header.fragment_length;
-
-            // NB: Order here is important, the `f.handshake_header.fragment_length != 0`
-            // MUST come before the recursive call.
-            if fragment_end != f.handshake_header.length
-                && f.handshake_header.fragment_length != 0
-                && !append_message(fragment_end, frags, raw_message)
-            {
-                return false;
-            }
-
-            let mut message = vec![];
-            message.extend_from_slice(&f.data);
-            message.extend_from_slice(raw_message);
-            *raw_message = message;
-            return true;
-        }
-    }
-
-    false
 }

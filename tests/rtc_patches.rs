@@ -777,3 +777,105 @@ fn quadratic_fragment_reassembly() {
         body.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// (b) Zero-length fragments were not counted against the 2 MB cap.
+
+/// Feeds `fragments` to `server` from `from`, one record each.
+fn feed(server: &mut Endpoint, now: Instant, from: SocketAddr, fragments: &[Handshake]) {
+    for (i, fragment) in fragments.iter().enumerate() {
+        let d = datagram(&[fragment.record(i as u64)]);
+        // A refused record is dropped silently, not an error of the association.
+        let _ = server.read(now, from, None, BytesMut::from(&d[..]));
+    }
+}
+
+/// Whether a ClientHello from `from` now gets its HelloVerifyRequest.
+fn answers_client_hello(server: &mut Endpoint, now: Instant, from: SocketAddr) -> bool {
+    answers_client_hello_body(server, now, from, &client_hello_body(&[], &[], 0))
+}
+
+/// A fragment of a (forged) message that never completes: `length` bytes claimed.
+fn forged(message_seq: u16, length: u32, offset: u32, fragment: Vec<u8>) -> Handshake {
+    Handshake {
+        typ: CLIENT_HELLO,
+        length,
+        message_seq,
+        offset,
+        fragment,
+    }
+}
+
+/// 90 000 forged zero-length fragment records counted 0 bytes against the 2 MB cap, and were
+/// all kept (in 0.21.1, about 6 MB for one association, and no limit). Now a fragment that adds
+/// nothing to its message is not kept, every fragment kept counts its data plus a fixed
+/// overhead, and a message keeps at most 256 fragments; past either limit a record is refused
+/// like any fragment buffer overflow.
+#[test]
+fn zero_length_fragments_are_counted() {
+    let now = Instant::now();
+    let config = server_config(default_provider(), |b| b);
+
+    // 90 000 zero-length fragments of one claimed message: memory stays flat.
+    let mut server = server_endpoint(config.clone());
+    let flood: Vec<Handshake> = (0..90_000u32)
+        .map(|i| forged(1, 1000, i % 1000, vec![]))
+        .collect();
+    let before = live();
+    feed(&mut server, now, CLIENT, &flood);
+    let grown = live() - before;
+    drop(flood);
+    assert!(
+        grown < 256 * 1024,
+        "90 000 zero-length fragments grew this association by {grown} bytes"
+    );
+    assert!(answers_client_hello(&mut server, now, CLIENT));
+
+    // One-byte fragments of many messages, each message well under the per-message limit: each
+    // costs more than its byte, so 40 000 of them reach the 2 MB cap. What the cap promises is
+    // that the forger's records stop being buffered; rtc-dtls cannot tell them from the peer's,
+    // so from then on this address's handshake records are refused too, as after any fragment
+    // buffer overflow: the handshake fails by timeout rather than growing without bound.
+    let peer = SocketAddr::new(CLIENT.ip(), 5000);
+    let mut server = server_endpoint(config.clone());
+    let flood: Vec<Handshake> = (0..40_000u32)
+        .map(|i| forged(1 + (i / 200) as u16, 1000, 1 + i % 200, vec![0]))
+        .collect();
+    feed(&mut server, now, peer, &flood);
+    assert!(
+        !answers_client_hello(&mut server, now, peer),
+        "40 000 one-byte fragments did not reach the 2 MB cap"
+    );
+
+    // One message may hold 256 fragments: 300 one-byte pieces of a ClientHello (true bytes of
+    // it, at distinct offsets) fill it, and the ClientHello itself is then refused.
+    let peer = SocketAddr::new(CLIENT.ip(), 5001);
+    let mut server = server_endpoint(config);
+    let body = client_hello_body(&[], &[], 400);
+    let pieces: Vec<Handshake> = (1..=300u32)
+        .map(|offset| forged(0, body.len() as u32, offset, vec![body[offset as usize]]))
+        .collect();
+    feed(&mut server, now, peer, &pieces);
+    assert!(
+        !answers_client_hello_body(&mut server, now, peer, &body),
+        "a message kept more than 256 fragments"
+    );
+}
+
+/// Like `answers_client_hello`, with a given ClientHello body.
+fn answers_client_hello_body(
+    server: &mut Endpoint,
+    now: Instant,
+    from: SocketAddr,
+    body: &[u8],
+) -> bool {
+    while server.poll_transmit().is_some() {}
+    let hello = Handshake::whole(CLIENT_HELLO, 0, body.to_vec());
+    let d = datagram(&[hello.record(1_000_000)]);
+    let _ = server.read(now, from, None, BytesMut::from(&d[..]));
+    let mut replies = Vec::new();
+    while let Some(t) = server.poll_transmit() {
+        replies.push(t.message.to_vec());
+    }
+    handshake_types(&replies).contains(&HELLO_VERIFY_REQUEST)
+}

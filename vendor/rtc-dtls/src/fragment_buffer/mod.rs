@@ -11,6 +11,13 @@ use std::io::{BufWriter, Cursor};
 
 // 2 mb max buffer size
 const FRAGMENT_BUFFER_MAX_SIZE: usize = 2_000_000;
+// What a buffered fragment counts against FRAGMENT_BUFFER_MAX_SIZE beyond its data: the
+// handshake header it came with and about what keeping it costs, so that empty or one-byte
+// fragments cannot be buffered without limit.
+const FRAGMENT_OVERHEAD: usize = 64;
+// The most fragments one message may be buffered in. A ClientHello or a certificate chain at an
+// MTU of 1200 needs a few dozen.
+const MAX_FRAGMENTS_PER_MESSAGE: usize = 256;
 
 // The fragments of one handshake message, kept so that it can be reassembled by offset in one
 // pass, without re-scanning them for every record.
@@ -57,12 +64,28 @@ impl Message {
         self.fragments.push((offset, data));
     }
 
+    // Whether a fragment would bring no byte this message lacks: it is empty, or lies within the
+    // covered prefix, or within a pending fragment that starts where it does. Such a fragment, a
+    // retransmission or a forgery, is not buffered.
+    fn adds_nothing(&self, offset: u32, len: usize) -> bool {
+        let end = offset + len as u32;
+        len == 0
+            || end <= self.covered
+            || self
+                .pending
+                .get(&offset)
+                .is_some_and(|&furthest| end <= furthest)
+    }
+
     fn is_complete(&self) -> bool {
         self.covered >= self.handshake_header.length
     }
 
     fn size(&self) -> usize {
-        self.fragments.iter().map(|(_, data)| data.len()).sum()
+        self.fragments
+            .iter()
+            .map(|(_, data)| data.len() + FRAGMENT_OVERHEAD)
+            .sum()
     }
 
     // Where fragments overlap, the one that arrived first supplies the bytes: they are copied in
@@ -83,7 +106,8 @@ pub(crate) struct FragmentBuffer {
 
     current_message_sequence_number: u16,
 
-    // Bytes of fragment data held in `cache`, kept up to date as fragments come and go.
+    // What the fragments held in `cache` count (their data plus FRAGMENT_OVERHEAD each), kept up
+    // to date as fragments come and go.
     size: usize,
 }
 
@@ -138,6 +162,13 @@ impl FragmentBuffer {
             if offset as u64 + data.len() as u64 > handshake_header.length as u64 {
                 continue;
             }
+            // An empty fragment of a non-empty message brings nothing, not even the message.
+            if data.is_empty()
+                && handshake_header.length != 0
+                && !self.cache.contains_key(&handshake_header.message_sequence)
+            {
+                continue;
+            }
             let message = self
                 .cache
                 .entry(handshake_header.message_sequence)
@@ -147,8 +178,17 @@ impl FragmentBuffer {
             {
                 continue;
             }
+            if !message.fragments.is_empty() && message.adds_nothing(offset, data.len()) {
+                continue;
+            }
+            if message.fragments.len() >= MAX_FRAGMENTS_PER_MESSAGE {
+                return Err(Error::ErrFragmentBufferOverflow {
+                    new_size: message.fragments.len() + 1,
+                    max_size: MAX_FRAGMENTS_PER_MESSAGE,
+                });
+            }
 
-            self.size += data.len();
+            self.size += data.len() + FRAGMENT_OVERHEAD;
             message.add(offset, data);
         }
 

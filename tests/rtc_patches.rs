@@ -879,3 +879,73 @@ fn answers_client_hello_body(
     }
     handshake_types(&replies).contains(&HELLO_VERIFY_REQUEST)
 }
+
+// ---------------------------------------------------------------------------------------------
+// (c) A ClientHello with a session_id.
+
+/// A client resuming (OpenSSL's `-sess_in`, or any client holding a session) sends a non-empty
+/// session_id. 0.21.1 read its length byte and went on to parse the session_id's bytes as the
+/// cookie, so the ClientHello was dropped without a reply. The server must parse past it and
+/// answer with a full handshake (an empty session_id in its ServerHello: rtc-dtls never resumes).
+#[test]
+fn session_id_in_client_hello() {
+    let session_id: Vec<u8> = (1..=32).collect();
+
+    // The session_id in the first ClientHello only, which RFC 6347 4.2.1 leaves out of the
+    // transcript: the handshake completes.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToServer => rewrite_hello(&d, CLIENT_HELLO, |hello, seq| {
+                if seq == 0 {
+                    hello.session_id = session_id.clone();
+                }
+            }),
+            Direction::ToClient => d,
+        })
+    });
+    assert!(
+        handshake_types(&link.to_client).contains(&HELLO_VERIFY_REQUEST),
+        "no HelloVerifyRequest for a ClientHello with a session_id: {:?}",
+        handshake_types(&link.to_client)
+    );
+    assert!(link.established(), "{:?}", link.server_errors);
+    let server_hello = handshakes(&link.to_client)
+        .into_iter()
+        .find(|h| h.typ == SERVER_HELLO)
+        .expect("a ServerHello");
+    assert!(
+        Hello::parse(&server_hello.fragment, false)
+            .session_id
+            .is_empty()
+    );
+    link.exchange();
+
+    // The session_id in both ClientHellos: the server parses the second and goes on with a
+    // full handshake, and its transcript holds the ClientHello as received. The client's holds
+    // the one it sent, without the session_id, so the handshake must not complete: a session_id
+    // changed on the way is detected like any other change to a hashed message.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToServer => rewrite_hello(&d, CLIENT_HELLO, |hello, _| {
+                hello.session_id = session_id.clone();
+            }),
+            Direction::ToClient => d,
+        })
+    });
+    let types = handshake_types(&link.to_client);
+    assert!(
+        types.contains(&HELLO_VERIFY_REQUEST) && types.contains(&SERVER_HELLO),
+        "{types:?}"
+    );
+    assert!(!link.server_complete && !link.client_complete);
+}

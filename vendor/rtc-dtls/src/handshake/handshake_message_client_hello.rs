@@ -154,8 +154,12 @@ impl HandshakeMessageClientHello {
         let minor = reader.read_u8()?;
         let random = HandshakeRandom::unmarshal(reader)?;
 
-        // Session ID
-        reader.read_u8()?;
+        // session_id<0..32> (RFC 5246 7.4.1.2, RFC 6347 4.2.1): skipped, not kept. This
+        // implementation never resumes a session, so the ServerHello's empty session_id makes
+        // the handshake a full one. The handshake cache keeps the message as received.
+        let session_id_len = reader.read_u8()? as usize;
+        let mut session_id = vec![0u8; session_id_len];
+        reader.read_exact(&mut session_id)?;
 
         let cookie_len = reader.read_u8()? as usize;
         let mut cookie = vec![0; cookie_len];

@@ -949,3 +949,81 @@ fn session_id_in_client_hello() {
     );
     assert!(!link.server_complete && !link.client_complete);
 }
+
+// ---------------------------------------------------------------------------------------------
+// (d) The alert for a missing client certificate.
+
+/// A server that requires a client certificate answered a client that sent none with alert 41,
+/// no_certificate, which only SSLv3 had: RFC 5246 7.2.2 says it MUST NOT be sent, and 7.4.6 that
+/// a server refusing a client without a certificate sends handshake_failure. Both the
+/// "require any" and the "require and verify" policies are covered, and the case of a
+/// CertificateVerify with no certificate before it, which is an unexpected message.
+#[test]
+fn missing_client_certificate_alert() {
+    for policy in [
+        ClientAuthType::RequireAnyClientCert,
+        ClientAuthType::RequireAndVerifyClientCert,
+    ] {
+        let provider = default_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(certificate(&provider).certificate[0].clone())
+            .expect("a root");
+        let mut link = Link::new(
+            client_config(provider.clone(), |b| b),
+            server_config(provider, |b| {
+                b.with_client_auth(policy).with_client_cas(roots)
+            }),
+        );
+        link.pump();
+        assert!(!link.server_complete);
+        let alerts = plaintext_alerts(&link.to_client);
+        assert_eq!(
+            alerts,
+            [(FATAL, HANDSHAKE_FAILURE)],
+            "{policy:?}: the server's alerts {alerts:?} (41 is no_certificate)"
+        );
+        assert!(!alerts.contains(&(FATAL, NO_CERTIFICATE)));
+    }
+
+    // A CertificateVerify after an empty Certificate, slipped into the client's last flight.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| {
+            b.with_client_auth(ClientAuthType::RequireAnyClientCert)
+        }),
+    );
+    link.pump_with(|direction, d| {
+        if direction == Direction::ToClient {
+            return Some(d);
+        }
+        let mut recs = records(&d);
+        let Some(key_exchange) = recs.iter().find_map(|r| {
+            r.handshake()
+                .filter(|h| h.typ == CLIENT_KEY_EXCHANGE)
+                .map(|h| (h, r.seq))
+        }) else {
+            return Some(d);
+        };
+        let last_seq = recs
+            .iter()
+            .filter(|r| r.epoch == 0)
+            .map(|r| r.seq)
+            .max()
+            .unwrap_or(0);
+        let verify = Handshake::whole(
+            CERTIFICATE_VERIFY,
+            key_exchange.0.message_seq + 1,
+            vec![4, 3, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8],
+        );
+        recs.push(verify.record(last_seq.max(key_exchange.1) + 1));
+        Some(datagram(&recs))
+    });
+    let alerts = plaintext_alerts(&link.to_client);
+    assert_eq!(
+        alerts,
+        [(FATAL, UNEXPECTED_MESSAGE)],
+        "a CertificateVerify without a certificate: the server's alerts {alerts:?}"
+    );
+}

@@ -126,11 +126,13 @@ impl Flight for Flight4 {
                 }
             };
 
+            // A CertificateVerify follows only a client certificate (RFC 5246 7.4.8). No
+            // no_certificate alert: it was SSLv3's and TLS forbids sending it (RFC 5246 7.2.2).
             if state.peer_certificates.is_empty() {
                 return Err((
                     Some(Alert {
                         alert_level: AlertLevel::Fatal,
-                        alert_description: AlertDescription::NoCertificate,
+                        alert_description: AlertDescription::UnexpectedMessage,
                     }),
                     Some(Error::ErrCertificateVerifyNoCertificate),
                 ));
@@ -472,11 +474,13 @@ impl Flight for Flight4 {
                     srv_cli_str(state.is_client),
                     state.peer_certificates.len(),
                 );
+                // RFC 5246 7.4.6: refusing a client that sent no certificate is a
+                // handshake_failure (no_certificate was SSLv3's; TLS forbids sending it).
                 if state.peer_certificates.is_empty() {
                     return Err((
                         Some(Alert {
                             alert_level: AlertLevel::Fatal,
-                            alert_description: AlertDescription::NoCertificate,
+                            alert_description: AlertDescription::HandshakeFailure,
                         }),
                         Some(Error::ErrClientCertificateRequired),
                     ));
@@ -494,11 +498,13 @@ impl Flight for Flight4 {
                 }
             }
             ClientAuthType::RequireAndVerifyClientCert => {
+                // RFC 5246 7.4.6: refusing a client that sent no certificate is a
+                // handshake_failure (no_certificate was SSLv3's; TLS forbids sending it).
                 if state.peer_certificates.is_empty() {
                     return Err((
                         Some(Alert {
                             alert_level: AlertLevel::Fatal,
-                            alert_description: AlertDescription::NoCertificate,
+                            alert_description: AlertDescription::HandshakeFailure,
                         }),
                         Some(Error::ErrClientCertificateRequired),
                     ));

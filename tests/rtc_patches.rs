@@ -1027,3 +1027,202 @@ fn missing_client_certificate_alert() {
         "a CertificateVerify without a certificate: the server's alerts {alerts:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// (e) Renegotiation attempts.
+
+const GCM: CipherSuiteId = CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256;
+
+/// An established association, and record protection for it with the keys of either side, so
+/// that a test can send what the peer's own rtc-dtls would never send.
+struct Established {
+    link: Link,
+    /// Protects as the client does; opens what the server sends.
+    as_client: Box<dyn CipherSuite>,
+    /// Protects as the server does; opens what the client sends.
+    as_server: Box<dyn CipherSuite>,
+}
+
+impl Established {
+    fn new() -> Established {
+        let provider = TestProvider::new(None);
+        let shared: Arc<dyn RTCCryptoProvider> = provider.clone();
+        let mut link = Link::new(
+            client_config(shared.clone(), |b| b),
+            server_config(shared.clone(), |b| b),
+        );
+        link.pump();
+        assert!(link.established());
+        let random = |datagrams: &[Vec<u8>], typ: u8| {
+            let hello = handshakes(datagrams)
+                .into_iter()
+                .find(|h| h.typ == typ)
+                .expect("a hello");
+            hello.fragment[2..34].to_vec()
+        };
+        let client_random = random(&link.to_server, CLIENT_HELLO);
+        let server_random = random(&link.to_client, SERVER_HELLO);
+        let master_secret = provider.master_secret();
+        let keys = |is_client: bool| {
+            let mut suite = cipher_suite_for_id(GCM).expect("suite");
+            suite
+                .init(
+                    shared.clone(),
+                    &master_secret,
+                    &client_random,
+                    &server_random,
+                    is_client,
+                )
+                .expect("keys");
+            suite
+        };
+        Established {
+            as_client: keys(true),
+            as_server: keys(false),
+            link,
+        }
+    }
+
+    /// An epoch-1 record of `content_type` carrying `plaintext`, protected by `suite`.
+    fn protect(
+        suite: &mut Box<dyn CipherSuite>,
+        content_type: ContentType,
+        seq: u64,
+        plaintext: &[u8],
+    ) -> Vec<u8> {
+        let header = RecordLayerHeader {
+            content_type,
+            protocol_version: PROTOCOL_VERSION1_2,
+            epoch: 1,
+            sequence_number: seq,
+            content_len: plaintext.len() as u16,
+        };
+        let mut raw = Vec::new();
+        header.marshal(&mut raw).expect("header");
+        raw.extend_from_slice(plaintext);
+        suite.encrypt(&header, &raw).expect("encrypt")
+    }
+
+    /// What `suite` makes of the records in `datagrams`: (content type, epoch, plaintext).
+    fn open(suite: &mut Box<dyn CipherSuite>, datagrams: &[Vec<u8>]) -> Vec<(u8, u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        for d in datagrams {
+            for record in records(d) {
+                if record.epoch == 0 || record.content_type == CHANGE_CIPHER_SPEC {
+                    out.push((record.content_type, record.epoch, record.body));
+                    continue;
+                }
+                let raw = datagram(&[record.clone()]);
+                let plain = suite.decrypt(&raw).expect("a record of this association");
+                out.push((record.content_type, record.epoch, plain[13..].to_vec()));
+            }
+        }
+        out
+    }
+}
+
+fn drain(endpoint: &mut Endpoint) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(t) = endpoint.poll_transmit() {
+        out.push(t.message.to_vec());
+    }
+    out
+}
+
+/// rtc-dtls advertises renegotiation_info but never renegotiates, and said nothing when asked
+/// to: an encrypted ClientHello on an established server association, or a HelloRequest on a
+/// client, was buffered and cached like a handshake message and taken for a repeat of the
+/// peer's last flight, so the answer was our own last flight again (a full Flight 5, certificate
+/// and all, from a client). RFC 5746 4.4 and 5 (and RFC 5246 7.2.2) have such an attempt
+/// refused with a warning no_renegotiation alert, the association going on; and the attempt
+/// must cost no handshake state.
+///
+/// The test speaks for one side with that side's keys, in its record sequence numbers, so the
+/// real endpoint of that side cannot send afterwards (its numbers are behind); the test sends
+/// its application data instead, and the other side's real endpoint sends its own.
+#[test]
+fn renegotiation_is_refused_with_a_warning() {
+    let no_renegotiation = (ALERT, 1u16, vec![WARNING, NO_RENEGOTIATION]);
+
+    // The client "renegotiates": 200 ClientHellos under the association's keys, numbered as the
+    // next messages of the handshake so that 0.21.1 would take each for new.
+    let mut e = Established::new();
+    let next = handshakes(&e.link.to_server)
+        .iter()
+        .find(|h| h.typ == CLIENT_KEY_EXCHANGE)
+        .map(|h| h.message_seq + 2)
+        .expect("a ClientKeyExchange");
+    let before = live();
+    for i in 0..200u16 {
+        let hello = Handshake::whole(CLIENT_HELLO, next + i, client_hello_body(&[], &[], 1000));
+        let d = Established::protect(
+            &mut e.as_client,
+            ContentType::Handshake,
+            100 + u64::from(i),
+            &hello.encode(),
+        );
+        // Straight to the endpoint: the link would keep a copy of every datagram.
+        let events = e
+            .link
+            .server
+            .read(e.link.now, CLIENT, None, BytesMut::from(&d[..]));
+        assert!(events.is_ok_and(|events| events.is_empty()));
+        let answer = Established::open(&mut e.as_client, &drain(&mut e.link.server));
+        assert_eq!(
+            answer,
+            [no_renegotiation.clone()],
+            "the server's answer to renegotiation attempt {i}"
+        );
+    }
+    let grown = live() - before;
+    assert!(
+        grown < 32 * 1024,
+        "200 renegotiation attempts left {grown} bytes behind"
+    );
+    // The association goes on, both ways.
+    let d = Established::protect(&mut e.as_client, ContentType::ApplicationData, 300, b"ping");
+    e.link.deliver(Direction::ToServer, d);
+    assert_eq!(e.link.server_data, [b"ping".to_vec()]);
+    e.link
+        .server
+        .write(e.link.now, CLIENT, b"pong")
+        .expect("server write");
+    e.link.pump();
+    assert_eq!(e.link.client_data, [b"pong".to_vec()]);
+    assert!(
+        e.link.server_errors.is_empty(),
+        "{:?}",
+        e.link.server_errors
+    );
+
+    // The server asks the client to renegotiate (HelloRequest, RFC 5246 7.4.1.1).
+    let mut e = Established::new();
+    let request = Handshake::whole(HELLO_REQUEST, 0, vec![]);
+    let d = Established::protect(
+        &mut e.as_server,
+        ContentType::Handshake,
+        100,
+        &request.encode(),
+    );
+    e.link.deliver(Direction::ToClient, d);
+    let answer = Established::open(&mut e.as_server, &drain(&mut e.link.client));
+    assert_eq!(
+        answer,
+        [no_renegotiation],
+        "the client's answer to a HelloRequest"
+    );
+    let d = Established::protect(&mut e.as_server, ContentType::ApplicationData, 101, b"pong");
+    e.link.deliver(Direction::ToClient, d);
+    assert_eq!(e.link.client_data, [b"pong".to_vec()]);
+    e.link
+        .client
+        .write(e.link.now, SERVER, b"ping")
+        .expect("client write");
+    e.link.pump();
+    assert_eq!(e.link.server_data, [b"ping".to_vec()]);
+    assert!(
+        e.link.client_errors.is_empty(),
+        "{:?}",
+        e.link.client_errors
+    );
+}

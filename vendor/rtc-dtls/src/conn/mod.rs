@@ -708,6 +708,36 @@ impl DTLSConn {
             }
         }
 
+        // RFC 5746 4.4 and 5, RFC 5246 7.2.2: this implementation never renegotiates. Once the
+        // handshake is complete, a ClientHello (to a server) or a HelloRequest (to a client) under
+        // the association's keys asks for a renegotiation. It is answered with a warning
+        // no_renegotiation alert and the association goes on; the record is neither buffered
+        // nor cached, nor taken for a repeat of the peer's last flight.
+        if self.is_handshake_completed() && h.epoch != 0 && h.content_type == ContentType::Handshake
+        {
+            let renegotiation = if self.is_client {
+                HandshakeType::HelloRequest
+            } else {
+                HandshakeType::ClientHello
+            };
+            if pkt
+                .get(RECORD_LAYER_HEADER_SIZE)
+                .copied()
+                .map(HandshakeType::from)
+                == Some(renegotiation)
+            {
+                self.replay_detector[h.epoch as usize].accept();
+                return (
+                    false,
+                    Some(Alert {
+                        alert_level: AlertLevel::Warning,
+                        alert_description: AlertDescription::NoRenegotiation,
+                    }),
+                    None,
+                );
+            }
+        }
+
         let is_handshake = match self.fragment_buffer.push(&pkt) {
             Ok(is_handshake) => is_handshake,
             Err(err) => {

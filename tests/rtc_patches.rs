@@ -630,7 +630,10 @@ impl Link {
         }
     }
 
-    /// Delivers one datagram; returns whether it was delivered.
+    /// Delivers one datagram, unless the receiving side's association has failed: rtc-dtls
+    /// keeps a failed association and answers every alert with the same alert, so two of its
+    /// endpoints would bounce a fatal alert for ever. An application drops a failed association
+    /// (as src/engine/rtc.rs does); the link stops delivering to it.
     fn deliver(&mut self, direction: Direction, datagram: Vec<u8>) {
         let (endpoint, from, log, complete, data, errors) = match direction {
             Direction::ToServer => (
@@ -650,6 +653,9 @@ impl Link {
                 &mut self.client_errors,
             ),
         };
+        if !errors.is_empty() {
+            return;
+        }
         log.push(datagram.clone());
         match endpoint.read(self.now, from, None, BytesMut::from(&datagram[..])) {
             Ok(events) => {
@@ -1225,4 +1231,77 @@ fn renegotiation_is_refused_with_a_warning() {
         "{:?}",
         e.link.client_errors
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// (f) The contents of renegotiation_info on an initial handshake.
+
+/// A renegotiation_info whose renegotiated_connection holds 12 bytes, as a client's would on a
+/// renegotiation (its last verify_data).
+fn renegotiating_info() -> Vec<u8> {
+    let mut data = vec![12];
+    data.extend(1..=12u8);
+    data
+}
+
+/// RFC 5746 3.4: on an initial handshake a client MUST abort with a fatal handshake_failure if
+/// the ServerHello's renegotiation_info has a non-empty renegotiated_connection; 3.6: a server
+/// MUST likewise if a ClientHello's has. 0.21.1 parsed the extension only when it was the one
+/// byte of an empty field, dropped it as unsupported otherwise, and never looked at it.
+#[test]
+fn renegotiation_info_must_be_empty() {
+    // In the first ClientHello, then in the second only.
+    for which in [0u16, 1] {
+        let provider = default_provider();
+        let mut link = Link::new(
+            client_config(provider.clone(), |b| b),
+            server_config(provider, |b| b),
+        );
+        link.pump_with(|direction, d| {
+            Some(match direction {
+                Direction::ToServer => rewrite_hello(&d, CLIENT_HELLO, |hello, seq| {
+                    if seq == which {
+                        hello.set_extension(EXT_RENEGOTIATION_INFO, renegotiating_info());
+                    }
+                }),
+                Direction::ToClient => d,
+            })
+        });
+        let alerts = plaintext_alerts(&link.to_client);
+        assert_eq!(
+            alerts,
+            [(FATAL, HANDSHAKE_FAILURE)],
+            "ClientHello {which} with a renegotiated_connection: the server sent {:?}",
+            handshake_types(&link.to_client)
+        );
+        assert!(!handshake_types(&link.to_client).contains(&SERVER_HELLO));
+        assert_eq!(
+            handshake_types(&link.to_client).contains(&HELLO_VERIFY_REQUEST),
+            which == 1
+        );
+    }
+
+    // In the ServerHello.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToClient => rewrite_hello(&d, SERVER_HELLO, |hello, _| {
+                assert_eq!(hello.extension(EXT_RENEGOTIATION_INFO), Some(&[0u8][..]));
+                hello.set_extension(EXT_RENEGOTIATION_INFO, renegotiating_info());
+            }),
+            Direction::ToServer => d,
+        })
+    });
+    let alerts = plaintext_alerts(&link.to_server);
+    assert_eq!(
+        alerts,
+        [(FATAL, HANDSHAKE_FAILURE)],
+        "a ServerHello with a renegotiated_connection: the client sent {:?}",
+        handshake_types(&link.to_server)
+    );
+    assert!(!handshake_types(&link.to_server).contains(&CLIENT_KEY_EXCHANGE));
 }

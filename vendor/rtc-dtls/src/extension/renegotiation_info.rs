@@ -42,11 +42,18 @@ impl ExtensionRenegotiationInfo {
     /// Unmarshal populates the extension from encoded data
     pub fn unmarshal<R: Read>(reader: &mut R) -> Result<Self> {
         let l = reader.read_u16::<BigEndian>()?; //length
-        if l != 1 {
+        if l == 0 {
             return Err(Error::ErrInvalidPacketLength);
         }
 
+        // renegotiated_connection<0..255> (RFC 5746 3.2): its length byte is kept, so that a
+        // non-empty one is seen for what it is rather than dropped as unparseable.
         let renegotiated_connection = reader.read_u8()?;
+        if renegotiated_connection as u16 != l - 1 {
+            return Err(Error::ErrInvalidPacketLength);
+        }
+        let mut verify_data = vec![0u8; renegotiated_connection as usize];
+        reader.read_exact(&mut verify_data)?;
 
         Ok(ExtensionRenegotiationInfo {
             renegotiated_connection,

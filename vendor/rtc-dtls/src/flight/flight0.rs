@@ -68,6 +68,8 @@ impl Flight for Flight0 {
                 ));
             }
 
+            check_initial_renegotiation_info(&client_hello.extensions)?;
+
             state.remote_random = client_hello.random.clone();
 
             if let Ok(id) =

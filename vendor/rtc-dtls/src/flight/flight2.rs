@@ -79,6 +79,8 @@ impl Flight for Flight2 {
                 return Err((None, None));
             }
 
+            check_initial_renegotiation_info(&client_hello.extensions)?;
+
             if state.cookie != client_hello.cookie {
                 return Err((
                     Some(Alert {

@@ -181,6 +181,8 @@ impl Flight for Flight3 {
                 ));
             }
 
+            check_initial_renegotiation_info(&h.extensions)?;
+
             for extension in &h.extensions {
                 match extension {
                     Extension::UseSrtp(e) => {

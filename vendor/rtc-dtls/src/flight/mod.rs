@@ -7,6 +7,7 @@ pub(crate) mod flight5;
 pub(crate) mod flight6;
 
 use crate::alert::*;
+use crate::extension::*;
 use crate::handshake::handshake_cache::*;
 use crate::handshaker::*;
 use crate::record_layer::*;
@@ -54,6 +55,32 @@ pub(crate) struct Packet {
     pub(crate) record: RecordLayer,
     pub(crate) should_encrypt: bool,
     pub(crate) reset_local_sequence_number: bool,
+}
+
+// RFC 5746 3.4 (client) and 3.6 (server): on an initial handshake a renegotiation_info
+// extension, when present, must have an empty renegotiated_connection, or the handshake is
+// aborted with a fatal handshake_failure. This implementation never renegotiates, so every
+// handshake is an initial one.
+pub(crate) fn check_initial_renegotiation_info(
+    extensions: &[Extension],
+) -> Result<(), (Option<Alert>, Option<Error>)> {
+    for extension in extensions {
+        if let Extension::RenegotiationInfo(e) = extension
+            && e.renegotiated_connection != 0
+        {
+            return Err((
+                Some(Alert {
+                    alert_level: AlertLevel::Fatal,
+                    alert_description: AlertDescription::HandshakeFailure,
+                }),
+                Some(Error::Other(
+                    "renegotiation_info with a non-empty renegotiated_connection on an initial handshake"
+                        .to_owned(),
+                )),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) trait Flight: fmt::Display + fmt::Debug + Send + Sync {

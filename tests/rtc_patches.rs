@@ -1305,3 +1305,65 @@ fn renegotiation_info_must_be_empty() {
     );
     assert!(!handshake_types(&link.to_server).contains(&CLIENT_KEY_EXCHANGE));
 }
+
+// ---------------------------------------------------------------------------------------------
+// (g) Duplicate extensions.
+
+/// Appends a second copy of extension `typ`.
+fn duplicate(hello: &mut Hello, typ: u16) {
+    let copy = hello.extension(typ).expect("the extension").to_vec();
+    hello.extensions.push((typ, copy));
+}
+
+/// RFC 5246 7.4.1.4: "There MUST NOT be more than one extension of the same type." 0.21.1 kept
+/// both copies, and the last one won (a second supported_groups replaced the first). A
+/// ClientHello (either of the two) or a ServerHello with a repeated extension must be refused
+/// with a fatal illegal_parameter.
+#[test]
+fn duplicate_extensions_are_refused() {
+    for which in [0u16, 1] {
+        let provider = default_provider();
+        let mut link = Link::new(
+            client_config(provider.clone(), |b| b),
+            server_config(provider, |b| b),
+        );
+        link.pump_with(|direction, d| {
+            Some(match direction {
+                Direction::ToServer => rewrite_hello(&d, CLIENT_HELLO, |hello, seq| {
+                    if seq == which {
+                        duplicate(hello, EXT_SUPPORTED_GROUPS);
+                    }
+                }),
+                Direction::ToClient => d,
+            })
+        });
+        assert_eq!(
+            plaintext_alerts(&link.to_client),
+            [(FATAL, ILLEGAL_PARAMETER)],
+            "ClientHello {which} with two supported_groups: the server sent {:?}",
+            handshake_types(&link.to_client)
+        );
+        assert!(!handshake_types(&link.to_client).contains(&SERVER_HELLO));
+    }
+
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToClient => rewrite_hello(&d, SERVER_HELLO, |hello, _| {
+                duplicate(hello, EXT_EXTENDED_MASTER_SECRET);
+            }),
+            Direction::ToServer => d,
+        })
+    });
+    assert_eq!(
+        plaintext_alerts(&link.to_server),
+        [(FATAL, ILLEGAL_PARAMETER)],
+        "a ServerHello with two extended_master_secret: the client sent {:?}",
+        handshake_types(&link.to_server)
+    );
+    assert!(!handshake_types(&link.to_server).contains(&CLIENT_KEY_EXCHANGE));
+}

@@ -68,6 +68,7 @@ impl Flight for Flight0 {
                 ));
             }
 
+            check_no_duplicate_extensions(&client_hello.extensions)?;
             check_initial_renegotiation_info(&client_hello.extensions)?;
 
             state.remote_random = client_hello.random.clone();

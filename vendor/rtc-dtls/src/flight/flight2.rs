@@ -79,6 +79,7 @@ impl Flight for Flight2 {
                 return Err((None, None));
             }
 
+            check_no_duplicate_extensions(&client_hello.extensions)?;
             check_initial_renegotiation_info(&client_hello.extensions)?;
 
             if state.cookie != client_hello.cookie {

@@ -181,6 +181,7 @@ impl Flight for Flight3 {
                 ));
             }
 
+            check_no_duplicate_extensions(&h.extensions)?;
             check_initial_renegotiation_info(&h.extensions)?;
 
             for extension in &h.extensions {

@@ -83,6 +83,28 @@ pub(crate) fn check_initial_renegotiation_info(
     Ok(())
 }
 
+// RFC 5246 7.4.1.4: "There MUST NOT be more than one extension of the same type." A hello
+// repeating an extension is refused with a fatal illegal_parameter. Only the extensions this
+// implementation parses are checked (as OpenSSL does): the others are ignored, repeated or not.
+pub(crate) fn check_no_duplicate_extensions(
+    extensions: &[Extension],
+) -> Result<(), (Option<Alert>, Option<Error>)> {
+    for (i, extension) in extensions.iter().enumerate() {
+        // At most one of each of the few types parsed, so this stops within a few steps.
+        let value = extension.extension_value();
+        if extensions[..i].iter().any(|e| e.extension_value() == value) {
+            return Err((
+                Some(Alert {
+                    alert_level: AlertLevel::Fatal,
+                    alert_description: AlertDescription::IllegalParameter,
+                }),
+                Some(Error::Other(format!("more than one {value:?} extension"))),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) trait Flight: fmt::Display + fmt::Debug + Send + Sync {
     fn is_last_send_flight(&self) -> bool {
         false

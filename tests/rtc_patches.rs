@@ -1367,3 +1367,130 @@ fn duplicate_extensions_are_refused() {
     );
     assert!(!handshake_types(&link.to_server).contains(&CLIENT_KEY_EXCHANGE));
 }
+
+// ---------------------------------------------------------------------------------------------
+// (h) Groups and signature algorithms.
+
+/// The ServerKeyExchange's named curve and signature scheme, (curve, hash, signature).
+fn server_key_exchange(datagrams: &[Vec<u8>]) -> Option<(u16, u8, u8)> {
+    let ske = handshakes(datagrams)
+        .into_iter()
+        .find(|h| h.typ == SERVER_KEY_EXCHANGE)?;
+    let b = &ske.fragment;
+    let at = 4 + b[3] as usize;
+    Some((u16::from_be_bytes([b[1], b[2]]), b[at], b[at + 1]))
+}
+
+fn restricted(groups: &[KeyExchangeAlgorithm]) -> Arc<dyn RTCCryptoProvider> {
+    TestProvider::new(Some(groups.to_vec()))
+}
+
+/// The server chose its ECDHE group by walking the client's supported_groups in the client's
+/// order and, when none of them was one of its own, went on with its own first choice, a group
+/// the client never offered; it chose its ServerKeyExchange signature from its own list alone,
+/// whatever the client's signature_algorithms said. It must pick from the intersection, in its
+/// own order of preference, and refuse with a fatal handshake_failure when the intersection is
+/// empty. The client checked the scheme the server chose against what it offered, but not the
+/// group: it must refuse a group it did not offer (illegal_parameter).
+#[test]
+fn groups_and_signature_algorithms_are_honoured() {
+    use KeyExchangeAlgorithm::{P256 as KX_P256, P384 as KX_P384, X25519 as KX_X25519};
+
+    // A client offering only X25519, a server with the NIST curves only (our relays' policy).
+    let mut link = Link::new(
+        client_config(restricted(&[KX_X25519]), |b| b),
+        server_config(restricted(&[KX_P256, KX_P384]), |b| b),
+    );
+    link.pump();
+    assert_eq!(
+        plaintext_alerts(&link.to_client),
+        [(FATAL, HANDSHAKE_FAILURE)],
+        "no group in common: the server sent {:?}, ServerKeyExchange {:?}",
+        handshake_types(&link.to_client),
+        server_key_exchange(&link.to_client)
+    );
+    assert!(!link.client_complete);
+
+    // Groups in common, in the opposite order of preference (the first ClientHello, which picks
+    // the group, rewritten to prefer P-384): the server's preference, P-256, wins.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToServer => rewrite_hello(&d, CLIENT_HELLO, |hello, seq| {
+                if seq == 0 {
+                    hello.set_extension(EXT_SUPPORTED_GROUPS, groups(&[P384, P256]));
+                }
+            }),
+            Direction::ToClient => d,
+        })
+    });
+    assert!(link.established());
+    assert_eq!(server_key_exchange(&link.to_client), Some((P256, 4, 3)));
+
+    // No signature scheme in common: the client accepts only ECDSA P-384 with SHA-384, the
+    // server's key and policy make only ECDSA P-256 with SHA-256.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| {
+            b.with_signature_schemes(vec![SignatureScheme::EcdsaWithP384AndSha384])
+        }),
+        server_config(provider, |b| b),
+    );
+    link.pump();
+    assert_eq!(
+        plaintext_alerts(&link.to_client),
+        [(FATAL, HANDSHAKE_FAILURE)],
+        "no signature scheme in common: the server sent {:?}, ServerKeyExchange {:?}",
+        handshake_types(&link.to_client),
+        server_key_exchange(&link.to_client)
+    );
+
+    // The client offers P-256 only; its first ClientHello, rewritten on the way, offers P-384
+    // only, so the server (rightly, for what it was told) picks P-384 and signs it. The client
+    // must refuse the group it never offered.
+    let mut link = Link::new(
+        client_config(restricted(&[KX_P256]), |b| b),
+        server_config(default_provider(), |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToServer => rewrite_hello(&d, CLIENT_HELLO, |hello, seq| {
+                if seq == 0 {
+                    hello.set_extension(EXT_SUPPORTED_GROUPS, groups(&[P384]));
+                }
+            }),
+            Direction::ToClient => d,
+        })
+    });
+    assert_eq!(server_key_exchange(&link.to_client), Some((P384, 4, 3)));
+    assert_eq!(
+        plaintext_alerts(&link.to_server),
+        [(FATAL, ILLEGAL_PARAMETER)],
+        "a group the client did not offer: the client sent {:?}",
+        handshake_types(&link.to_server)
+    );
+    assert!(!link.established());
+
+    // Regression only (0.21.1 already did this): a ServerKeyExchange signature scheme the
+    // client did not offer is refused (insufficient_security), before the signature is checked.
+    let provider = default_provider();
+    let mut link = Link::new(
+        client_config(provider.clone(), |b| b),
+        server_config(provider, |b| b),
+    );
+    link.pump_with(|direction, d| {
+        Some(match direction {
+            Direction::ToClient => rewrite(&d, SERVER_KEY_EXCHANGE, |ske| {
+                let at = 4 + ske.fragment[3] as usize;
+                ske.fragment[at] = 5; // SHA-384
+            }),
+            Direction::ToServer => d,
+        })
+    });
+    assert_eq!(plaintext_alerts(&link.to_server), [(FATAL, 71)]);
+    assert!(!link.established());
+}

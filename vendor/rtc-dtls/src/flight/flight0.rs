@@ -106,11 +106,24 @@ impl Flight for Flight0 {
                                 Some(Error::ErrNoSupportedEllipticCurves),
                             ));
                         }
-                        for curve in e.elliptic_curves.iter() {
-                            if cfg.local_named_curves.contains(curve) {
-                                state.named_curve = *curve;
-                                break;
+                        // The first of our groups the client offers (RFC 8422 5.1.1: the client's
+                        // list bounds the server's choice); none, and there is no ECDHE to do.
+                        match cfg
+                            .local_named_curves
+                            .iter()
+                            .find(|curve| e.elliptic_curves.contains(curve))
+                        {
+                            Some(curve) => state.named_curve = *curve,
+                            None if !state.is_cipher_suite_psk() => {
+                                return Err((
+                                    Some(Alert {
+                                        alert_level: AlertLevel::Fatal,
+                                        alert_description: AlertDescription::HandshakeFailure,
+                                    }),
+                                    Some(Error::ErrNoSupportedEllipticCurves),
+                                ));
                             }
+                            None => {}
                         }
                     }
                     Extension::UseSrtp(e) => {

@@ -424,6 +424,17 @@ pub(crate) fn handle_server_key_exchange(
         state.identity_hint.clone_from(&h.identity_hint);
         state.pre_master_secret = prf_psk_pre_master_secret(&psk);
     } else {
+        // The group must be one we offered: cfg.local_named_curves is our supported_groups.
+        if !cfg.local_named_curves.contains(&h.named_curve) {
+            return Err((
+                Some(Alert {
+                    alert_level: AlertLevel::Fatal,
+                    alert_description: AlertDescription::IllegalParameter,
+                }),
+                Some(Error::ErrInvalidNamedCurve),
+            ));
+        }
+
         let mut local_keypair = match h
             .named_curve
             .generate_keypair_with_crypto(cfg.provider().crypto())

@@ -530,7 +530,7 @@ impl Flight for Flight4 {
     fn generate(
         &self,
         state: &mut State,
-        _cache: &HandshakeCache,
+        cache: &HandshakeCache,
         cfg: &HandshakeConfig,
     ) -> Result<Vec<Packet>, (Option<Alert>, Option<Error>)> {
         let mut extensions = vec![Extension::RenegotiationInfo(ExtensionRenegotiationInfo {
@@ -629,22 +629,25 @@ impl Flight for Flight4 {
                 let _ = state.remote_random.marshal(&mut writer);
             }
 
-            // Find compatible signature scheme
-            let signature_hash_algo = match select_signature_scheme(
-                &cfg.local_signature_schemes,
-                &certificate.private_key,
-            ) {
-                Ok(s) => s,
-                Err(err) => {
-                    return Err((
-                        Some(Alert {
-                            alert_level: AlertLevel::Fatal,
-                            alert_description: AlertDescription::InsufficientSecurity,
-                        }),
-                        Some(err),
-                    ));
-                }
-            };
+            // Find compatible signature scheme: the first of ours that the key can make and, if
+            // the client sent signature_algorithms, that it offered there (RFC 5246 7.4.1.4.1).
+            let mut signature_schemes = cfg.local_signature_schemes.clone();
+            if let Some(offered) = offered_signature_schemes(cache, cfg) {
+                signature_schemes.retain(|scheme| offered.contains(scheme));
+            }
+            let signature_hash_algo =
+                match select_signature_scheme(&signature_schemes, &certificate.private_key) {
+                    Ok(s) => s,
+                    Err(err) => {
+                        return Err((
+                            Some(Alert {
+                                alert_level: AlertLevel::Fatal,
+                                alert_description: AlertDescription::HandshakeFailure,
+                            }),
+                            Some(err),
+                        ));
+                    }
+                };
 
             if let Some(local_keypair) = &state.local_keypair {
                 let signature = match generate_key_signature(
@@ -754,6 +757,33 @@ impl Flight for Flight4 {
 
         Ok(pkts)
     }
+}
+
+// The signature_algorithms of the ClientHello this flight answers (the last one received), if it
+// has that extension.
+fn offered_signature_schemes(
+    cache: &HandshakeCache,
+    cfg: &HandshakeConfig,
+) -> Option<Vec<SignatureHashAlgorithm>> {
+    let raw = cache.pull_and_merge(&[HandshakeCachePullRule {
+        typ: HandshakeType::ClientHello,
+        epoch: cfg.initial_epoch,
+        is_client: true,
+        optional: false,
+    }]);
+    let mut reader = raw.as_slice();
+    let HandshakeMessage::ClientHello(client_hello) =
+        Handshake::unmarshal(&mut reader).ok()?.handshake_message
+    else {
+        return None;
+    };
+    client_hello
+        .extensions
+        .iter()
+        .find_map(|extension| match extension {
+            Extension::SupportedSignatureAlgorithms(e) => Some(e.signature_hash_algorithms.clone()),
+            _ => None,
+        })
 }
 
 #[cfg(test)]

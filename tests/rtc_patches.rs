@@ -91,13 +91,11 @@ const SERVER: SocketAddr =
 const CHANGE_CIPHER_SPEC: u8 = 20;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
-const APPLICATION_DATA: u8 = 23;
 
 const HELLO_REQUEST: u8 = 0;
 const CLIENT_HELLO: u8 = 1;
 const SERVER_HELLO: u8 = 2;
 const HELLO_VERIFY_REQUEST: u8 = 3;
-const CERTIFICATE: u8 = 11;
 const SERVER_KEY_EXCHANGE: u8 = 12;
 const CERTIFICATE_VERIFY: u8 = 15;
 const CLIENT_KEY_EXCHANGE: u8 = 16;
@@ -119,7 +117,6 @@ const EXT_PADDING: u16 = 21;
 
 const P256: u16 = 0x0017;
 const P384: u16 = 0x0018;
-const X25519: u16 = 0x001d;
 
 /// One DTLS record as it is on the wire (an encrypted record's body is its ciphertext).
 #[derive(Clone, Debug, PartialEq)]
@@ -283,7 +280,7 @@ impl Hello {
     fn parse(body: &[u8], client: bool) -> Hello {
         let head = body[..34].to_vec();
         let mut at = 34;
-        let mut take = |n: usize, at: &mut usize| {
+        let take = |n: usize, at: &mut usize| {
             let field = body[*at..*at + n].to_vec();
             *at += n;
             field
@@ -1118,7 +1115,7 @@ impl Established {
                     out.push((record.content_type, record.epoch, record.body));
                     continue;
                 }
-                let raw = datagram(&[record.clone()]);
+                let raw = datagram(std::slice::from_ref(&record));
                 let plain = suite.decrypt(&raw).expect("a record of this association");
                 out.push((record.content_type, record.epoch, plain[13..].to_vec()));
             }
@@ -1176,7 +1173,7 @@ fn renegotiation_is_refused_with_a_warning() {
         let answer = Established::open(&mut e.as_client, &drain(&mut e.link.server));
         assert_eq!(
             answer,
-            [no_renegotiation.clone()],
+            std::slice::from_ref(&no_renegotiation),
             "the server's answer to renegotiation attempt {i}"
         );
     }

@@ -34,7 +34,7 @@ server_refuses_aes256_cbc|s_client offering only ECDHE-ECDSA-AES256-SHA (CBC) re
 server_refuses_ccm|s_client offering only ECDHE-ECDSA-AES128-CCM refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_ccm8|s_client offering only ECDHE-ECDSA-AES128-CCM8 refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_chacha20|s_client offering only ECDHE-ECDSA-CHACHA20-POLY1305 refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
-server_refuses_x25519_only|s_client offering only the X25519 group gets no association (NIST curves only): reason=peer_alert (illegal_parameter)|FCS_DTLSS_EXT.1.1
+server_refuses_x25519_only|s_client offering only the X25519 group refused with handshake_failure (NIST curves only): reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_psk|s_client -psk offering only PSK-AES128-GCM-SHA256 refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_no_ems|s_client with Options = -ExtendedMasterSecret (-trace: no EMS in its ClientHello) refused: reason=no_extended_master_secret|FCS_DTLSS_EXT.1.1
 client_refuses_dtls1_0_server|s_server -dtls1: no DTLS 1.0 association forms (the client offers only a DTLS 1.2 AEAD suite; the server aborts with handshake_failure, logged as reason=peer_alert)|FCS_DTLSC_EXT.1.1

@@ -1024,8 +1024,8 @@ fn case_server_refuses_chacha20() {
 
 #[test]
 fn case_server_refuses_x25519_only() {
-    // NDcPP allows the NIST curves only. The relays offer P-256 and P-384; rtc-dtls answers a
-    // peer that offers neither with P-256 regardless, which the peer refuses: no association,
+    // NDcPP allows the NIST curves only. The relays offer P-256 and P-384; a peer that offers
+    // neither is refused with handshake_failure (vendor/PATCHES.md, patch h): no association,
     // one audit line, nothing forwarded.
     let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
     let lab = Lab::new();
@@ -1040,8 +1040,12 @@ fn case_server_refuses_x25519_only() {
     assert!(!status.success(), "{text}");
     assert!(!text.contains("Server Temp Key: X25519"), "{text}");
     let (associations, stopped) = stop_relay(&mut server);
-    let line = assert_one_refusal(&associations, "peer_alert");
-    assert!(line.contains("illegal_parameter"), "{line}");
+    assert_one_refusal(&associations, "no_shared_cipher");
+    assert!(
+        out.combined().contains("SSL alert number 40"),
+        "{}",
+        out.combined()
+    );
     assert!(stopped.contains("associations_refused=1"), "{stopped}");
     assert_eq!(
         upstream.datagrams(),

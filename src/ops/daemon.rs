@@ -38,7 +38,23 @@ pub struct Reload {
     receiver: watch::Receiver<u64>,
 }
 
+/// Fires a [`Shutdown`] made by [`Shutdown::manual`]: what a test (or an embedding program)
+/// uses instead of a signal.
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl ShutdownTrigger {
+    pub fn fire(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
 impl Shutdown {
+    /// A shutdown fired by the returned trigger rather than by a signal.
+    pub fn manual() -> (ShutdownTrigger, Self) {
+        let (sender, receiver) = watch::channel(false);
+        (ShutdownTrigger(sender), Shutdown { receiver })
+    }
+
     /// Installs the signal handlers. Must run inside the runtime.
     pub fn on_signals() -> std::io::Result<(Self, Reload)> {
         use tokio::signal::unix::{SignalKind, signal};
@@ -74,7 +90,22 @@ impl Shutdown {
     }
 }
 
+/// Fires a [`Reload`] made by [`Reload::manual`].
+pub struct ReloadTrigger(watch::Sender<u64>);
+
+impl ReloadTrigger {
+    pub fn fire(&self) {
+        self.0.send_modify(|generation| *generation += 1);
+    }
+}
+
 impl Reload {
+    /// A reload fired by the returned trigger rather than by SIGHUP.
+    pub fn manual() -> (ReloadTrigger, Self) {
+        let (sender, receiver) = watch::channel(0u64);
+        (ReloadTrigger(sender), Reload { receiver })
+    }
+
     /// Resolves at the next SIGHUP (never, once the signal task is gone).
     pub async fn next(&mut self) {
         if self.receiver.changed().await.is_err() {

@@ -1491,3 +1491,28 @@ fn groups_and_signature_algorithms_are_honoured() {
     assert_eq!(plaintext_alerts(&link.to_server), [(FATAL, 71)]);
     assert!(!link.established());
 }
+
+// ---------------------------------------------------------------------------------------------
+// (i) The fragment buffer's message counter overflowed on a remote sender's say.
+
+/// 65 536 empty HelloRequests with ascending message_seq from one address: each completes and
+/// is taken from the fragment buffer, whose u16 message counter then overflowed (a panic in a
+/// debug build, a silent wrap in a release one). Now the association refuses the message that
+/// would overflow it, and the endpoint goes on serving.
+#[test]
+fn the_message_counter_never_overflows() {
+    const HELLO_REQUEST: u8 = 0;
+    let now = Instant::now();
+    let config = server_config(default_provider(), |b| b);
+    let mut server = server_endpoint(config);
+    for seq in 0..=u16::MAX {
+        let record = Handshake::whole(HELLO_REQUEST, seq, vec![]).record(u64::from(seq));
+        let _ = server.read(now, CLIENT, None, BytesMut::from(&datagram(&[record])[..]));
+        while server.poll_transmit().is_some() {}
+    }
+    let peer = SocketAddr::new(CLIENT.ip(), 5002);
+    assert!(
+        answers_client_hello(&mut server, now, peer),
+        "the endpoint stopped serving"
+    );
+}

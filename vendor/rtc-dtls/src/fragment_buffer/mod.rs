@@ -197,6 +197,11 @@ impl FragmentBuffer {
 
     pub fn pop(&mut self) -> Result<(Vec<u8>, u16)> {
         let seq_num = self.current_message_sequence_number;
+        // ntp-dtls patch i: no handshake has 65 536 messages; refuse the one that would
+        // overflow the counter (a remote sender's choice) instead of panicking or wrapping.
+        let Some(next_seq_num) = seq_num.checked_add(1) else {
+            return Err(Error::ErrEmptyFragment);
+        };
         let Some(message) = self.cache.get(&seq_num) else {
             return Err(Error::ErrEmptyFragment);
         };
@@ -225,7 +230,7 @@ impl FragmentBuffer {
         if let Some(message) = self.cache.remove(&seq_num) {
             self.size -= message.size();
         }
-        self.current_message_sequence_number += 1;
+        self.current_message_sequence_number = next_seq_num;
 
         Ok((raw_header, message_epoch))
     }

@@ -1,11 +1,13 @@
 //! udp_relay: a plain UDP relay for NTP, no DTLS, for benchmarks (`scripts/bench.sh`). Not part
 //! of the product.
 //!
-//! Two of these in a row (client side, server side) are the floor for any pair of relay
-//! processes on a machine: the same two extra hops each way as the ntp-dtls chain, with the
-//! cheapest I/O there is (one blocking thread per direction: a receive and a send per datagram,
-//! no event loop) and no cryptography. What ntp-dtls adds beyond this pair is the cost of DTLS
-//! and of its own logic; what this pair adds over direct is the cost of the hops themselves.
+//! Two of these in a row (client side, server side) are a plain blocking relay pair: the same
+//! two extra hops each way as the ntp-dtls chain, with simple I/O (one blocking thread per
+//! direction: a receive and a send per datagram, no event loop, no batching, the kernel's
+//! default socket buffers) and no cryptography. It is a baseline, not a lower bound: a relay
+//! that busy-polls, or batches, can do better (docs/BENCHMARKS.md). What ntp-dtls adds beyond
+//! this pair is roughly the cost of DTLS and of its own logic; what this pair adds over direct
+//! is roughly the cost of the hops with blocking I/O.
 //!
 //!   udp_relay 127.0.0.1:20123 127.0.0.1:11123     # listen, forward to (and back from) upstream
 //!

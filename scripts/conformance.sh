@@ -34,7 +34,7 @@ server_refuses_aes256_cbc|s_client offering only ECDHE-ECDSA-AES256-SHA (CBC) re
 server_refuses_ccm|s_client offering only ECDHE-ECDSA-AES128-CCM refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_ccm8|s_client offering only ECDHE-ECDSA-AES128-CCM8 refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_chacha20|s_client offering only ECDHE-ECDSA-CHACHA20-POLY1305 refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
-server_refuses_x25519_only|s_client offering only the X25519 group gets no association (NIST curves only): reason=peer_alert (illegal_parameter)|FCS_DTLSS_EXT.1.1
+server_refuses_x25519_only|s_client offering only the X25519 group refused with handshake_failure (NIST curves only): reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_psk|s_client -psk offering only PSK-AES128-GCM-SHA256 refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
 server_refuses_no_ems|s_client with Options = -ExtendedMasterSecret (-trace: no EMS in its ClientHello) refused: reason=no_extended_master_secret|FCS_DTLSS_EXT.1.1
 client_refuses_dtls1_0_server|s_server -dtls1: no DTLS 1.0 association forms (the client offers only a DTLS 1.2 AEAD suite; the server aborts with handshake_failure, logged as reason=peer_alert)|FCS_DTLSC_EXT.1.1
@@ -52,9 +52,9 @@ mutual_refuses_missing_cert|s_client without a certificate refused under --clien
 mutual_refuses_unknown_ca|client certificate from an untrusted CA refused: reason=unknown_ca|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
 mutual_refuses_expired|expired client certificate refused: reason=expired|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
 mutual_refuses_no_client_auth_eku|client certificate with serverAuth EKU only refused: reason=wrong_usage|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
-tampered_record_discarded|one flipped ciphertext bit in an application-data record: record discarded, nothing reaches the time server, the association survives (next request answered)|FCS_DTLSS_EXT.1.5
+tampered_record_discarded|one ciphertext bit flipped in an application-data record, in the NTP transmit timestamp (no NTP check reads it, so only the GCM tag can catch it): record discarded, nothing reaches the time server, no drop_* counter moves, the association survives (next request answered)|FCS_DTLSS_EXT.1.5
 replayed_record_discarded|an application-data record sent again: no second request at the time server, no second reply|FCS_DTLSS_EXT.1.6
-old_association_record_discarded_after_rekey|after a rekey (new association, old one closed), a record of the old association from the same address is discarded; the new one carries on|FCS_DTLSS_EXT.1.6
+old_association_record_discarded_after_rekey|after a rekey (a new association from the same address), a record of the old one whose sequence number (4) is ahead of the new one's (1), so only the keys can reject it, is discarded; the old one's close_notify does not end the new one, which carries on|FCS_DTLSS_EXT.1.6
 plain_ntp_creates_no_state|a plain NTP datagram at the DTLS port: no reply, no association, counted as drop_not_client_hello=1|FCS_DTLSS_EXT.1.3
 EOF
 )

@@ -2,6 +2,7 @@
 //! DTLS ("ntpdate with TLS built in"). Prints offset, delay and stratum; never sets the clock.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -10,7 +11,9 @@ use tokio::net::UdpSocket;
 use crate::cli::{QueryArgs, QueryFormat};
 use crate::config;
 use ntp_dtls_proto::engine::{DtlsEngine, Engine, Event};
+use ntp_dtls_proto::forward::Forward;
 use ntp_dtls_proto::ntp::{self, NtpTimestamp};
+use ntp_dtls_proto::stats::{RttGauge, Stats};
 
 /// One answered query.
 #[derive(Debug, Clone, Copy)]
@@ -154,17 +157,29 @@ async fn handshake(
     }
 }
 
-/// One request, one reply: Ok(None) when no valid reply came in time.
+/// One request, one reply: Ok(None) when no valid reply came in time. The reply is matched
+/// to the request by the same forward path the relays use (checks, then the pending table).
 async fn exchange(
     transport: &mut Transport,
     timeout: Duration,
 ) -> anyhow::Result<Option<Measurement>> {
+    let mut forward: Forward<()> = Forward::new(
+        1,
+        timeout,
+        Arc::new(Stats::default()),
+        Arc::new(RttGauge::default()),
+    );
     let t1 = NtpTimestamp::from_system_time(SystemTime::now());
-    let request = ntp::build_request(t1);
-    let deadline = Instant::now() + timeout;
+    let mut request = ntp::build_request(t1);
+    let start = Instant::now();
+    forward
+        .request(start, SystemTime::now(), (), &mut request)
+        .context("the request failed its own checks")?;
+    let deadline = start + timeout;
     let mut buf = [0u8; 2048];
     match transport {
         Transport::Plain(socket) => {
+            forward.request_sent(Instant::now(), SystemTime::now(), t1.0);
             socket.send(&request).await.context("send failed")?;
             loop {
                 let Ok(received) =
@@ -172,9 +187,9 @@ async fn exchange(
                 else {
                     return Ok(None);
                 };
-                let t4 = NtpTimestamp::from_system_time(SystemTime::now());
+                let t4 = SystemTime::now();
                 let len = received.context("receive failed")?;
-                if let Some(m) = measure(&buf[..len], t1, t4) {
+                if let Some(m) = measure(&mut forward, &mut buf[..len], t1, t4) {
                     return Ok(Some(m));
                 }
             }
@@ -184,6 +199,7 @@ async fn exchange(
             engine,
             peer,
         } => {
+            forward.request_sent(Instant::now(), SystemTime::now(), t1.0);
             engine
                 .send(Instant::now(), *peer, &request)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -197,12 +213,12 @@ async fn exchange(
                 };
                 let len = received.context("receive failed")?;
                 engine.receive(Instant::now(), *peer, &buf[..len], &mut events);
-                let t4 = NtpTimestamp::from_system_time(SystemTime::now());
+                let t4 = SystemTime::now();
                 flush(socket, engine).await;
                 for event in events.drain(..) {
                     match event {
-                        Event::Data { payload, .. } => {
-                            if let Some(m) = measure(&payload, t1, t4) {
+                        Event::Data { mut payload, .. } => {
+                            if let Some(m) = measure(&mut forward, &mut payload, t1, t4) {
                                 return Ok(Some(m));
                             }
                         }
@@ -216,13 +232,24 @@ async fn exchange(
     }
 }
 
-/// A reply to our request (origin == our transmit) with a usable clock.
-fn measure(datagram: &[u8], t1: NtpTimestamp, t4: NtpTimestamp) -> Option<Measurement> {
+/// A reply to our request (the forward path matched its origin) with a usable clock.
+fn measure(
+    forward: &mut Forward<()>,
+    datagram: &mut [u8],
+    t1: NtpTimestamp,
+    t4: SystemTime,
+) -> Option<Measurement> {
+    forward.reply(Instant::now(), t4, datagram)?;
     let reply = ntp::check_reply(datagram).ok()?;
-    if reply.origin != t1 || reply.stratum == 0 || reply.stratum > 15 {
+    if reply.stratum == 0 || reply.stratum > 15 {
         return None;
     }
-    let sample = ntp::sample(t1, reply.receive, reply.transmit, t4);
+    let sample = ntp::sample(
+        t1,
+        reply.receive,
+        reply.transmit,
+        NtpTimestamp::from_system_time(t4),
+    );
     Some(Measurement {
         offset: sample.offset,
         delay: sample.delay,

@@ -59,7 +59,14 @@ fn a_killed_and_restarted_server_relay_serves_again_within_three_seconds() {
         client.daemon.try_exit_status().is_none(),
         "the client relay kept running"
     );
-    assert_eq!(restarted.daemon.count_lines("association established"), 1);
+    // One association, not one per retry: counted once the relay has exited and every line
+    // it wrote has been read.
+    let lines = restarted.daemon.terminate_and_drain();
+    let established = lines
+        .iter()
+        .filter(|l| l.contains("association established"))
+        .count();
+    assert_eq!(established, 1, "{lines:#?}");
 }
 
 #[test]
@@ -214,9 +221,15 @@ fn a_flood_of_spoofed_handshakes_and_garbage_leaves_a_legitimate_client_served()
         "the legitimate client lost replies: {answered}/{asked}"
     );
     let (first_peak, second_peak) = (rounds[0].1, rounds[1].1);
+    // What bounds the flood's memory is the half-open table (max_half_open = 500 above). Here
+    // (2026-12-02, 2-vCPU VM, three runs) the relay went from 9.3 MB to 11.5-11.6 MB, i.e.
+    // +2.2 MiB for 500 pending handshakes; with the limit raised to 5 000 the same flood took
+    // it to 29.6 MB (+20 MiB). So +8 MiB leaves room for allocator slack and a loaded machine
+    // but fails if the table does not hold the flood to its limit.
     assert!(
-        first_peak < baseline + 64 * 1024,
-        "peak RSS {first_peak} KiB from {baseline} KiB"
+        first_peak < baseline + 8 * 1024,
+        "peak RSS {first_peak} KiB from {baseline} KiB: more than +8 MiB for 500 half-open \
+         handshakes"
     );
     assert!(
         second_peak < first_peak + 4 * 1024,
@@ -292,16 +305,15 @@ fn a_client_that_comes_back_on_the_same_port_after_a_crash_is_served() {
     second.send(&ntp_client_request(transmit));
     let reply = second.recv(Duration::from_secs(2)).expect("served");
     assert_eq!(parse_ntp(&reply).map(|p| p.origin_ts), Some(transmit));
+    // Both handshakes from that address completed. The lines may trail the reply the test just
+    // got (they go through a pipe): counted after the relay has exited and its output is read.
     let peer = local.to_string();
-    assert_eq!(
-        server
-            .daemon
-            .lines()
-            .iter()
-            .filter(|l| l.contains("association established") && l.contains(&peer))
-            .count(),
-        2
-    );
+    let lines = server.daemon.terminate_and_drain();
+    let established = lines
+        .iter()
+        .filter(|l| l.contains("association established") && l.contains(&peer))
+        .count();
+    assert_eq!(established, 2, "{lines:#?}");
 }
 
 #[test]
@@ -362,13 +374,88 @@ fn rekeying_switches_associations_without_losing_a_request() {
     }
     assert_eq!(answered, 30, "a request was lost across a rekey");
     // 30 records with a limit of 5: at least one switch to a fresh association (requests keep
-    // flowing on the old one while the next handshakes; log lines may trail the replies).
-    client.wait_for_line("rekey=true", Duration::from_secs(5));
-    assert!(server.daemon.count_lines("association established") >= 2);
-    // Replaced associations are closed, not left behind.
+    // flowing on the old one while the next handshakes; log lines may trail the replies). A
+    // rekey that fails is logged `association refused ... rekey=true`: only an established
+    // one counts.
+    let rekeyed = |l: &str| l.contains("association established") && l.contains("rekey=true");
+    client.wait_until("a successful rekey", 0, Duration::from_secs(5), rekeyed);
     server
         .daemon
-        .wait_for_line("association closed", Duration::from_secs(5));
+        .wait_for_count("association established", 2, Duration::from_secs(5));
+    // A replaced association is closed once it has drained: it stays DRAIN (2 s,
+    // proto/src/tunnel.rs) for replies still on their way, then the client relay sends
+    // close_notify. Rekeys every 5 records come faster than that: a newer rekey closes the one
+    // still draining at once (with close_notify too), so a tunnel never holds more than three
+    // associations. The last one replaced drains the full 2 s: by the two relays' own log
+    // timestamps (one clock), its close comes 2 s after the last rekey.
+    let last_rekey = || {
+        client
+            .lines()
+            .iter()
+            .filter(|l| rekeyed(l))
+            .map(|l| log_time(l))
+            .fold(f64::MIN, f64::max)
+    };
+    // A close a second after the last rekey the client relay has logged: by then any rekey
+    // before it has been logged too (the predicate reads the client's lines afresh).
+    let (_, closed) = server.daemon.wait_until(
+        "the last replaced association closed by close_notify",
+        0,
+        Duration::from_secs(10),
+        |l| {
+            l.contains("association closed")
+                && l.contains("reason=peer sent close_notify")
+                && log_time(l) > last_rekey() + 1.0
+        },
+    );
+    let last_rekey = last_rekey();
+    let drained = log_time(&closed) - last_rekey;
+    eprintln!("the replaced association drained for {drained:.3} s");
+    assert!(
+        (1.95..4.0).contains(&drained),
+        "closed {drained:.3} s after the last rekey, not after DRAIN (2 s):\n{closed}\n{}",
+        client.tail(20)
+    );
+    // No rekey came after the one measured from.
+    let after = client.terminate_and_drain();
+    let latest = after
+        .iter()
+        .filter(|l| rekeyed(l))
+        .map(|l| log_time(l))
+        .fold(f64::MIN, f64::max);
+    assert_eq!(
+        latest, last_rekey,
+        "a later rekey makes the measurement moot"
+    );
+}
+
+/// Seconds since 1970 (UTC) of a text log line's timestamp (`2026-12-02T07:40:06.003725Z`).
+fn log_time(line: &str) -> f64 {
+    let stamp = line
+        .split_whitespace()
+        .find(|w| w.len() > 20 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
+        .unwrap_or_else(|| panic!("no timestamp in {line}"));
+    let number = |range: std::ops::Range<usize>| -> f64 {
+        stamp[range]
+            .parse()
+            .unwrap_or_else(|e| panic!("{stamp}: {e}"))
+    };
+    let (y, m, d) = (
+        number(0..4) as i64,
+        number(5..7) as i64,
+        number(8..10) as i64,
+    );
+    // Days from civil (H. Hinnant's algorithm), exact for the proleptic Gregorian calendar.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days as f64 * 86_400.0
+        + number(11..13) * 3600.0
+        + number(14..16) * 60.0
+        + number(17..stamp.len() - 1)
 }
 
 #[test]
@@ -405,12 +492,18 @@ fn keepalives_keep_a_quiet_association_past_the_server_idle_timeout() {
     // killed lazy relay's last association idles out on the server meanwhile: judge the keen
     // relay by its own log.)
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        keen.count_lines("association closed"),
-        0,
-        "{}",
-        keen.tail(10)
-    );
     assert!(ntp_query(listening[0], Duration::from_secs(2)).is_some());
-    assert_eq!(keen.count_lines("association established"), 1);
+    // Over its whole life (counted once it has exited and its output is read): one association,
+    // closed only by the shutdown.
+    let lines = keen.terminate_and_drain();
+    let closed = lines
+        .iter()
+        .filter(|l| l.contains("association closed") && !l.contains("reason=shutdown"))
+        .count();
+    assert_eq!(closed, 0, "{lines:#?}");
+    let established = lines
+        .iter()
+        .filter(|l| l.contains("association established"))
+        .count();
+    assert_eq!(established, 1, "{lines:#?}");
 }

@@ -1,7 +1,7 @@
 //! Operating the relays: metrics (checked by promtool) and `status`, SIGHUP reload of
-//! certificates, JSON logs, dropping root and the files that user must read, `--check`, a
-//! second server on a held address, and the README's by-hand section run as written. Real
-//! processes on loopback.
+//! certificates (server relay) and of the CA file (client relay), JSON logs, dropping root and
+//! the files that user must read, `--check`, a second server on a held address, and the
+//! README's by-hand section run as written. Real processes on loopback.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::relays::{Pki, start_client};
+use common::relays::{Pki, start_client, start_server, start_server_on};
 use common::*;
 
 fn any_local() -> SocketAddr {
@@ -273,13 +273,6 @@ fn sighup_swaps_the_server_certificate_without_dropping_live_associations() {
     std::fs::copy(new.path("server.pem"), &cert).expect("copy");
     std::fs::copy(new.path("server.key.pem"), &key).expect("copy");
     let mark = server.line_count();
-    let hup = |pid: u32| {
-        let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .expect("kill -HUP");
-        assert!(status.success());
-    };
     hup(server.pid());
     let line = server.wait_for_new_line("config reload", mark, Duration::from_secs(5));
     assert!(line.contains("result=ok"), "{line}");
@@ -293,7 +286,9 @@ fn sighup_swaps_the_server_certificate_without_dropping_live_associations() {
         &["--server-name", "localhost"],
     );
     assert!(ntp_query(fresh.addr, Duration::from_secs(2)).is_some());
-    assert_eq!(server.count_lines("association established"), 2);
+    // The live association and the fresh one; the line may trail the reply, so wait for it.
+    let established = server.wait_for_count("association established", 2, Duration::from_secs(5));
+    assert_eq!(established, 2, "{}", server.tail(10));
 
     // A corrupt new file: the reload fails, says why, and the material in service stays.
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("write");
@@ -312,6 +307,93 @@ fn sighup_swaps_the_server_certificate_without_dropping_live_associations() {
     );
     assert!(ntp_query(another.addr, Duration::from_secs(2)).is_some());
     assert!(server.try_exit_status().is_none());
+    // Nothing was dropped by either reload: three associations set up, none refused or closed
+    // before shutdown (counted once the relay has exited and its output is read).
+    let lines = server.terminate_and_drain();
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("association established"), 3, "{lines:#?}");
+    assert_eq!(count("association refused"), 0, "{lines:#?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("association closed") && !l.contains("reason=shutdown"))
+            .count(),
+        0,
+        "{lines:#?}"
+    );
+}
+
+fn hup(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_makes_the_client_relay_trust_a_renewed_ca_for_new_handshakes() {
+    let old = Pki::generate(&["localhost"]);
+    let new = Pki::generate(&["localhost"]);
+    let dir = TempDir::new();
+    let (ca, stale_ca) = (dir.join("ca.pem"), dir.join("stale-ca.pem"));
+    for file in [&ca, &stale_ca] {
+        std::fs::copy(old.ca(), file).expect("copy");
+    }
+    let server = start_server(&old, "builtin", &[]);
+    let args = ["--server-name", "localhost"];
+    let client = start_client(&ca, any_local(), server.addr, &args);
+    // The control: the same client relay, never reloaded.
+    let stale = start_client(&stale_ca, any_local(), server.addr, &args);
+    assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
+
+    // The server side moves to a new CA: the client relay's CA file is replaced, then SIGHUP.
+    std::fs::copy(new.ca(), &ca).expect("copy");
+    let mark = client.daemon.line_count();
+    hup(client.daemon.pid());
+    let line = client
+        .daemon
+        .wait_for_new_line("config reload", mark, Duration::from_secs(5));
+    assert!(line.contains("result=ok"), "{line}");
+    // The live association goes on.
+    assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
+
+    // The server relay comes back on the same address with a certificate from the new CA. The
+    // client relays' next handshakes can only succeed with the reloaded CA file.
+    let (client_mark, stale_mark) = (client.daemon.line_count(), stale.daemon.line_count());
+    let restarted = {
+        let mut server = server;
+        server.daemon.terminate();
+        start_server_on(&new, server.addr, "builtin", &[])
+    };
+    client.daemon.wait_for_new_line(
+        "association established",
+        client_mark,
+        Duration::from_secs(15),
+    );
+    assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
+    // (It may first find the port closed while the server relay restarts.)
+    stale.daemon.wait_until(
+        "a refusal for the new CA",
+        stale_mark,
+        Duration::from_secs(15),
+        |l| l.contains("association refused") && l.contains("reason=unknown_ca"),
+    );
+
+    // A corrupt CA file: the reload fails, says why, and the material in service stays.
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("write");
+    let mark = client.daemon.line_count();
+    hup(client.daemon.pid());
+    let line = client
+        .daemon
+        .wait_for_new_line("config reload", mark, Duration::from_secs(5));
+    assert!(
+        line.contains("result=failed") && line.contains("ca.pem"),
+        "{line}"
+    );
+    assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
+    assert!(client.daemon.try_exit_status().is_none());
+    drop(restarted);
 }
 
 #[test]
@@ -328,7 +410,7 @@ fn every_json_log_line_parses() {
         "builtin".into(),
     ];
     args.extend(pki.server_identity());
-    let mut server = spawn_ntp_dtls("server-relay", &args);
+    let server = spawn_ntp_dtls("server-relay", &args);
     let ready = server.wait_for_line("\"ready\"", READY_TIMEOUT);
     let ready: serde_json::Value = serde_json::from_str(&ready).expect("ready line is JSON");
     let addr: SocketAddr = ready["fields"]["listen"]
@@ -350,8 +432,7 @@ fn every_json_log_line_parses() {
         &["--server-name", "localhost"],
     );
     server.wait_for_line("association refused", Duration::from_secs(5));
-    server.terminate();
-    let lines = server.lines();
+    let lines = server.terminate_and_drain();
     assert!(lines.len() >= 5, "{lines:?}");
     for line in &lines {
         let value: serde_json::Value =

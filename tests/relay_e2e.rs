@@ -88,8 +88,8 @@ fn ntpdate_and_sntp_get_valid_replies_through_the_chain() {
         sntp.raw
     );
     // The requests really went through DTLS: the server relay has exactly one association,
-    // made at start-up, not one per request.
-    assert_eq!(server.daemon.count_lines("association established"), 1);
+    // made at start-up, not one per request (counted once it has exited: final).
+    assert_eq!(server.daemon.count_after_exit("association established"), 1);
 }
 
 #[test]
@@ -124,7 +124,8 @@ fn chronyd_as_a_client_measures_through_the_chain_in_basic_and_interleaved_mode(
         "no interleaved sample came through:\n{}",
         xleave.raw
     );
-    assert_eq!(server.daemon.count_lines("association established"), 1);
+    // Both measurements over the one association made at start-up (a final count).
+    assert_eq!(server.daemon.count_after_exit("association established"), 1);
 }
 
 #[test]
@@ -154,11 +155,11 @@ fn fifty_concurrent_clients_on_fresh_ports_each_get_their_own_reply() {
         socket.send(&ntp_client_request(*transmit)).expect("send");
     }
     let mut answered = 0;
+    let mut buf = [0u8; 2048];
     for (socket, transmit) in &sockets {
         socket
             .set_read_timeout(Some(Duration::from_secs(3)))
             .expect("timeout");
-        let mut buf = [0u8; 2048];
         let len = socket.recv(&mut buf).expect("every client gets a reply");
         let reply = parse_ntp(&buf[..len]).expect("an NTP reply");
         assert_eq!(reply.mode, 4);
@@ -167,14 +168,25 @@ fn fifty_concurrent_clients_on_fresh_ports_each_get_their_own_reply() {
             "a reply was delivered to a client that did not ask for it"
         );
         answered += 1;
-        // Exactly one reply each: nothing else is waiting on this socket.
-        socket
-            .set_read_timeout(Some(Duration::from_millis(1)))
-            .expect("timeout");
-        assert!(socket.recv(&mut buf).is_err(), "a duplicate reply arrived");
     }
     assert_eq!(answered, 50);
-    assert_eq!(server.daemon.count_lines("association established"), 1);
+    // Exactly one reply each. A duplicate (the same reply delivered twice, or a second reply
+    // from chronyd) would come through the same two relays a round trip behind the first, well
+    // under a millisecond here; 200 ms after the last first reply leaves it room on a loaded
+    // machine. Every socket has had at least that long since its own first reply by then, so
+    // this is a silence window, not a wait for anything to happen.
+    let quiet_until = Instant::now() + Duration::from_millis(200);
+    for (i, (socket, _)) in sockets.iter().enumerate() {
+        let left = quiet_until.saturating_duration_since(Instant::now());
+        socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        assert!(
+            socket.recv(&mut buf).is_err(),
+            "client {i}: a duplicate reply arrived"
+        );
+    }
+    assert_eq!(server.daemon.count_after_exit("association established"), 1);
 }
 
 fn mode_packet(mode: u8) -> [u8; 48] {
@@ -382,9 +394,15 @@ fn one_client_process_serves_three_independent_upstreams_from_a_config_file() {
             );
         }
     }
-    // Each upstream saw its own association, and the builtin one answered by itself.
+    // Each upstream saw its own association, and the builtin one answered by itself (counted
+    // once each server relay has exited: final).
     for relay in [&v4, &v6, &by_name] {
-        assert_eq!(relay.daemon.count_lines("association established"), 1);
+        assert_eq!(
+            relay.daemon.count_after_exit("association established"),
+            1,
+            "{}",
+            relay.daemon.tail(10)
+        );
     }
     assert!(matches!(listening[1].ip(), IpAddr::V6(_)));
 }

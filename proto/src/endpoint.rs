@@ -377,7 +377,11 @@ impl Endpoint {
                         NtpTimestamp::from_system_time(received),
                         NtpTimestamp::from_system_time(wall),
                     ) {
-                        Ok(reply) => self.send_reply(now, peer, &reply),
+                        Ok(reply) => {
+                            // Answered in-process: the builtin time source's "forwarding".
+                            self.stats.incr(Counter::RequestsForwarded);
+                            self.send_reply(now, peer, &reply)
+                        }
                         Err(rejection) => self.stats.incr(rejection.into()),
                     }
                 }

@@ -84,7 +84,23 @@ pub struct Reload {
     finished: u64,
 }
 
+/// Fires a [`Shutdown`] made by [`Shutdown::manual`]: what a test (or an embedding program)
+/// uses instead of a signal.
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl ShutdownTrigger {
+    pub fn fire(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
 impl Shutdown {
+    /// A shutdown fired by the returned trigger rather than by a signal.
+    pub fn manual() -> (ShutdownTrigger, Self) {
+        let (sender, receiver) = watch::channel(false);
+        (ShutdownTrigger(sender), Shutdown { receiver })
+    }
+
     /// Installs the signal handlers. Must run inside the runtime.
     ///
     /// SIGHUP tells systemd `RELOADING=1` (with `MONOTONIC_USEC=`, as systemd 253 and later
@@ -127,7 +143,28 @@ impl Shutdown {
     }
 }
 
+/// Fires a [`Reload`] made by [`Reload::manual`].
+pub struct ReloadTrigger(watch::Sender<u64>);
+
+impl ReloadTrigger {
+    pub fn fire(&self) {
+        self.0.send_modify(|generation| *generation += 1);
+    }
+}
+
 impl Reload {
+    /// A reload fired by the returned trigger rather than by SIGHUP.
+    pub fn manual() -> (ReloadTrigger, Self) {
+        let (sender, receiver) = watch::channel(0u64);
+        (
+            ReloadTrigger(sender),
+            Reload {
+                receiver,
+                finished: 0,
+            },
+        )
+    }
+
     /// Resolves at the next SIGHUP (never, once the signal task is gone). Called again after
     /// handling one, it first tells systemd that reload is finished (`READY=1`).
     pub async fn next(&mut self) {

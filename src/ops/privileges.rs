@@ -267,11 +267,12 @@ mod tests {
         assert!(err.to_string().contains("\"root\""), "{err}");
     }
 
-    /// The real switch, in a child process (this test binary again, running only
+    /// The real switch, in a child process (this test binary again, running only the ignored
     /// `child_drops_to_nobody`), so this process keeps its privileges.
     #[test]
     fn a_root_process_drops_to_nobody_for_good() {
         if !unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI must run as root");
             let err = drop_to("nobody").expect_err("not root");
             assert!(matches!(err, PrivilegeError::NotRoot { .. }), "{err:?}");
             eprintln!("a_root_process_drops_to_nobody_for_good: not root, checked NotRoot only");
@@ -282,14 +283,23 @@ mod tests {
         let module = module_path!().split_once("::").map_or("", |(_, path)| path);
         let child = format!("{module}::child_drops_to_nobody");
         let output = std::process::Command::new(exe)
-            .args(["--exact", child.as_str(), "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                child.as_str(),
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, "1")
             .output()
             .expect("run the child");
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
+        // The child really ran (one test, not zero filtered in) and got to its end.
         assert!(
-            output.status.success() && stdout.contains("dropped to nobody"),
+            output.status.success()
+                && stdout.contains("test result: ok. 1 passed")
+                && stdout.contains("dropped to nobody"),
             "child failed:\n{stdout}\n{stderr}"
         );
     }
@@ -338,12 +348,16 @@ mod tests {
 
     const CHILD_ENV: &str = "NTP_DTLS_PRIVILEGES_CHILD";
 
-    /// Does its work only when started by `a_root_process_drops_to_nobody_for_good`.
+    /// The child of `a_root_process_drops_to_nobody_for_good`, which runs it with `--ignored
+    /// --exact`. Ignored otherwise: run as root in the test process itself, it would drop every
+    /// other test in that process to nobody for good.
     #[test]
+    #[ignore = "drops the test process to nobody: run by a_root_process_drops_to_nobody_for_good"]
     fn child_drops_to_nobody() {
-        if std::env::var_os(CHILD_ENV).is_none() {
-            return;
-        }
+        assert!(
+            std::env::var_os(CHILD_ENV).is_some(),
+            "run only as the child of a_root_process_drops_to_nobody_for_good ({CHILD_ENV}=1)"
+        );
         let nobody = lookup("nobody").expect("nobody");
         drop_to("nobody").expect("drop to nobody");
         assert_eq!(unistd::geteuid().as_raw(), nobody.uid);

@@ -417,11 +417,11 @@ impl TunnelTask {
                     "association closed"),
             },
             TunnelEvent::StateChanged { from, to } => match to {
-                TunnelState::UpstreamDown => warn!(%tunnel, %server, state = to.label(),
+                TunnelState::UpstreamDown => warn!(%tunnel, %server, state = %to.label(),
                     "the server relay answers, its time server does not"),
                 TunnelState::Up if from == TunnelState::UpstreamDown => info!(%tunnel, %server,
-                    state = to.label(), "the time server behind the server relay answers again"),
-                _ => debug!(%tunnel, %server, from = from.label(), to = to.label(),
+                    state = %to.label(), "the time server behind the server relay answers again"),
+                _ => debug!(%tunnel, %server, from = %from.label(), to = %to.label(),
                     "tunnel state"),
             },
         }

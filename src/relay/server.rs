@@ -28,19 +28,39 @@ use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
 /// socket, so each worker owns its associations outright: its own engine, admission table,
 /// pending table and upstream socket, and no lock on the datagram path.
 pub async fn run(config: ServerConfig, shutdown: Shutdown, reload: Reload) -> anyhow::Result<()> {
+    let sockets = bind(&config)?;
+    let obs = Arc::new(Observatory::new("server", config.workers.max(1)));
+    serve(config, sockets, obs, shutdown, reload).await
+}
+
+/// The worker group's sockets on the listen address: a start-up error when it is taken.
+pub fn bind(config: &ServerConfig) -> anyhow::Result<Vec<std::net::UdpSocket>> {
+    bind_reuseport(config.listen, config.workers.max(1))
+        .with_context(|| format!("cannot listen on {}", config.listen))
+}
+
+/// Runs the server relay on sockets bound by [`bind`] until `shutdown`. In-process tests call
+/// this with a [`Shutdown::manual`] and read `obs` afterwards.
+pub async fn serve(
+    config: ServerConfig,
+    sockets: Vec<std::net::UdpSocket>,
+    obs: Arc<Observatory>,
+    shutdown: Shutdown,
+    reload: Reload,
+) -> anyhow::Result<()> {
     tokio::task::LocalSet::new()
-        .run_until(run_workers(config, shutdown, reload))
+        .run_until(run_workers(config, sockets, obs, shutdown, reload))
         .await
 }
 
 async fn run_workers(
     config: ServerConfig,
+    sockets: Vec<std::net::UdpSocket>,
+    obs: Arc<Observatory>,
     shutdown: Shutdown,
     mut reload: Reload,
 ) -> anyhow::Result<()> {
-    let workers = config.workers.max(1);
-    let sockets = bind_reuseport(config.listen, workers)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let workers = sockets.len().max(1);
     let listen = sockets
         .first()
         .and_then(|s| s.local_addr().ok())
@@ -57,7 +77,6 @@ async fn run_workers(
     limits.max_associations = limits.max_associations.div_ceil(workers);
     limits.max_half_open = limits.max_half_open.div_ceil(workers);
 
-    let obs = Arc::new(Observatory::new("server", workers));
     record_server_certificates(&obs, &config.settings);
     let metrics = start_services(&config.daemon, &obs, &shutdown).await?;
     // New certificate material reaches every worker; live associations keep theirs.

@@ -376,20 +376,39 @@ mod tests {
     #[tokio::test]
     async fn the_receive_buffer_is_as_large_as_the_kernel_allows() {
         let rx = socket();
-        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .expect("rmem_max")
-            .trim()
-            .parse()
-            .expect("a number");
-        let size = socket2::SockRef::from(rx.io.get_ref())
-            .recv_buffer_size()
-            .expect("SO_RCVBUF");
-        // Linux reports twice what was set (bookkeeping overhead included).
-        assert!(
-            size >= RECV_BUFFER.min(rmem_max),
-            "{size} < {}",
-            RECV_BUFFER.min(rmem_max)
+        let sysctl = |name: &str| -> usize {
+            let path = format!("/proc/sys/net/core/{name}");
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+                .trim()
+                .parse()
+                .expect("a number")
+        };
+        let (rmem_max, rmem_default) = (sysctl("rmem_max"), sysctl("rmem_default"));
+        let size_of = |socket: &std::net::UdpSocket| {
+            socket2::SockRef::from(socket)
+                .recv_buffer_size()
+                .expect("SO_RCVBUF")
+        };
+        let size = size_of(rx.io.get_ref());
+        // What a socket nobody enlarged gets: the comparison that shows ours was enlarged.
+        let fresh = size_of(&std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"));
+        // Linux caps the request at rmem_max and reports twice what it set (bookkeeping).
+        let expected = 2 * RECV_BUFFER.min(rmem_max);
+        assert_eq!(
+            size, expected,
+            "asked for {RECV_BUFFER}, rmem_max {rmem_max}: expected {expected}, got {size}"
         );
+        if expected > fresh {
+            assert!(size > fresh, "{size} <= a fresh socket's {fresh}");
+        } else {
+            // Nothing to grow into: rmem_max is below half of rmem_default. Said, not hidden.
+            eprintln!(
+                "the_receive_buffer_is_as_large_as_the_kernel_allows: rmem_max {rmem_max} \
+                 allows no growth over a fresh socket's {fresh} (rmem_default {rmem_default}); \
+                 checked only that the buffer is 2 x rmem_max = {size}"
+            );
+        }
     }
 
     #[tokio::test]

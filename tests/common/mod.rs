@@ -346,7 +346,9 @@ impl Daemon {
         self.out.lock().lines.clone()
     }
 
-    /// Number of captured lines containing `needle`.
+    /// Number of captured lines containing `needle`, now: a snapshot. A line the daemon wrote
+    /// may still be in the pipe; to count what must have been logged, use wait_for_count, or
+    /// terminate_and_drain and count what it returns.
     pub fn count_lines(&self, needle: &str) -> usize {
         self.out
             .lock()
@@ -438,6 +440,70 @@ impl Daemon {
         }
     }
 
+    /// Waits until at least `at_least` captured lines contain `needle` and returns how many do
+    /// at that moment; panics on timeout or when the process exits first. Log lines reach the
+    /// test through a pipe and a reader thread, so a line a daemon wrote before the reply the
+    /// test just got may still be on its way: count only through this, or after exit.
+    pub fn wait_for_count(&self, needle: &str, at_least: usize, timeout: Duration) -> usize {
+        let what = format!("{at_least} lines containing {needle:?}");
+        self.wait_for_count_where(&what, at_least, timeout, |l| l.contains(needle))
+    }
+
+    /// Like wait_for_count, for the lines satisfying `pred`.
+    pub fn wait_for_count_where(
+        &self,
+        what: &str,
+        at_least: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> usize {
+        let mut seen = 0;
+        let mut from = 0;
+        while seen < at_least {
+            let (i, _) = self.wait_until(what, from, timeout, &pred);
+            seen += 1;
+            from = i + 1;
+        }
+        seen + self
+            .lines()
+            .iter()
+            .skip(from)
+            .filter(|l| pred(l.as_str()))
+            .count()
+    }
+
+    /// SIGTERMs the process (SIGKILL after 5 s), waits until its stdout and stderr are closed
+    /// and read to the end (bounded: 5 s), and returns every line it wrote. Counts taken on
+    /// these are final: nothing more can be logged.
+    pub fn terminate_and_drain(&self) -> Vec<String> {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut st = self.out.lock();
+        while st.open_streams > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "daemon {}: output still open 5 s after exit (a grandchild holds it?)",
+                self.name
+            );
+            st = self
+                .out
+                .cv
+                .wait_timeout(st, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.lines.clone()
+    }
+
+    /// terminate_and_drain, then the number of lines containing `needle`: a final count.
+    pub fn count_after_exit(&self, needle: &str) -> usize {
+        self.terminate_and_drain()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Waits for the readiness line (contains " ready" and `listen=ADDR[,ADDR...]`) and returns
     /// the listen addresses.
     pub fn wait_ready(&self, timeout: Duration) -> Vec<SocketAddr> {
@@ -458,6 +524,11 @@ impl Daemon {
 
     /// Sends SIGTERM, waits up to 5 s for exit, then SIGKILLs; returns the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.stop()
+    }
+
+    /// terminate, through a shared reference.
+    fn stop(&self) -> ExitStatus {
         if let Some(st) = self.try_exit_status() {
             return st;
         }

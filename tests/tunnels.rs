@@ -36,6 +36,25 @@ fn client_with_hosts(hosts: &Path, args: &[String]) -> Option<Daemon> {
     Some(Daemon::spawn_command("client-relay", cmd))
 }
 
+/// The value of the first sample of `name` whose labels contain every one of `labels`, from
+/// the Prometheus text at the relay's `--metrics` address.
+fn gauge(daemon: &Daemon, name: &str, labels: &[&str]) -> f64 {
+    use std::io::{Read, Write};
+    let ready = daemon.wait_for_line(" ready ", READY_TIMEOUT);
+    let addr = find_field(&ready, "metrics").expect("metrics= in the ready line");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("{name} {labels:?} not in:\n{text}"))
+}
+
 fn query_within(addr: SocketAddr, deadline: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < deadline {
@@ -165,12 +184,16 @@ fn one_unresolvable_tunnel_stops_no_other_and_is_picked_up_once_it_resolves() {
 fn a_time_server_down_behind_the_server_relay_costs_no_handshake() {
     let mut chronyd = Chronyd::start(loopback_ip(1));
     let pki = Pki::generate(&["localhost"]);
-    let server: Relay = start_server(&pki, &chronyd.addr().to_string(), &[]);
+    let server: Relay = start_server(
+        &pki,
+        &chronyd.addr().to_string(),
+        &["--metrics", "127.0.0.1:0"],
+    );
     let client = start_client(
         &pki.ca(),
         "127.0.0.1:0".parse().expect("addr"),
         server.addr,
-        &["--server-name", "localhost"],
+        &["--server-name", "localhost", "--metrics", "127.0.0.1:0"],
     );
     assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
 
@@ -199,6 +222,20 @@ fn a_time_server_down_behind_the_server_relay_costs_no_handshake() {
         device.contains("WARN") && device.contains("state=upstream_down"),
         "{device}"
     );
+    // And so do the gauges: the device's tunnel is upstream_down (not up, not connecting),
+    // the server relay's upstream is down.
+    let state = |s: &str| {
+        gauge(
+            &client.daemon,
+            "ntp_dtls_tunnel_state",
+            &[&format!("state=\"{s}\"")],
+        )
+    };
+    assert_eq!(
+        (state("upstream_down"), state("up"), state("connecting")),
+        (1.0, 0.0, 0.0)
+    );
+    assert_eq!(gauge(&server.daemon, "ntp_dtls_upstream_up", &[]), 0.0);
 
     chronyd.restart();
     let took = query_within(client.addr, Duration::from_secs(15)).expect("replies again");
@@ -209,6 +246,8 @@ fn a_time_server_down_behind_the_server_relay_costs_no_handshake() {
     client
         .daemon
         .wait_for_line("answers again", Duration::from_secs(5));
+    assert_eq!(state("up"), 1.0);
+    assert_eq!(gauge(&server.daemon, "ntp_dtls_upstream_up", &[]), 1.0);
     // One association from start to end, on both sides.
     let lines = client.daemon.terminate_and_drain();
     let established = lines

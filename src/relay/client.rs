@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::cli::ClientArgs;
 use crate::config::{ClientConfig, Tunnel as TunnelSettings};
-use crate::ops::daemon::{Reload, Shutdown, notify_ready, start_services};
+use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
@@ -139,32 +139,36 @@ pub async fn serve(
     info!(counters = %summary.join(" "), "stopped");
 }
 
-/// SIGHUP: the CA, certificate and key files are read again; new handshakes (reconnects,
-/// rekeys) use them, live associations go on.
+/// SIGHUP: the configuration is read again. Certificates, keys and CA files go into service
+/// for new handshakes (reconnects, rekeys), live associations go on; a changed key that only a
+/// restart can apply (a listen address, a tunnel added) is named in the reload line.
 async fn reload_on_signal(
     mut reload: Reload,
     args: ClientArgs,
     obs: Arc<Observatory>,
     reloads: mpsc::UnboundedSender<Vec<ClientSettings>>,
 ) {
-    let tunnels = match ClientConfig::from_args(&args) {
-        Ok(config) => config.tunnels.len(),
-        Err(_) => 0,
-    };
+    // The baseline each reload is compared with: the configuration as it was at start.
+    let mut current = ClientConfig::from_args(&args);
     loop {
         reload.next().await;
-        match ClientConfig::from_args(&args) {
-            Ok(new) if new.tunnels.len() == tunnels => {
-                record_client_certificates(&obs, &new.tunnels);
-                let _ = reloads.send(new.tunnels.into_iter().map(|t| t.settings).collect());
-                info!(result = %"ok", "config reload");
-            }
-            Ok(_) => warn!(result = %"failed",
-                error = %"the tunnel list changed: restart to apply it",
-                "config reload; the material in service stays"),
-            Err(e) => warn!(result = %"failed", error = %e,
-                "config reload; the material in service stays"),
-        }
+        let outcome = match &current {
+            Ok(config) => config.reload(),
+            Err(_) => ClientConfig::from_args(&args).map(|new| {
+                let plan = crate::config::ReloadPlan::default();
+                (new, plan)
+            }),
+        };
+        let outcome = outcome.map(|(new, plan)| {
+            record_client_certificates(&obs, &new.tunnels);
+            // Each tunnel that still exists takes its new material; a tunnel added or removed
+            // waits for a restart (and the plan says so).
+            let _ = reloads.send(new.tunnels.iter().map(|t| t.settings.clone()).collect());
+            current = Ok(new);
+            plan
+        });
+        log_reload(&outcome);
+        reload.finished();
     }
 }
 
@@ -317,6 +321,12 @@ impl TunnelTask {
         let (established, handshaking) = self.tunnel.association_counts();
         self.obs
             .set_associations(self.index, established, handshaking);
+        self.obs.set_tunnel_state(
+            self.index,
+            self.tunnel.state(),
+            self.tunnel.name(),
+            &self.tunnel.config().server_spec,
+        );
     }
 
     fn resolve(&mut self) {

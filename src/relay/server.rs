@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ServerConfig, Upstream};
-use crate::ops::daemon::{Reload, Shutdown, notify_ready, start_services};
+use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
@@ -145,23 +145,20 @@ async fn run_workers(
 
     let reloader = {
         let obs = obs.clone();
-        let (cert, key, client_ca) = (
-            config.cert_path.clone(),
-            config.key_path.clone(),
-            config.client_ca_path.clone(),
-        );
+        let mut current = config.clone_for_worker();
         tokio::task::spawn_local(async move {
             loop {
                 reload.next().await;
-                match ServerConfig::load_settings(&cert, &key, client_ca.as_deref()) {
-                    Ok(settings) => {
-                        record_server_certificates(&obs, &settings);
-                        let _ = settings_tx.send(Some(Arc::new(settings)));
-                        info!(result = %"ok", "config reload");
-                    }
-                    Err(e) => warn!(result = %"failed", error = %e,
-                        "config reload; the material in service stays"),
-                }
+                // The file is read again: certificates, keys and CA files go into service for
+                // new handshakes; a changed key only a restart applies is named.
+                let outcome = current.reload().map(|(new, plan)| {
+                    record_server_certificates(&obs, &new.settings);
+                    let _ = settings_tx.send(Some(Arc::new(new.settings.clone())));
+                    current = new;
+                    plan
+                });
+                log_reload(&outcome);
+                reload.finished();
             }
         })
     };
@@ -255,6 +252,9 @@ struct Worker {
     /// Requests to the time server, likewise.
     to_time_server: SendQueue,
     upstream_label: String,
+    /// The time server's health as every worker sees it: the relay-wide state changes (and is
+    /// logged) once, not once per worker.
+    upstream_health: Arc<crate::ops::observe::UpstreamHealth>,
 }
 
 impl Worker {
@@ -292,6 +292,7 @@ impl Worker {
             ),
         };
         let rtt = obs.rtt_gauge(&upstream_label);
+        let upstream_health = obs.upstream_health(&upstream_label, config.workers.max(1));
         let endpoint = Endpoint::new(&config.settings, limits, source, obs.stats.clone(), rtt)
             .context("DTLS server configuration")?;
         Ok(Worker {
@@ -304,6 +305,7 @@ impl Worker {
             to_peers: SendQueue::default(),
             to_time_server: SendQueue::default(),
             upstream_label,
+            upstream_health,
         })
     }
 
@@ -399,6 +401,14 @@ impl Worker {
         let (established, half_open) = self.endpoint.association_counts();
         self.obs
             .set_associations(self.index, established, half_open);
+        match self
+            .upstream_health
+            .report(self.index, self.endpoint.upstream_up())
+        {
+            Some(false) => warn!(upstream = %self.upstream_label, "time server down"),
+            Some(true) => info!(upstream = %self.upstream_label, "time server answers again"),
+            None => {}
+        }
     }
 
     /// One line per association set up, refused or torn down: what an evaluator reads.
@@ -428,11 +438,13 @@ impl Worker {
                 }
             }
             EndpointEvent::Closed { peer, reason } => info!(%peer, %reason, "association closed"),
-            EndpointEvent::UpstreamDown { cause } => {
-                warn!(upstream = %self.upstream_label, %cause, "time server down")
-            }
-            EndpointEvent::UpstreamBack { down_for } => info!(upstream = %self.upstream_label,
-                down_for_s = down_for.as_secs_f64(), "time server answers again"),
+            // The relay-wide line is written in `execute`, from every worker's view; this one
+            // says how this worker knows.
+            EndpointEvent::UpstreamDown { cause } => debug!(worker = self.index,
+                upstream = %self.upstream_label, %cause, "time server down (this worker)"),
+            EndpointEvent::UpstreamBack { down_for } => debug!(worker = self.index,
+                upstream = %self.upstream_label, down_for_s = down_for.as_secs_f64(),
+                "time server answers again (this worker)"),
         }
     }
 }

@@ -224,6 +224,15 @@ impl DTLSConn {
         };
 
         if self.is_handshake_completed() {
+            if self.outgoing_packets.is_empty() && self.outgoing_queued_packets.is_empty() {
+                // ntp-dtls patch p2: an application data record with nothing queued before it
+                // goes straight to the outgoing datagrams, one record each (as compacting it
+                // alone would make it), without the packet queue and its per-record vectors.
+                let raw = self.process_packet(pkt)?;
+                self.outgoing_compacted_raw_packets
+                    .push_back(BytesMut::from(bytes::Bytes::from(raw)));
+                return Ok(());
+            }
             self.write_packets(vec![pkt]);
         } else {
             self.outgoing_queued_packets.push_back(pkt);
@@ -355,8 +364,9 @@ impl DTLSConn {
         p.record.record_layer_header.sequence_number = seq;
 
         // Marshal straight into the Vec: `BufWriter` would heap-allocate an
-        // 8 KiB staging buffer for every outbound record.
-        let mut raw_packet = vec![];
+        // 8 KiB staging buffer for every outbound record. (ntp-dtls patch p2: sized once.)
+        let mut raw_packet =
+            Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + p.record.content.size());
         p.record.marshal(&mut raw_packet)?;
 
         if p.should_encrypt

@@ -632,7 +632,7 @@ impl Load<'_> {
             let mut tries = 0;
             while self.outstanding < self.args.window
                 && tries < ready.len()
-                && !self.args.requests.is_some_and(|n| sent >= n)
+                && self.args.requests.is_none_or(|n| sent < n)
             {
                 let index = ready[cursor % ready.len()];
                 cursor += 1;

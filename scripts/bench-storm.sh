@@ -62,6 +62,8 @@ wait_line() {
 # Every simulated device shares 127.0.0.1: lift the per-source handshake rate (5/s by default,
 # meant for one address); the half-open (4 096) and association (100 000) limits stay as shipped.
 printf '[limits]\nhandshake_rate = 1000000\nhandshake_burst = 1000000\n' >"$work/server.toml"
+# STORM_HALF_OPEN: another max_half_open, to see what the shipped limit costs in a storm.
+[[ -n ${STORM_HALF_OPEN:-} ]] && printf 'max_half_open = %s\n' "$STORM_HALF_OPEN" >>"$work/server.toml"
 
 # start_server LISTEN METRICS LOG: a server relay in its own process group; PID in server.pid.
 cat >"$work/start-server.sh" <<EOF
@@ -108,7 +110,7 @@ timeout -k 5 $((storm_seconds + 600)) "$load" "$listen" --ca "$work/pki/ca.pem" 
     --duration 0 --idle 0 --server-pid "$(cat "$work/server.pid")" \
     --storm-restart "$work/restart.sh" --storm-pid-file "$work/server.pid" \
     --storm-seconds "$storm_seconds" --metrics "$metrics" --legit "$legit" \
-    --max-seconds $((storm_seconds + 540)) --label "storm,n=$n,workers=$workers" |
+    --max-seconds $((storm_seconds + 540)) --label "storm,n=$n,workers=$workers${STORM_HALF_OPEN:+,max_half_open=$STORM_HALF_OPEN}" |
     grep -E '^(phase=storm|storm_timeline|result)' || true
 echo "bench-storm: load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 

@@ -26,7 +26,7 @@ use rtc_shared::TransportProtocol;
 use rtc_shared::error::Error as RtcError;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::hash::{KeyedMap, keyed_map};
+use crate::hash::{KeyedMap, KeyedState, keyed_map};
 use crate::record;
 
 use super::{
@@ -40,7 +40,7 @@ pub struct RtcEngine {
     /// on serving: rtc-dtls keys associations by address alone, and takes a ClientHello from an
     /// address it knows for a retransmission. A replacement handshake runs in the other slot and
     /// takes over only when it completes, so a spoofed ClientHello never ends a live association.
-    slots: [Endpoint; 2],
+    slots: [Endpoint<KeyedState>; 2],
     peers: KeyedMap<SocketAddr, Peer>,
     /// Present in the client role: the config each `connect` uses.
     client_config: Option<Arc<HandshakeConfig>>,
@@ -345,8 +345,8 @@ impl RtcEngine {
         let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         RtcEngine {
             slots: [
-                Endpoint::new(local, TransportProtocol::UDP, server.clone()),
-                Endpoint::new(local, TransportProtocol::UDP, server),
+                Endpoint::with_hasher(local, TransportProtocol::UDP, server.clone(), KeyedState),
+                Endpoint::with_hasher(local, TransportProtocol::UDP, server, KeyedState),
             ],
             peers: keyed_map(0),
             client_config: client,
@@ -597,6 +597,12 @@ impl DtlsEngine for RtcEngine {
 
     fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant> {
         let state = self.peers.get(&peer)?;
+        if state.established && state.replacement.is_none() {
+            // An established association retransmits nothing: rtc-dtls may still hold the timer
+            // of its last flight, but its handle_timeout does nothing once the handshake is
+            // complete. Skipping the look-up saves a hash on every datagram.
+            return None;
+        }
         let own = self.slots[state.slot].poll_timeout(&peer);
         let replacement = state
             .replacement

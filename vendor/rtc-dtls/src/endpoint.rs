@@ -19,7 +19,9 @@ use std::collections::hash_map::Keys;
 use std::collections::{
     HashMap, VecDeque,
     hash_map::Entry::{Occupied, Vacant},
+    hash_map::RandomState,
 };
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,11 +44,14 @@ pub enum EndpointEvent {
 /// This object performs no I/O whatsoever. Instead, it generates a stream of packets to send via
 /// `poll_transmit`, and consumes incoming packets and connections-generated events via `handle` and
 /// `handle_event`.
-pub struct Endpoint {
+///
+/// ntp-dtls patch p3: generic over the hasher of its connection map (`S`, std's SipHash by
+/// default), so that a caller with a cheaper keyed hash can use it: every datagram costs a lookup.
+pub struct Endpoint<S = RandomState> {
     local_addr: SocketAddr,
     transport_protocol: TransportProtocol,
     transmits: VecDeque<TransportMessage<BytesMut>>,
-    connections: HashMap<SocketAddr, DTLSConn>,
+    connections: HashMap<SocketAddr, DTLSConn, S>,
     server_config: Option<Arc<HandshakeConfig>>,
 }
 
@@ -59,11 +64,23 @@ impl Endpoint {
         protocol: TransportProtocol,
         server_config: Option<Arc<HandshakeConfig>>,
     ) -> Self {
+        Self::with_hasher(local_addr, protocol, server_config, RandomState::new())
+    }
+}
+
+impl<S: BuildHasher> Endpoint<S> {
+    /// [`Endpoint::new`] with `hasher` for its connection map (ntp-dtls patch p3).
+    pub fn with_hasher(
+        local_addr: SocketAddr,
+        protocol: TransportProtocol,
+        server_config: Option<Arc<HandshakeConfig>>,
+        hasher: S,
+    ) -> Self {
         Self {
             local_addr,
             transport_protocol: protocol,
             transmits: VecDeque::new(),
-            connections: HashMap::new(),
+            connections: HashMap::with_hasher(hasher),
             server_config,
         }
     }

@@ -100,6 +100,7 @@ table() { # --inclusive=yes|no
                 if (ir >= (incl ? 0.99 : 0.30) * t) next
                 $1 = ""; if ($2 ~ /^\(/) { $2 = ""; if ($3 ~ /^[0-9.]+%\)$/) $3 = "" }
                 sub(/^ +/, ""); sub(/ \[[^]]*\]$/, "")
+                sub(/^\/rustc\/[0-9a-f]*\/library\//, ""); sub(/^.*\/registry\/src\/[^\/]*\//, "")
                 if (k++ < top) printf "%8.0f %5.1f%%  %s\n", ir / n, 100 * ir / t, substr($0, 1, 150) }'
 }
 echo

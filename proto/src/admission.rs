@@ -6,10 +6,12 @@
 //! shell tells it what arrived and when, and asks it what has expired.
 
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use crate::hash::{KeyedMap, keyed_map};
 
 /// The server relay's limits. Every one has a config key (`[limits]` in the server's file).
 #[derive(Debug, Clone, PartialEq)]
@@ -145,9 +147,9 @@ const MAX_TRACKED_SOURCES: usize = 65_536;
 
 pub struct Admission {
     limits: Limits,
-    peers: HashMap<SocketAddr, Phase>,
+    peers: KeyedMap<SocketAddr, Phase>,
     half_open: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: KeyedMap<IpAddr, Bucket>,
     /// (deadline, peer); entries may be stale and are re-checked when they come due.
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
 }
@@ -156,9 +158,9 @@ impl Admission {
     pub fn new(limits: Limits) -> Self {
         Admission {
             limits,
-            peers: HashMap::new(),
+            peers: keyed_map(0),
             half_open: 0,
-            buckets: HashMap::new(),
+            buckets: keyed_map(0),
             timers: BinaryHeap::new(),
         }
     }

@@ -12,6 +12,7 @@
 //! - [`engine`]: the DTLS engine interface and its rtc-dtls implementation, with our policy.
 //! - [`health`], [`backoff`]: the client's view of an association, and its retry schedule.
 //! - [`stats`]: the counters every datagram lands in.
+//! - [`hash`]: the keyed hash of the per-datagram tables (peer addresses, NTP timestamps).
 //! - [`identity`], [`x509`]: keys and certificates, as the engine and audit lines need them.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod endpoint;
 pub mod engine;
 pub mod forward;
+pub mod hash;
 pub mod health;
 pub mod identity;
 pub mod ntp;

@@ -6,12 +6,11 @@
 //! (rtc-dtls leaves it in its table, stuck), and an established association kept alive through
 //! unauthenticated garbage.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
 use rtc_dtls::cipher_suite::CipherSuiteId;
 use rtc_dtls::config::{ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig};
 use rtc_dtls::crypto::Certificate;
@@ -27,6 +26,7 @@ use rtc_shared::TransportProtocol;
 use rtc_shared::error::Error as RtcError;
 use rustls_pki_types::{CertificateDer, ServerName};
 
+use crate::hash::{KeyedMap, KeyedState, keyed_map};
 use crate::record;
 
 use super::{
@@ -40,8 +40,8 @@ pub struct RtcEngine {
     /// on serving: rtc-dtls keys associations by address alone, and takes a ClientHello from an
     /// address it knows for a retransmission. A replacement handshake runs in the other slot and
     /// takes over only when it completes, so a spoofed ClientHello never ends a live association.
-    slots: [Endpoint; 2],
-    peers: HashMap<SocketAddr, Peer>,
+    slots: [Endpoint<KeyedState>; 2],
+    peers: KeyedMap<SocketAddr, Peer>,
     /// Present in the client role: the config each `connect` uses.
     client_config: Option<Arc<HandshakeConfig>>,
     /// Drained from the endpoints after every call, so that the close_notify rtc-dtls queues
@@ -345,10 +345,10 @@ impl RtcEngine {
         let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         RtcEngine {
             slots: [
-                Endpoint::new(local, TransportProtocol::UDP, server.clone()),
-                Endpoint::new(local, TransportProtocol::UDP, server),
+                Endpoint::with_hasher(local, TransportProtocol::UDP, server.clone(), KeyedState),
+                Endpoint::with_hasher(local, TransportProtocol::UDP, server, KeyedState),
             ],
-            peers: HashMap::new(),
+            peers: keyed_map(0),
             client_config: client,
             transmits: VecDeque::new(),
         }
@@ -563,7 +563,7 @@ impl DtlsEngine for RtcEngine {
             );
         }
         let slot = self.route(peer, datagram);
-        let result = self.slots[slot].read(now, peer, None, BytesMut::from(datagram));
+        let result = self.slots[slot].read_slice(now, peer, None, datagram);
         self.drain();
         self.on_slot_events(now, slot, peer, result, Some(datagram), events);
         // The first ClientHello may have been refused before rtc-dtls kept any state. (Only a
@@ -597,6 +597,12 @@ impl DtlsEngine for RtcEngine {
 
     fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant> {
         let state = self.peers.get(&peer)?;
+        if state.established && state.replacement.is_none() {
+            // An established association retransmits nothing: rtc-dtls may still hold the timer
+            // of its last flight, but its handle_timeout does nothing once the handshake is
+            // complete. Skipping the look-up saves a hash on every datagram.
+            return None;
+        }
         let own = self.slots[state.slot].poll_timeout(&peer);
         let replacement = state
             .replacement

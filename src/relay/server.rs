@@ -21,7 +21,7 @@ use crate::config::{ServerConfig, Upstream};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// Runs the server relay until shutdown: `config.workers` sockets bound to the listen address
 /// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
@@ -322,9 +322,9 @@ impl Worker {
                     Ok(_) => {
                         let rx = SystemTime::now();
                         let now = Instant::now();
-                        for (peer, datagram) in from_peers.iter() {
-                            if let Some(peer) = peer {
-                                self.endpoint.handle_datagram(now, rx, peer, datagram);
+                        for Received { from, data, .. } in from_peers.iter() {
+                            if let Some(peer) = from {
+                                self.endpoint.handle_datagram(now, rx, peer, data);
                             }
                         }
                     }
@@ -335,8 +335,8 @@ impl Worker {
                     let now = Instant::now();
                     match received {
                         Ok(_) => {
-                            for (_, datagram) in from_source.iter() {
-                                self.endpoint.handle_time_server_reply(now, rx, datagram);
+                            for Received { data, .. } in from_source.iter() {
+                                self.endpoint.handle_time_server_reply(now, rx, data);
                             }
                         }
                         // chronyd not running: ICMP port unreachable comes back as an error.

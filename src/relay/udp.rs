@@ -32,8 +32,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt,
-    sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
+    sendmmsg, setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
 use tokio::io::Interest;
@@ -191,6 +191,11 @@ thread_local! {
     /// Scratch headers for sendmmsg (nix sets every field it reads before each call).
     static SEND_HEADERS: RefCell<MultiHeaders<SockaddrStorage>> =
         RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    /// Likewise, with room for one IP_PKTINFO or IPV6_PKTINFO (a chosen source address).
+    static SEND_HEADERS_PKTINFO_V4: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::libc::in_pktinfo))));
+    static SEND_HEADERS_PKTINFO_V6: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::libc::in6_pktinfo))));
 }
 
 impl Default for RecvBatch {
@@ -325,6 +330,9 @@ pub struct SendQueue {
     /// Which of them are tagged (NTP datagrams, as opposed to handshake and keepalive
     /// records), so that what was really sent can be counted by kind.
     tagged: Vec<bool>,
+    /// The source address each is sent from (IP_PKTINFO / IPV6_PKTINFO); None: the kernel's
+    /// choice (the bound address, or on a wildcard socket the route's preferred source).
+    sources: Vec<Option<IpAddr>>,
 }
 
 impl Default for SendQueue {
@@ -332,6 +340,7 @@ impl Default for SendQueue {
         SendQueue {
             queued: Vec::with_capacity(BATCH),
             tagged: Vec::with_capacity(BATCH),
+            sources: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -358,8 +367,22 @@ impl SendQueue {
         datagram: bytes::BytesMut,
         tagged: bool,
     ) {
+        self.push_from(destination, None, datagram, tagged);
+    }
+
+    /// Queues a datagram to leave from the local address `source`: on a socket bound to a
+    /// wildcard address, the address the peer sent to, so that its connected socket takes the
+    /// reply (chronyd answers the same way). None leaves the choice to the kernel.
+    pub fn push_from(
+        &mut self,
+        destination: Option<SocketAddr>,
+        source: Option<IpAddr>,
+        datagram: bytes::BytesMut,
+        tagged: bool,
+    ) {
         self.queued.push((destination, datagram));
         self.tagged.push(tagged);
+        self.sources.push(source);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -375,8 +398,15 @@ impl SendQueue {
         let mut last_error = None;
         let mut start = 0;
         while start < self.queued.len() {
-            let end = (start + BATCH).min(self.queued.len());
-            match send_chunk(socket, &self.queued[start..end]) {
+            // One system call sends from one source address: a run of equal ones.
+            let source = self.sources[start];
+            let run = self.sources[start..]
+                .iter()
+                .take(BATCH)
+                .take_while(|s| **s == source)
+                .count();
+            let end = start + run;
+            match send_chunk(socket, &self.queued[start..end], source) {
                 Ok(sent) if sent > 0 => {
                     flushed.sent += sent;
                     flushed.tagged += self.tagged[start..start + sent]
@@ -401,16 +431,61 @@ impl SendQueue {
         }
         self.queued.clear();
         self.tagged.clear();
+        self.sources.clear();
         (flushed, last_error)
+    }
+}
+
+/// The control message that makes a datagram leave from `source` on this socket's family: an
+/// IPv4 source on a dual-stack IPv6 socket goes IPv4-mapped (the kernel takes it so). None for
+/// an IPv6 source on an IPv4 socket, which cannot be.
+enum SourceInfo {
+    V4(nix::libc::in_pktinfo),
+    V6(nix::libc::in6_pktinfo),
+}
+
+impl SourceInfo {
+    fn new(source: IpAddr, ipv6_socket: bool) -> Option<SourceInfo> {
+        match (source, ipv6_socket) {
+            (IpAddr::V4(v4), false) => Some(SourceInfo::V4(nix::libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: nix::libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                ipi_addr: nix::libc::in_addr { s_addr: 0 },
+            })),
+            (IpAddr::V6(_), false) => None,
+            (source, true) => {
+                let v6 = match source {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                Some(SourceInfo::V6(nix::libc::in6_pktinfo {
+                    ipi6_addr: nix::libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                }))
+            }
+        }
+    }
+
+    fn message(&self) -> ControlMessage<'_> {
+        match self {
+            SourceInfo::V4(info) => ControlMessage::Ipv4PacketInfo(info),
+            SourceInfo::V6(info) => ControlMessage::Ipv6PacketInfo(info),
+        }
     }
 }
 
 fn send_chunk(
     socket: &DatagramSocket,
     chunk: &[(Option<SocketAddr>, bytes::BytesMut)],
+    source: Option<IpAddr>,
 ) -> io::Result<usize> {
     let fd = socket.io.get_ref().as_raw_fd();
-    if let [(destination, datagram)] = chunk {
+    let info = source.and_then(|source| SourceInfo::new(source, socket.ipv6));
+    if let ([(destination, datagram)], None) = (chunk, &info) {
         // One datagram: the plain call is cheaper than building a batch header.
         return match destination {
             Some(destination) => socket.send_to(datagram, *destination),
@@ -429,13 +504,21 @@ fn send_chunk(
             .and_then(|(destination, _)| *destination)
             .map(SockaddrStorage::from)
     });
-    SEND_HEADERS.with_borrow_mut(|headers| {
+    // Each header set's control room is exactly one message's (the kernel rejects room left
+    // unfilled), so each kind of source has its own.
+    let headers = match info {
+        None => &SEND_HEADERS,
+        Some(SourceInfo::V4(_)) => &SEND_HEADERS_PKTINFO_V4,
+        Some(SourceInfo::V6(_)) => &SEND_HEADERS_PKTINFO_V6,
+    };
+    let control: Option<[ControlMessage; 1]> = info.as_ref().map(|info| [info.message()]);
+    headers.with_borrow_mut(|headers| {
         let sent = sendmmsg(
             fd,
             headers,
             slices.iter().take(chunk.len()),
             &addresses[..chunk.len()],
-            [],
+            control.as_ref().map_or(&[][..], |c| &c[..]),
             MsgFlags::empty(),
         )
         .map_err(io::Error::from)?;
@@ -791,5 +874,120 @@ mod tests {
             );
             assert_eq!(received.local, Some(addr(&rx).ip()), "datagram {index}");
         }
+    }
+
+    /// A socket on 0.0.0.0 (or a dual-stack ::), and `count` clients each connected to one of
+    /// `to` (as a client relay's association socket is), one datagram from each received.
+    async fn wildcard_and_connected_clients(
+        wildcard: DatagramSocket,
+        to: &[IpAddr],
+    ) -> (
+        DatagramSocket,
+        Vec<DatagramSocket>,
+        Vec<(SocketAddr, IpAddr)>,
+    ) {
+        let port = addr(&wildcard).port();
+        let mut clients = Vec::new();
+        for ip in to {
+            let client = socket();
+            client.connect(SocketAddr::new(*ip, port)).expect("connect");
+            client.send(b"hello").expect("send");
+            clients.push(client);
+        }
+        let mut batch = RecvBatch::default();
+        let mut seen = Vec::new();
+        while seen.len() < to.len() {
+            recv(&wildcard, &mut batch).await;
+            seen.extend(
+                batch
+                    .iter()
+                    .map(|r| (r.from.expect("sender"), r.local.expect("destination"))),
+            );
+        }
+        (wildcard, clients, seen)
+    }
+
+    #[tokio::test]
+    async fn replies_leave_from_the_address_each_peer_sent_to() {
+        let wildcard = DatagramSocket::bind("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let to: Vec<IpAddr> = ["127.0.0.2", "127.0.0.1", "127.0.0.3", "127.0.0.3"]
+            .map(|a| a.parse().expect("addr"))
+            .to_vec();
+        let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
+        // Two rounds: a batch whose sources change (several runs), then one datagram alone.
+        for round in 0..2 {
+            let mut queue = SendQueue::default();
+            for (peer, local) in seen.iter().take(if round == 0 { 4 } else { 1 }) {
+                queue.push_from(
+                    Some(*peer),
+                    Some(*local),
+                    bytes::BytesMut::from(&b"back"[..]),
+                    true,
+                );
+            }
+            let (flushed, error) = queue.flush(&wildcard);
+            assert!(error.is_none(), "{error:?}");
+            assert_eq!(flushed.failed, 0);
+            for (client, local) in clients.iter().zip(&to).take(flushed.sent) {
+                let mut batch = RecvBatch::default();
+                // The client's socket is connected: it takes only what comes from `local`.
+                assert_eq!(recv(client, &mut batch).await, 1, "round {round}");
+                assert_eq!(
+                    batch.get(0).and_then(|r| r.from).map(|a| a.ip()),
+                    Some(*local)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_source_a_connected_peer_never_sees_the_reply() {
+        // The bug the source address fixes: the route's choice is 127.0.0.1, not 127.0.0.2.
+        let wildcard = DatagramSocket::bind("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let to = ["127.0.0.2".parse().expect("addr")];
+        let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
+        let mut queue = SendQueue::default();
+        queue.push(Some(seen[0].0), bytes::BytesMut::from(&b"lost"[..]));
+        assert_eq!(queue.flush(&wildcard).0.sent, 1);
+        let mut batch = RecvBatch::default();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            clients[0].recv_batch(&mut batch),
+        );
+        assert!(
+            waited.await.is_err(),
+            "a reply from 127.0.0.1 reached a socket connected to 127.0.0.2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_socket_replies_to_ipv4_from_the_ipv4_address_sent_to() {
+        let dual = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("socket");
+        dual.set_only_v6(false).expect("dual-stack");
+        let any: SocketAddr = "[::]:0".parse().expect("addr");
+        dual.bind(&any.into()).expect("bind");
+        let wildcard = DatagramSocket::from_std(dual.into()).expect("register");
+        let to = ["127.0.0.2".parse().expect("addr")];
+        let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
+        let mut queue = SendQueue::default();
+        queue.push_from(
+            Some(seen[0].0),
+            Some(seen[0].1),
+            bytes::BytesMut::from(&b"back"[..]),
+            true,
+        );
+        let (flushed, error) = queue.flush(&wildcard);
+        assert_eq!((flushed.sent, error.map(|e| e.to_string())), (1, None));
+        let mut batch = RecvBatch::default();
+        assert_eq!(recv(&clients[0], &mut batch).await, 1);
+        assert_eq!(
+            batch.get(0).and_then(|r| r.from).map(|a| a.ip()),
+            Some(to[0])
+        );
     }
 }

@@ -14,10 +14,16 @@
 //! surface (modes 6 and 7) to the network. A keepalive probe from an established peer
 //! ([`crate::ntp::keepalive`]) is answered here, with the same bytes, never forwarded: that is
 //! how a client relay tells "association dead" from "time server down".
+//!
+//! A DTLS association is bound to its 4-tuple. On a socket bound to a wildcard address the
+//! shell says which local address each datagram was sent to ([`Endpoint::handle_datagram_to`]);
+//! the one a peer's ClientHello came to is the association's, and every datagram to that peer
+//! names it ([`Transmit::local`]) so that the shell sends from it: a client's connected socket
+//! drops a reply from any other source.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -70,6 +76,10 @@ pub struct Transmit {
     /// A forwarded NTP request or an NTP reply (the rest is handshake, keepalive and alert
     /// traffic), for the shell's counters.
     pub ntp: bool,
+    /// The source address to send from (to a peer: the local address its association's
+    /// ClientHello was sent to); None when the shell did not say, or to the time server: the
+    /// kernel's choice.
+    pub local: Option<IpAddr>,
 }
 
 /// Whether an event deserves its audit line now: refusals from the open network are capped,
@@ -144,6 +154,9 @@ pub struct Endpoint {
     /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
     /// poll_timeout is checked when one comes due.
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
+    /// The local address each peer's association was opened on, when the shell gave one.
+    /// Entries of peers the engine forgot are swept when the map outgrows the associations.
+    locals: HashMap<SocketAddr, IpAddr>,
     to_time_server: VecDeque<QueuedRequest>,
     to_peers: VecDeque<ToPeer>,
     transmits: VecDeque<Transmit>,
@@ -169,6 +182,7 @@ impl Endpoint {
             upstream: UpstreamHealth::default(),
             stats,
             timers: BinaryHeap::new(),
+            locals: HashMap::new(),
             to_time_server: VecDeque::new(),
             to_peers: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -201,12 +215,27 @@ impl Endpoint {
     // Input
     // ----------------------------------------------------------------------------------------
 
-    /// A datagram from `peer`, received at `rx`.
+    /// A datagram from `peer`, received at `rx`, on a socket whose local address is fixed (or
+    /// unknown): the kernel's choice of source address is the right one.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
         rx: SystemTime,
         peer: SocketAddr,
+        datagram: &[u8],
+    ) {
+        self.handle_datagram_to(now, rx, peer, None, datagram)
+    }
+
+    /// A datagram from `peer` to the local address `local` (IP_PKTINFO on a socket bound to a
+    /// wildcard address), received at `rx`. What goes back to the peer leaves from the address
+    /// its ClientHello came to ([`Transmit::local`]).
+    pub fn handle_datagram_to(
+        &mut self,
+        now: Instant,
+        rx: SystemTime,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
     ) {
         let arrival = if record::is_client_hello(datagram) {
@@ -241,6 +270,10 @@ impl Endpoint {
             self.admission.removed(peer);
             self.scratch = events;
             return;
+        }
+        if arrival == Arrival::ClientHello {
+            // Before drain_engine: the ServerHello already leaves from this address.
+            self.bind_local(peer, local);
         }
         self.drain_engine();
         self.schedule(peer);
@@ -349,6 +382,7 @@ impl Endpoint {
                     destination: Destination::TimeServer,
                     datagram: request.datagram,
                     ntp: true,
+                    local: None,
                 });
             }
             if let Some(transmit) = self.transmits.pop_front() {
@@ -464,6 +498,7 @@ impl Endpoint {
                 while let Some(transmit) = self.engine.poll_transmit() {
                     self.transmits.push_back(Transmit {
                         destination: Destination::Peer(transmit.peer),
+                        local: self.local_of(transmit.peer),
                         datagram: transmit.datagram,
                         ntp: true,
                     });
@@ -480,10 +515,35 @@ impl Endpoint {
         while let Some(transmit) = self.engine.poll_transmit() {
             self.transmits.push_back(Transmit {
                 destination: Destination::Peer(transmit.peer),
+                local: self.local_of(transmit.peer),
                 datagram: transmit.datagram,
                 ntp: false,
             });
         }
+    }
+
+    /// Fixes the local address of `peer`'s association (a ClientHello opens or replaces it).
+    fn bind_local(&mut self, peer: SocketAddr, local: Option<IpAddr>) {
+        match local {
+            Some(local) => {
+                self.locals.insert(peer, local);
+                // Amortised sweep: the map stays within twice the associations held.
+                if self.locals.len() > 2 * self.admission.associations() + 64 {
+                    let engine = &self.engine;
+                    self.locals.retain(|peer, _| engine.knows(*peer));
+                }
+            }
+            None => {
+                self.locals.remove(&peer);
+            }
+        }
+    }
+
+    fn local_of(&self, peer: SocketAddr) -> Option<IpAddr> {
+        if self.locals.is_empty() {
+            return None;
+        }
+        self.locals.get(&peer).copied()
     }
 
     fn schedule(&mut self, peer: SocketAddr) {

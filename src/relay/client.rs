@@ -27,7 +27,7 @@ use crate::config::{ClientConfig, Tunnel as TunnelSettings};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// A tunnel's local socket, bound before anything else starts (a start-up error when the
 /// address is taken), and its settings.
@@ -237,9 +237,9 @@ impl TunnelTask {
                     Ok(_) => {
                         let now = Instant::now();
                         let rx = SystemTime::now();
-                        for (from, datagram) in from_local.iter() {
+                        for Received { from, data, .. } in from_local.iter() {
                             if let Some(from) = from {
-                                self.tunnel.handle_request(now, rx, from, datagram);
+                                self.tunnel.handle_request(now, rx, from, data);
                             }
                         }
                     }
@@ -251,8 +251,8 @@ impl TunnelTask {
                     if let Some(id) = self.sockets.get(slot).map(|s| s.id) {
                         match received {
                             Ok(_) => {
-                                for (_, datagram) in from_upstream[slot].iter() {
-                                    self.tunnel.handle_datagram(now, rx, id, datagram);
+                                for Received { data, .. } in from_upstream[slot].iter() {
+                                    self.tunnel.handle_datagram(now, rx, id, data);
                                 }
                             }
                             // ICMP port unreachable (or a forgery of one): the tunnel checks.

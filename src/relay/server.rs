@@ -21,7 +21,7 @@ use crate::config::{ServerConfig, Upstream};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// Runs the server relay until shutdown: `config.workers` sockets bound to the listen address
 /// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
@@ -243,6 +243,9 @@ struct Worker {
     /// Which worker this is, for the association gauges.
     index: usize,
     socket: DatagramSocket,
+    /// Bound to 0.0.0.0 or ::: replies must name their source address (the one each peer sent
+    /// to), or a multi-homed host answers from the route's choice and the peer drops it.
+    wildcard: bool,
     /// The socket to the time server; None for the builtin source.
     time_server: Option<DatagramSocket>,
     endpoint: Endpoint,
@@ -268,6 +271,11 @@ impl Worker {
         settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
         let socket = DatagramSocket::from_std(socket).context("cannot register the socket")?;
+        let wildcard = socket
+            .local_addr()
+            .context("cannot read the socket's address")?
+            .ip()
+            .is_unspecified();
         let (time_server, source, upstream_label) = match config.upstream {
             Upstream::Udp(addr) => {
                 let bind: IpAddr = if addr.is_ipv4() {
@@ -299,6 +307,7 @@ impl Worker {
             settings,
             index,
             socket,
+            wildcard,
             time_server,
             endpoint,
             obs,
@@ -322,9 +331,10 @@ impl Worker {
                     Ok(_) => {
                         let rx = SystemTime::now();
                         let now = Instant::now();
-                        for (peer, datagram) in from_peers.iter() {
-                            if let Some(peer) = peer {
-                                self.endpoint.handle_datagram(now, rx, peer, datagram);
+                        for Received { from, data, local, .. } in from_peers.iter() {
+                            if let Some(peer) = from {
+                                let local = local.filter(|_| self.wildcard);
+                                self.endpoint.handle_datagram_to(now, rx, peer, local, data);
                             }
                         }
                     }
@@ -335,8 +345,8 @@ impl Worker {
                     let now = Instant::now();
                     match received {
                         Ok(_) => {
-                            for (_, datagram) in from_source.iter() {
-                                self.endpoint.handle_time_server_reply(now, rx, datagram);
+                            for Received { data, .. } in from_source.iter() {
+                                self.endpoint.handle_time_server_reply(now, rx, data);
                             }
                         }
                         // chronyd not running: ICMP port unreachable comes back as an error.
@@ -366,13 +376,16 @@ impl Worker {
             destination,
             datagram,
             ntp,
+            local,
         }) = self
             .endpoint
             .poll_transmit(Instant::now(), SystemTime::now())
         {
             match destination {
                 Destination::TimeServer => self.to_time_server.push_tagged(None, datagram, ntp),
-                Destination::Peer(peer) => self.to_peers.push_tagged(Some(peer), datagram, ntp),
+                Destination::Peer(peer) => {
+                    self.to_peers.push_from(Some(peer), local, datagram, ntp)
+                }
             }
         }
         let stats = &self.obs.stats;

@@ -721,5 +721,6 @@ printf '%s\n' "${dl_lines[@]}"
 echo "$calib_kernel"
 echo "$calib_user"
 echo '```'
+bash scripts/bench-attack.sh # the "under attack" section (issue 10)
 echo
 echo "bench: done in ${elapsed} s"

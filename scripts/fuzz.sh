@@ -34,6 +34,7 @@ max_len() {
     case "$1" in
         ntp_packet) echo 1500 ;;   # 1400-byte limit + 22 bytes of parameters + some
         dtls_record) echo 2048 ;;  # one datagram with room for a 1500-byte MTU
+        handshake_limits) echo 8192 ;;  # a few dozen datagrams of operations
         *) echo 4096 ;;
     esac
 }

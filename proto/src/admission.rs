@@ -12,6 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::hash::{KeyedMap, keyed_map};
+use crate::record::{self, Fragment};
+use crate::stats::Counter;
 
 /// The server relay's limits. Every one has a config key (`[limits]` in the server's file).
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +71,30 @@ pub enum Refusal {
     /// The peer sent more than max_handshake_bytes before completing its handshake: the caller
     /// must forget it.
     HandshakeBytes,
+    /// A ClientHello in fragments, or beside other records: before the cookie exchange only
+    /// a whole one in one record is taken (so reassembly never runs for an unproven address).
+    FragmentedClientHello,
+    /// Records or handshake fragment headers that do not add up.
+    MalformedHandshake,
+    /// A handshake message this side never receives, or a message_seq or a number of
+    /// messages no handshake reaches.
+    UnexpectedHandshake,
+    /// A handshake message declared longer than [`HandshakeLimits::max_message_len`].
+    HandshakeTooLong,
+    /// A zero-length fragment of a non-empty message: it can bring nothing.
+    EmptyFragment,
+    /// More fragments of one message, or of one handshake, than any handshake needs.
+    HandshakeFragments,
+    /// A plaintext handshake record after the handshake completed that is not part of the
+    /// peer's final flight (the only one a peer retransmits then).
+    LateHandshake,
+    /// A plausible final-flight retransmission, but over the per-peer rate, the window after
+    /// the handshake, or the total allowed.
+    LateHandshakeRate,
+    /// Our own datagram to an address that has not proved itself (no cookie echoed yet) that
+    /// would make it receive more than it sent, or a second HelloVerifyRequest for one
+    /// ClientHello: not sent.
+    Amplification,
 }
 
 impl Refusal {
@@ -79,6 +105,48 @@ impl Refusal {
             Refusal::HalfOpenLimit => "half_open_limit",
             Refusal::SourceRateLimit => "source_rate_limit",
             Refusal::HandshakeBytes => "handshake_bytes",
+            Refusal::FragmentedClientHello => "fragmented_client_hello",
+            Refusal::MalformedHandshake => "malformed_handshake",
+            Refusal::UnexpectedHandshake => "unexpected_handshake",
+            Refusal::HandshakeTooLong => "handshake_too_long",
+            Refusal::EmptyFragment => "empty_fragment",
+            Refusal::HandshakeFragments => "handshake_fragments",
+            Refusal::LateHandshake => "late_handshake",
+            Refusal::LateHandshakeRate => "late_handshake_rate",
+            Refusal::Amplification => "amplification",
+        }
+    }
+
+    /// One of the pre-parser's defences (worth an audit line, at the audit rate), rather than
+    /// a flood limit.
+    pub fn is_defence(self) -> bool {
+        !matches!(
+            self,
+            Refusal::NotClientHello
+                | Refusal::AssociationLimit
+                | Refusal::HalfOpenLimit
+                | Refusal::SourceRateLimit
+                | Refusal::HandshakeBytes
+        )
+    }
+
+    /// The counter this refusal is counted in.
+    pub fn counter(self) -> Counter {
+        match self {
+            Refusal::NotClientHello => Counter::DropNotHandshake,
+            Refusal::AssociationLimit => Counter::DropAssociationLimit,
+            Refusal::HalfOpenLimit => Counter::DropHalfOpenLimit,
+            Refusal::SourceRateLimit => Counter::DropSourceRateLimit,
+            Refusal::HandshakeBytes => Counter::DropHandshakeBytes,
+            Refusal::FragmentedClientHello => Counter::DropFragmentedClientHello,
+            Refusal::MalformedHandshake => Counter::DropMalformedHandshake,
+            Refusal::UnexpectedHandshake => Counter::DropUnexpectedHandshake,
+            Refusal::HandshakeTooLong => Counter::DropHandshakeTooLong,
+            Refusal::EmptyFragment => Counter::DropEmptyFragment,
+            Refusal::HandshakeFragments => Counter::DropHandshakeFragments,
+            Refusal::LateHandshake => Counter::DropLateHandshake,
+            Refusal::LateHandshakeRate => Counter::DropLateHandshakeRate,
+            Refusal::Amplification => Counter::DropAmplification,
         }
     }
 }
@@ -101,15 +169,30 @@ struct Handshake {
     since: Instant,
     bytes: usize,
     datagrams: u32,
+    /// Its plaintext handshake input, message by message.
+    guard: HandshakeGuard,
+    /// What we sent back while the address was unproven, and how many HelloVerifyRequests
+    /// for how many whole ClientHellos.
+    bytes_out: usize,
+    client_hellos: u32,
+    hello_verify_requests: u32,
+    /// The peer echoed a cookie (the engine answered with a ServerHello): its address is
+    /// proven and what we send it is no longer capped by what it sent.
+    verified: bool,
 }
 
 impl Handshake {
-    /// A handshake opened by a ClientHello of `len` bytes.
-    fn started(now: Instant, len: usize) -> Self {
+    /// A handshake opened by a ClientHello of `len` bytes, already counted by `guard`.
+    fn started(now: Instant, len: usize, guard: HandshakeGuard) -> Self {
         Handshake {
             since: now,
             bytes: len,
             datagrams: 1,
+            guard,
+            bytes_out: 0,
+            client_hellos: 1,
+            hello_verify_requests: 0,
+            verified: false,
         }
     }
 
@@ -122,6 +205,37 @@ impl Handshake {
         }
         Ok(())
     }
+
+    /// Whether we may send `datagram` to this handshake's peer: nothing larger in total than
+    /// what the peer sent while its address is unproven, and one HelloVerifyRequest per whole
+    /// ClientHello.
+    fn outbound(&mut self, datagram: &[u8]) -> Result<(), Refusal> {
+        if self.verified {
+            return Ok(());
+        }
+        let (mut server_hello, mut hello_verify) = (false, false);
+        for record in record::records(datagram).flatten() {
+            if record.is_plaintext_handshake() {
+                for fragment in record::fragments(record.body).flatten() {
+                    server_hello |= fragment.msg_type == record::HANDSHAKE_SERVER_HELLO;
+                    hello_verify |= fragment.msg_type == record::HANDSHAKE_HELLO_VERIFY_REQUEST;
+                }
+            }
+        }
+        if server_hello {
+            // rtc-dtls answers with a ServerHello only to a ClientHello with a valid cookie.
+            self.verified = true;
+            return Ok(());
+        }
+        if (hello_verify && self.hello_verify_requests >= self.client_hellos)
+            || self.bytes_out.saturating_add(datagram.len()) > self.bytes
+        {
+            return Err(Refusal::Amplification);
+        }
+        self.bytes_out += datagram.len();
+        self.hello_verify_requests += u32::from(hello_verify);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +243,8 @@ enum Phase {
     HalfOpen(Handshake),
     Established {
         last_activity: Instant,
+        /// Plaintext handshake input after the handshake: its final flight only.
+        guard: HandshakeGuard,
         /// The deadline of this peer's one live idle entry in the timer heap; other entries
         /// for it are stale.
         idle_timer: Instant,
@@ -147,6 +263,7 @@ const MAX_TRACKED_SOURCES: usize = 65_536;
 
 pub struct Admission {
     limits: Limits,
+    handshake_limits: HandshakeLimits,
     peers: KeyedMap<SocketAddr, Phase>,
     half_open: usize,
     buckets: KeyedMap<IpAddr, Bucket>,
@@ -158,6 +275,7 @@ impl Admission {
     pub fn new(limits: Limits) -> Self {
         Admission {
             limits,
+            handshake_limits: HandshakeLimits::default(),
             peers: keyed_map(0),
             half_open: 0,
             buckets: keyed_map(0),
@@ -167,6 +285,111 @@ impl Admission {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Other bounds on handshake input than the defaults (tests, fuzzing).
+    pub fn with_handshake_limits(mut self, limits: HandshakeLimits) -> Self {
+        self.handshake_limits = limits;
+        self
+    }
+
+    pub fn handshake_limits(&self) -> &HandshakeLimits {
+        &self.handshake_limits
+    }
+
+    /// Decides whether `datagram` from `peer` may reach the engine: the pre-parser's checks
+    /// on its plaintext handshake content (see [`HandshakeGuard`]), then [`Admission::admit`]
+    /// on its first record. Nothing is counted for a datagram the pre-parser refuses.
+    pub fn admit_datagram(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<(), Refusal> {
+        let arrival = classify(datagram);
+        let limits = self.handshake_limits;
+        // (Its length is the guard's to judge, below.)
+        if arrival == Arrival::ClientHello && !record::is_whole_client_hello(datagram, u32::MAX) {
+            return Err(Refusal::FragmentedClientHello);
+        }
+        enum Target {
+            /// A ClientHello that opens a handshake (a first one, or a replacement).
+            New,
+            /// The handshake in progress (a first one, or a replacement).
+            Handshake,
+            /// The established association.
+            Late,
+        }
+        let target = match self.peers.get(&peer) {
+            None => Target::New,
+            Some(Phase::HalfOpen(_)) => Target::Handshake,
+            Some(Phase::Established { replacement, .. }) => match (arrival, replacement) {
+                (Arrival::ClientHello, None) => Target::New,
+                // As the engine routes it: handshake records to the replacement.
+                (Arrival::ClientHello | Arrival::Handshake, Some(_)) => Target::Handshake,
+                _ => Target::Late,
+            },
+        };
+        match target {
+            Target::New => {
+                let mut guard = HandshakeGuard::new(Side::Server);
+                if arrival == Arrival::ClientHello {
+                    guard.check(now, datagram, &limits)?;
+                }
+                self.admit(now, peer, datagram.len(), arrival)?;
+                if let Some(handshake) = self.handshake_mut(peer) {
+                    handshake.guard = guard;
+                }
+                Ok(())
+            }
+            Target::Handshake => {
+                if let Some(handshake) = self.handshake_mut(peer) {
+                    handshake.guard.check(now, datagram, &limits)?;
+                }
+                self.admit(now, peer, datagram.len(), arrival)?;
+                if arrival == Arrival::ClientHello {
+                    if let Some(handshake) = self.handshake_mut(peer) {
+                        handshake.client_hellos = handshake.client_hellos.saturating_add(1);
+                    }
+                }
+                Ok(())
+            }
+            Target::Late => {
+                if let Some(Phase::Established { guard, .. }) = self.peers.get_mut(&peer) {
+                    guard.check(now, datagram, &limits)?;
+                }
+                self.admit(now, peer, datagram.len(), arrival)
+            }
+        }
+    }
+
+    /// The handshake in progress with `peer`: its first, or a replacement.
+    fn handshake_mut(&mut self, peer: SocketAddr) -> Option<&mut Handshake> {
+        match self.peers.get_mut(&peer)? {
+            Phase::HalfOpen(handshake) => Some(handshake),
+            Phase::Established { replacement, .. } => replacement.as_mut(),
+        }
+    }
+
+    /// Whether we may send `datagram` to `peer`: to an address that has not yet echoed a
+    /// cookie, never more bytes than it sent us, and one HelloVerifyRequest per ClientHello
+    /// (RFC 6347 §4.2.1 and RFC 9147 §5.1's amplification limit). Handshake traffic to a peer
+    /// with a replacement in progress counts against the replacement; its established
+    /// association's records go freely.
+    pub fn outbound(&mut self, peer: SocketAddr, datagram: &[u8]) -> Result<(), Refusal> {
+        match self.peers.get_mut(&peer) {
+            Some(Phase::HalfOpen(handshake)) => handshake.outbound(datagram),
+            Some(Phase::Established {
+                replacement: Some(handshake),
+                ..
+            }) if record::records(datagram)
+                .flatten()
+                .any(|r| r.is_plaintext_handshake()) =>
+            {
+                handshake.outbound(datagram)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Associations tracked, established or not.
@@ -200,8 +423,14 @@ impl Admission {
                     return Err(Refusal::HalfOpenLimit);
                 }
                 self.take_token(now, peer.ip())?;
-                self.peers
-                    .insert(peer, Phase::HalfOpen(Handshake::started(now, len)));
+                self.peers.insert(
+                    peer,
+                    Phase::HalfOpen(Handshake::started(
+                        now,
+                        len,
+                        HandshakeGuard::new(Side::Server),
+                    )),
+                );
                 self.half_open += 1;
                 self.timers
                     .push(Reverse((now + self.limits.handshake_timeout, peer)));
@@ -216,7 +445,11 @@ impl Admission {
                     self.take_token(now, peer.ip())?;
                     if let Some(Phase::Established { replacement, .. }) = self.peers.get_mut(&peer)
                     {
-                        *replacement = Some(Handshake::started(now, len));
+                        *replacement = Some(Handshake::started(
+                            now,
+                            len,
+                            HandshakeGuard::new(Side::Server),
+                        ));
                     }
                     self.half_open += 1;
                     self.timers
@@ -267,10 +500,17 @@ impl Admission {
     /// A handshake completed: a first one, or a replacement that took over.
     pub fn established(&mut self, now: Instant, peer: SocketAddr) {
         let idle = self.limits.idle_timeout;
+        let limits = self.handshake_limits;
         match self.peers.get_mut(&peer) {
             Some(phase @ Phase::HalfOpen(_)) => {
+                let mut guard = match phase {
+                    Phase::HalfOpen(handshake) => handshake.guard,
+                    Phase::Established { guard, .. } => *guard,
+                };
+                guard.established(now, &limits);
                 *phase = Phase::Established {
                     last_activity: now,
+                    guard,
                     idle_timer: now + idle,
                     replacement: None,
                 };
@@ -280,11 +520,14 @@ impl Admission {
             Some(Phase::Established {
                 last_activity,
                 replacement,
+                guard,
                 ..
             }) => {
                 *last_activity = now;
-                if replacement.take().is_some() {
+                if let Some(handshake) = replacement.take() {
                     self.half_open -= 1;
+                    *guard = handshake.guard;
+                    guard.established(now, &limits);
                 }
             }
             // Nothing the engine could have completed without being admitted.
@@ -356,6 +599,7 @@ impl Admission {
                     last_activity,
                     idle_timer,
                     replacement,
+                    ..
                 } => {
                     if replacement.is_some_and(|h| h.since + timeout <= now) {
                         *replacement = None;
@@ -386,6 +630,311 @@ impl Admission {
     /// When `expire` next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((due, _))| *due)
+    }
+}
+
+/// Bounds on plaintext handshake input, checked by [`HandshakeGuard`] before the engine sees
+/// it (both relays, every association). rtc-dtls reassembles whatever fragments a peer sends;
+/// these are what a real handshake needs, with room for retransmissions, and no more.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HandshakeLimits {
+    /// The longest handshake message taken (a certificate chain of a few certificates is a
+    /// few kB; TLS itself caps a record at 16 kB).
+    pub max_message_len: u32,
+    /// Fragments of one message (counting retransmitted ones): a chain at an MTU of 1200 is a
+    /// handful, retransmitted a few times.
+    pub max_fragments_per_message: u32,
+    /// Fragments of one handshake, all messages together.
+    pub max_fragments_per_handshake: u32,
+    /// Distinct messages one handshake may bring (a server relay receives five: two
+    /// ClientHellos, Certificate, ClientKeyExchange, CertificateVerify; a client relay six).
+    pub max_messages: usize,
+    /// The highest message_seq a handshake reaches, with room.
+    pub max_message_seq: u16,
+    /// After the handshake: fragments of the peer's final flight taken again (its
+    /// retransmission when our last flight was lost), sustained per second...
+    pub late_rate: f64,
+    /// ...in a burst,
+    pub late_burst: f64,
+    /// ...in all,
+    pub late_max: u32,
+    /// ...and only this long after the handshake completed.
+    pub late_window: Duration,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            max_message_len: 16 * 1024,
+            max_fragments_per_message: 32,
+            max_fragments_per_handshake: 128,
+            max_messages: 8,
+            max_message_seq: 16,
+            late_rate: 2.0,
+            late_burst: 16.0,
+            late_max: 64,
+            late_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Which side of the handshake a guard stands on: what it may receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// A server relay: receives ClientHello, Certificate, ClientKeyExchange and
+    /// CertificateVerify in plaintext; the last three make the final flight it may see again.
+    Server,
+    /// A client relay: receives HelloVerifyRequest, ServerHello, Certificate,
+    /// ServerKeyExchange, CertificateRequest and ServerHelloDone; the server's final flight is
+    /// ChangeCipherSpec and an encrypted Finished, so nothing plaintext comes after.
+    Client,
+}
+
+impl Side {
+    fn expects(self, msg_type: u8) -> bool {
+        use record::*;
+        match self {
+            Side::Server => matches!(
+                msg_type,
+                HANDSHAKE_CLIENT_HELLO
+                    | HANDSHAKE_CERTIFICATE
+                    | HANDSHAKE_CLIENT_KEY_EXCHANGE
+                    | HANDSHAKE_CERTIFICATE_VERIFY
+            ),
+            Side::Client => matches!(
+                msg_type,
+                HANDSHAKE_HELLO_VERIFY_REQUEST
+                    | HANDSHAKE_SERVER_HELLO
+                    | HANDSHAKE_CERTIFICATE
+                    | HANDSHAKE_SERVER_KEY_EXCHANGE
+                    | HANDSHAKE_CERTIFICATE_REQUEST
+                    | HANDSHAKE_SERVER_HELLO_DONE
+            ),
+        }
+    }
+
+    /// Part of the final flight this side receives, which a peer may retransmit after we
+    /// consider the handshake complete.
+    fn final_flight(self, msg_type: u8) -> bool {
+        use record::*;
+        self == Side::Server
+            && matches!(
+                msg_type,
+                HANDSHAKE_CERTIFICATE
+                    | HANDSHAKE_CLIENT_KEY_EXCHANGE
+                    | HANDSHAKE_CERTIFICATE_VERIFY
+            )
+    }
+}
+
+/// What a guard remembers of one handshake message.
+#[derive(Debug, Clone, Copy, Default)]
+struct MessageTally {
+    seq: u16,
+    msg_type: u8,
+    length: u32,
+    fragments: u32,
+}
+
+/// One association's plaintext handshake input, checked datagram by datagram before the engine
+/// sees it: the relay's own pre-parser. Each fragment counts, zero-length ones too; a datagram
+/// with one fragment over a limit is refused whole (nothing of it reaches the engine). Pure,
+/// fixed-size, and `now` is a parameter.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeGuard {
+    side: Side,
+    messages: [MessageTally; 8],
+    count: usize,
+    fragments: u32,
+    /// When the handshake completed: from then on only the final flight, at the late rate.
+    established: Option<Instant>,
+    late_tokens: f64,
+    late_last: Option<Instant>,
+    late_total: u32,
+}
+
+impl HandshakeGuard {
+    pub fn new(side: Side) -> Self {
+        HandshakeGuard {
+            side,
+            messages: [MessageTally::default(); 8],
+            count: 0,
+            fragments: 0,
+            established: None,
+            late_tokens: 0.0,
+            late_last: None,
+            late_total: 0,
+        }
+    }
+
+    /// The handshake completed at `now`.
+    pub fn established(&mut self, now: Instant, limits: &HandshakeLimits) {
+        if self.established.is_none() {
+            self.established = Some(now);
+            self.late_tokens = limits.late_burst;
+            self.late_last = Some(now);
+        }
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.established.is_some()
+    }
+
+    /// Fragments counted so far, during the handshake and after it.
+    pub fn fragments(&self) -> u32 {
+        self.fragments.saturating_add(self.late_total)
+    }
+
+    fn tally(&self, seq: u16) -> Option<&MessageTally> {
+        let count = self.count.min(self.messages.len());
+        self.messages[..count].iter().find(|m| m.seq == seq)
+    }
+
+    /// Whether the plaintext handshake content of `datagram` may reach the engine. Records of
+    /// other kinds pass untouched (the engine authenticates them).
+    pub fn check(
+        &mut self,
+        now: Instant,
+        datagram: &[u8],
+        limits: &HandshakeLimits,
+    ) -> Result<(), Refusal> {
+        // First every header, without counting anything: a malformed datagram costs nothing.
+        let mut fragments = 0u32;
+        for record in record::records(datagram) {
+            let record = record.map_err(|_| Refusal::MalformedHandshake)?;
+            if !record.is_plaintext_handshake() {
+                continue;
+            }
+            if record.body.is_empty() {
+                return Err(Refusal::MalformedHandshake);
+            }
+            for fragment in record::fragments(record.body) {
+                let fragment = fragment.map_err(|_| Refusal::MalformedHandshake)?;
+                self.plausible(&fragment, limits)?;
+                fragments = fragments.saturating_add(1);
+            }
+        }
+        if fragments == 0 {
+            return Ok(());
+        }
+        if let Some(since) = self.established {
+            return self.take_late(now, since, fragments, limits);
+        }
+        if self.fragments.saturating_add(fragments) > limits.max_fragments_per_handshake {
+            return Err(Refusal::HandshakeFragments);
+        }
+        // Then count, message by message, on a copy: a datagram refused is not counted.
+        let mut counted = *self;
+        for record in record::records(datagram).flatten() {
+            if !record.is_plaintext_handshake() {
+                continue;
+            }
+            for fragment in record::fragments(record.body).flatten() {
+                counted.count_fragment(&fragment, limits)?;
+            }
+        }
+        *self = counted;
+        Ok(())
+    }
+
+    /// One fragment's header against the limits and what this side can receive now.
+    fn plausible(&self, f: &Fragment, limits: &HandshakeLimits) -> Result<(), Refusal> {
+        if self.established.is_some() {
+            // Only the final flight, as it was: same message_seq, type and length.
+            let seen = self
+                .tally(f.message_seq)
+                .is_some_and(|m| m.msg_type == f.msg_type && m.length == f.length);
+            if !self.side.final_flight(f.msg_type) || !seen {
+                return Err(Refusal::LateHandshake);
+            }
+        }
+        if !self.side.expects(f.msg_type) || f.message_seq > limits.max_message_seq {
+            return Err(Refusal::UnexpectedHandshake);
+        }
+        if f.length > limits.max_message_len {
+            return Err(Refusal::HandshakeTooLong);
+        }
+        if f.msg_type == record::HANDSHAKE_CLIENT_HELLO && !f.is_whole() {
+            return Err(Refusal::FragmentedClientHello);
+        }
+        if f.is_empty_of_nonempty() {
+            return Err(Refusal::EmptyFragment);
+        }
+        if let Some(m) = self.tally(f.message_seq) {
+            if m.msg_type != f.msg_type || m.length != f.length {
+                // Not part of the message this sequence number already carries.
+                return Err(Refusal::MalformedHandshake);
+            }
+        }
+        Ok(())
+    }
+
+    fn count_fragment(&mut self, f: &Fragment, limits: &HandshakeLimits) -> Result<(), Refusal> {
+        let count = self.count.min(self.messages.len());
+        let index = match self.messages[..count]
+            .iter()
+            .position(|m| m.seq == f.message_seq)
+        {
+            Some(index) => index,
+            None => {
+                if count >= limits.max_messages.min(self.messages.len()) {
+                    return Err(Refusal::UnexpectedHandshake);
+                }
+                self.messages[count] = MessageTally {
+                    seq: f.message_seq,
+                    msg_type: f.msg_type,
+                    length: f.length,
+                    fragments: 0,
+                };
+                self.count = count + 1;
+                count
+            }
+        };
+        let message = &mut self.messages[index];
+        if message.fragments >= limits.max_fragments_per_message {
+            return Err(Refusal::HandshakeFragments);
+        }
+        message.fragments += 1;
+        self.fragments = self.fragments.saturating_add(1);
+        Ok(())
+    }
+
+    fn take_late(
+        &mut self,
+        now: Instant,
+        since: Instant,
+        fragments: u32,
+        limits: &HandshakeLimits,
+    ) -> Result<(), Refusal> {
+        if now.saturating_duration_since(since) > limits.late_window
+            || self.late_total.saturating_add(fragments) > limits.late_max
+        {
+            return Err(Refusal::LateHandshakeRate);
+        }
+        if let Some(last) = self.late_last {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            self.late_tokens =
+                (self.late_tokens + elapsed * limits.late_rate).min(limits.late_burst);
+        }
+        self.late_last = Some(now);
+        let cost = f64::from(fragments);
+        if self.late_tokens < cost {
+            return Err(Refusal::LateHandshakeRate);
+        }
+        self.late_tokens -= cost;
+        self.late_total += fragments;
+        Ok(())
+    }
+}
+
+/// What a datagram looks like from its first record header, before any decryption.
+pub fn classify(datagram: &[u8]) -> Arrival {
+    if record::is_client_hello(datagram) {
+        return Arrival::ClientHello;
+    }
+    match record::first_record(datagram).map(|r| r.content_type) {
+        Some(record::CONTENT_HANDSHAKE | record::CONTENT_CHANGE_CIPHER_SPEC) => Arrival::Handshake,
+        _ => Arrival::Other,
     }
 }
 
@@ -681,5 +1230,360 @@ mod tests {
         // Everything drains: no state or timer outlives its deadline.
         a.expire(now + Duration::from_secs(86_400), &mut out);
         assert_eq!((a.associations(), a.half_open(), a.timers.len()), (0, 0, 0));
+    }
+
+    // ---- the pre-parser's limits ------------------------------------------------------------
+
+    /// A DTLS 1.2 record of `content_type` in `epoch`.
+    fn record(content_type: u8, epoch: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![content_type, 0xfe, 0xfd];
+        out.extend_from_slice(&epoch.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A handshake fragment: type, message length, message_seq, offset, and `data` bytes.
+    fn fragment(msg_type: u8, length: u32, seq: u16, offset: u32, data: usize) -> Vec<u8> {
+        let mut out = vec![msg_type];
+        out.extend_from_slice(&length.to_be_bytes()[1..]);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes()[1..]);
+        out.extend_from_slice(&(data as u32).to_be_bytes()[1..]);
+        out.extend(std::iter::repeat_n(0x5a, data));
+        out
+    }
+
+    /// One epoch-0 handshake record holding one fragment.
+    fn hs(msg_type: u8, length: u32, seq: u16, offset: u32, data: usize) -> Vec<u8> {
+        record(22, 0, &fragment(msg_type, length, seq, offset, data))
+    }
+
+    fn hello(seq: u16) -> Vec<u8> {
+        hs(1, 120, seq, 0, 120)
+    }
+
+    /// An admission table with `addr(1)` half-open after one whole ClientHello.
+    fn half_open(t0: Instant) -> Admission {
+        let mut a = Admission::new(Limits {
+            max_handshake_bytes: 1 << 20,
+            ..limits()
+        });
+        assert_eq!(a.admit_datagram(t0, addr(1), &hello(0)), Ok(()));
+        a
+    }
+
+    #[test]
+    fn before_the_cookie_a_client_hello_is_taken_only_whole_in_one_record() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(limits());
+        // The attack: a 60 000-byte ClientHello in one-byte fragments at ascending offsets.
+        for offset in 0..100 {
+            assert_eq!(
+                a.admit_datagram(t0, addr(1), &hs(1, 60_000, 0, offset, 1)),
+                Err(Refusal::FragmentedClientHello)
+            );
+        }
+        // A whole one beside another record, two in one record, one over the length cap.
+        let mut beside = hello(0);
+        beside.extend(record(20, 0, &[1]));
+        let mut two = fragment(1, 120, 0, 0, 120);
+        two.extend(fragment(1, 120, 0, 0, 120));
+        for datagram in [beside, record(22, 0, &two)] {
+            assert_eq!(
+                a.admit_datagram(t0, addr(1), &datagram),
+                Err(Refusal::FragmentedClientHello)
+            );
+        }
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(1, 20_000, 0, 0, 20_000)),
+            Err(Refusal::HandshakeTooLong)
+        );
+        assert_eq!(a.associations(), 0, "none of it opened state");
+        assert_eq!(a.admit_datagram(t0, addr(1), &hello(0)), Ok(()));
+        assert_eq!(a.half_open(), 1);
+        // Nor in fragments during the handshake (the second ClientHello), nor a 26-byte
+        // fragment with message_seq 1 (the amplification finding).
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(1, 120, 1, 0, 1)),
+            Err(Refusal::FragmentedClientHello)
+        );
+        assert_eq!(a.admit_datagram(t0, addr(1), &hello(1)), Ok(()));
+    }
+
+    #[test]
+    fn fragments_are_capped_per_message_and_per_handshake() {
+        let t0 = Instant::now();
+        let hl = HandshakeLimits::default();
+        let mut a = half_open(t0);
+        for i in 0..hl.max_fragments_per_message {
+            assert_eq!(
+                a.admit_datagram(t0, addr(1), &hs(11, 4000, 2, i * 10, 10)),
+                Ok(()),
+                "fragment {i}"
+            );
+        }
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(11, 4000, 2, 400, 10)),
+            Err(Refusal::HandshakeFragments)
+        );
+        // Other messages go on until the handshake's cap: 1 ClientHello + 32 so far.
+        let mut taken = 1 + hl.max_fragments_per_message;
+        'outer: for seq in 3..=4u16 {
+            for i in 0..hl.max_fragments_per_message {
+                let msg_type = if seq == 3 { 16 } else { 15 };
+                if a.admit_datagram(t0, addr(1), &hs(msg_type, 4000, seq, i, 1))
+                    == Err(Refusal::HandshakeFragments)
+                {
+                    break 'outer;
+                }
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, 1 + 3 * hl.max_fragments_per_message);
+        let mut a = half_open(t0);
+        // Several fragments in one datagram count one each; over the cap, refused whole.
+        let mut body = Vec::new();
+        for i in 0..hl.max_fragments_per_message + 1 {
+            body.extend(fragment(11, 4000, 2, i, 1));
+        }
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &record(22, 0, &body)),
+            Err(Refusal::HandshakeFragments)
+        );
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(11, 4000, 2, 0, 1)),
+            Ok(()),
+            "the refused datagram counted nothing"
+        );
+        let limited = HandshakeLimits {
+            max_fragments_per_handshake: 3,
+            ..hl
+        };
+        let mut a = Admission::new(limits()).with_handshake_limits(limited);
+        a.admit_datagram(t0, addr(1), &hello(0)).expect("hello");
+        assert_eq!(a.admit_datagram(t0, addr(1), &hs(11, 40, 2, 0, 1)), Ok(()));
+        assert_eq!(a.admit_datagram(t0, addr(1), &hs(16, 40, 3, 0, 1)), Ok(()));
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(15, 40, 4, 0, 1)),
+            Err(Refusal::HandshakeFragments)
+        );
+    }
+
+    #[test]
+    fn zero_length_fragments_count_and_empty_pieces_of_a_message_are_refused() {
+        let t0 = Instant::now();
+        let mut a = half_open(t0);
+        for _ in 0..1000 {
+            assert_eq!(
+                a.admit_datagram(t0, addr(1), &hs(11, 4000, 2, 0, 0)),
+                Err(Refusal::EmptyFragment)
+            );
+        }
+        // A zero-length message (ServerHelloDone) in zero-length fragments: each one counts.
+        let hl = HandshakeLimits::default();
+        let mut guard = HandshakeGuard::new(Side::Client);
+        let done = hs(14, 0, 5, 0, 0);
+        for _ in 0..hl.max_fragments_per_message {
+            assert_eq!(guard.check(t0, &done, &hl), Ok(()));
+        }
+        assert_eq!(
+            guard.check(t0, &done, &hl),
+            Err(Refusal::HandshakeFragments)
+        );
+        assert_eq!(guard.fragments(), hl.max_fragments_per_message);
+    }
+
+    #[test]
+    fn messages_a_side_never_receives_or_too_long_are_refused() {
+        let t0 = Instant::now();
+        let hl = HandshakeLimits::default();
+        let mut a = half_open(t0);
+        for (datagram, refusal) in [
+            (hs(2, 40, 1, 0, 40), Refusal::UnexpectedHandshake), // a ServerHello to a server
+            (hs(0, 0, 1, 0, 0), Refusal::UnexpectedHandshake),   // HelloRequest
+            (hs(11, 40, 17, 0, 40), Refusal::UnexpectedHandshake), // message_seq too high
+            (hs(11, 20_000, 2, 0, 100), Refusal::HandshakeTooLong),
+            (record(22, 0, &[11, 0, 0]), Refusal::MalformedHandshake),
+            (record(22, 0, &[]), Refusal::MalformedHandshake),
+            (hs(11, 40, 2, 39, 2), Refusal::MalformedHandshake), // past its message
+        ] {
+            assert_eq!(a.admit_datagram(t0, addr(1), &datagram), Err(refusal));
+        }
+        // A second message under a sequence number already used by another.
+        assert_eq!(a.admit_datagram(t0, addr(1), &hs(11, 40, 2, 0, 10)), Ok(()));
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(16, 40, 2, 10, 10)),
+            Err(Refusal::MalformedHandshake)
+        );
+        // A client relay never takes a ClientHello; distinct messages are capped.
+        let mut guard = HandshakeGuard::new(Side::Client);
+        assert_eq!(
+            guard.check(t0, &hello(0), &hl),
+            Err(Refusal::UnexpectedHandshake)
+        );
+        for seq in 0..hl.max_messages as u16 {
+            assert_eq!(guard.check(t0, &hs(11, 10, seq, 0, 10), &hl), Ok(()));
+        }
+        assert_eq!(
+            guard.check(t0, &hs(11, 10, 9, 0, 10), &hl),
+            Err(Refusal::UnexpectedHandshake)
+        );
+        // Application data, alerts and encrypted handshake records pass untouched.
+        assert_eq!(guard.check(t0, &record(23, 1, &[0; 40]), &hl), Ok(()));
+        assert_eq!(guard.check(t0, &record(22, 1, &[0; 40]), &hl), Ok(()));
+    }
+
+    /// The server relay's view of a completed handshake with `addr(1)`: ClientHello twice,
+    /// then Certificate (seq 2), ClientKeyExchange (3), CertificateVerify (4).
+    fn established(t0: Instant) -> Admission {
+        let mut a = half_open(t0);
+        a.admit_datagram(t0, addr(1), &hello(1)).expect("hello");
+        let mut flight = hs(11, 900, 2, 0, 900);
+        flight.extend(hs(16, 66, 3, 0, 66));
+        flight.extend(hs(15, 72, 4, 0, 72));
+        a.admit_datagram(t0, addr(1), &flight)
+            .expect("final flight");
+        a.established(t0, addr(1));
+        a
+    }
+
+    #[test]
+    fn after_the_handshake_only_the_final_flight_again_and_at_a_rate() {
+        let t0 = Instant::now();
+        let hl = HandshakeLimits::default();
+        let mut a = established(t0);
+        // Not the final flight (type, sequence number or length differ): refused at once.
+        for datagram in [
+            hs(11, 900, 3, 0, 10),
+            hs(16, 67, 3, 0, 10),
+            hs(12, 66, 3, 0, 10),
+            hs(1, 120, 0, 0, 1),
+            hs(11, 60_000, 2, 100, 1),
+        ] {
+            assert!(matches!(
+                a.admit_datagram(t0, addr(1), &datagram),
+                Err(Refusal::LateHandshake | Refusal::FragmentedClientHello)
+            ));
+        }
+        // The final flight retransmitted, fragment by fragment: a burst, then the rate.
+        let cke = hs(16, 66, 3, 0, 66);
+        let mut taken = 0;
+        while a.admit_datagram(t0, addr(1), &cke).is_ok() {
+            taken += 1;
+            assert!(taken <= 100, "never refused");
+        }
+        assert_eq!(taken, hl.late_burst as u32);
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &cke),
+            Err(Refusal::LateHandshakeRate)
+        );
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!(a.admit_datagram(later, addr(1), &cke), Ok(()));
+        assert_eq!(
+            a.admit_datagram(later, addr(1), &cke),
+            Err(Refusal::LateHandshakeRate)
+        );
+        // Zero-length fragments: useless, refused; and nothing after the window.
+        assert_eq!(
+            a.admit_datagram(later, addr(1), &hs(16, 66, 3, 0, 0)),
+            Err(Refusal::EmptyFragment)
+        );
+        let after = t0 + hl.late_window + Duration::from_secs(1);
+        assert_eq!(
+            a.admit_datagram(after, addr(1), &cke),
+            Err(Refusal::LateHandshakeRate)
+        );
+        // Application data is no concern of the pre-parser.
+        assert_eq!(
+            a.admit_datagram(after, addr(1), &record(23, 1, &[0; 40])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn late_fragments_have_a_total_cap_whatever_the_pace() {
+        let t0 = Instant::now();
+        let hl = HandshakeLimits::default();
+        let mut a = established(t0);
+        let cke = hs(16, 66, 3, 0, 66);
+        let mut taken = 0;
+        for i in 0..1000u64 {
+            // Every 50 ms for 50 s: within the window, and the rate would allow 116.
+            let now = t0 + Duration::from_millis(i * 50);
+            if a.admit_datagram(now, addr(1), &cke).is_ok() {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, hl.late_max);
+    }
+
+    #[test]
+    fn a_client_relay_takes_no_plaintext_handshake_after_its_handshake() {
+        let t0 = Instant::now();
+        let hl = HandshakeLimits::default();
+        let mut guard = HandshakeGuard::new(Side::Client);
+        for (seq, msg_type) in [(0, 3), (1, 2), (2, 11), (3, 12), (4, 13), (5, 14)] {
+            let len = if msg_type == 14 { 0 } else { 50 };
+            assert_eq!(
+                guard.check(t0, &hs(msg_type, len, seq, 0, len as usize), &hl),
+                Ok(())
+            );
+        }
+        guard.established(t0, &hl);
+        for (seq, msg_type) in [(0, 3), (1, 2), (2, 11), (3, 12), (5, 14)] {
+            let len = if msg_type == 14 { 0 } else { 50 };
+            assert_eq!(
+                guard.check(t0, &hs(msg_type, len, seq, 0, len as usize), &hl),
+                Err(Refusal::LateHandshake)
+            );
+        }
+        // ChangeCipherSpec and encrypted records are the engine's to judge.
+        assert_eq!(guard.check(t0, &record(20, 0, &[1]), &hl), Ok(()));
+        assert_eq!(guard.check(t0, &record(22, 1, &[0; 40]), &hl), Ok(()));
+    }
+
+    #[test]
+    fn an_unproven_address_gets_one_hello_verify_request_per_hello_and_no_more_bytes() {
+        let t0 = Instant::now();
+        let mut a = half_open(t0);
+        let hvr = hs(3, 35, 0, 0, 35); // 60 bytes
+        assert_eq!(a.outbound(addr(1), &hvr), Ok(()));
+        assert_eq!(a.outbound(addr(1), &hvr), Err(Refusal::Amplification));
+        // Another whole ClientHello (a retransmission) earns another.
+        a.admit_datagram(t0, addr(1), &hello(0)).expect("hello");
+        assert_eq!(a.outbound(addr(1), &hvr), Ok(()));
+        assert_eq!(a.outbound(addr(1), &hvr), Err(Refusal::Amplification));
+        // No more bytes than it sent (two ClientHellos, 290 bytes; 120 sent).
+        assert_eq!(a.outbound(addr(1), &record(21, 0, &[0; 150])), Ok(()));
+        assert_eq!(
+            a.outbound(addr(1), &record(21, 0, &[0; 10])),
+            Err(Refusal::Amplification)
+        );
+        // A ServerHello: the engine checked the echoed cookie; from now on, no cap.
+        let mut flight = hs(2, 70, 1, 0, 70);
+        flight.extend(hs(11, 900, 2, 0, 900));
+        assert_eq!(a.outbound(addr(1), &flight), Ok(()));
+        assert_eq!(a.outbound(addr(1), &record(22, 0, &[0; 1000])), Ok(()));
+        // Unknown and established peers are not the table's to cap.
+        assert_eq!(a.outbound(addr(9), &hvr), Ok(()));
+    }
+
+    #[test]
+    fn a_replacement_handshake_is_capped_like_a_first_one() {
+        let t0 = Instant::now();
+        let mut a = established(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(a.admit_datagram(t1, addr(1), &hello(0)), Ok(()));
+        let hvr = hs(3, 35, 0, 0, 35);
+        assert_eq!(a.outbound(addr(1), &hvr), Ok(()));
+        assert_eq!(a.outbound(addr(1), &hvr), Err(Refusal::Amplification));
+        // The live association's own records (application data) are not capped.
+        assert_eq!(a.outbound(addr(1), &record(23, 1, &[0; 500])), Ok(()));
+        assert_eq!(
+            a.admit_datagram(t1, addr(1), &hs(1, 120, 1, 0, 10)),
+            Err(Refusal::FragmentedClientHello)
+        );
     }
 }

@@ -28,15 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::admission::{Admission, Arrival, AuditLimiter, Expiry, Limits, Refusal};
+use crate::admission::{Admission, AuditLimiter, Expiry, Limits, Refusal};
 use crate::engine::{
     DtlsEngine, Engine, Event, Failure, PeerIdentity, ServerSettings, SettingsError,
 };
 use crate::forward::{Forward, ReplyStamp};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
-use crate::record;
 use crate::stats::{Counter, RttGauge, Stats};
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
@@ -147,6 +146,8 @@ pub struct Endpoint {
     engine: Engine,
     admission: Admission,
     audit_limiter: AuditLimiter,
+    /// WARN lines for the pre-parser's refusals, apart from the handshake audit lines.
+    defence_limiter: AuditLimiter,
     forward: Forward<SocketAddr>,
     source: TimeSource,
     upstream: UpstreamHealth,
@@ -177,6 +178,7 @@ impl Endpoint {
             engine: Engine::server(settings)?,
             admission: Admission::new(limits),
             audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
+            defence_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
             forward: Forward::new(PENDING_CAPACITY, PENDING_TTL, stats.clone(), rtt),
             source,
             upstream: UpstreamHealth::default(),
@@ -238,30 +240,13 @@ impl Endpoint {
         local: Option<IpAddr>,
         datagram: &[u8],
     ) {
-        let arrival = if record::is_client_hello(datagram) {
-            Arrival::ClientHello
-        } else {
-            match record::first_record(datagram).map(|r| r.content_type) {
-                Some(record::CONTENT_HANDSHAKE | record::CONTENT_CHANGE_CIPHER_SPEC) => {
-                    Arrival::Handshake
-                }
-                _ => Arrival::Other,
-            }
-        };
-        if let Err(refusal) = self.admission.admit(now, peer, datagram.len(), arrival) {
-            self.stats.incr(match refusal {
-                Refusal::NotClientHello => Counter::DropNotHandshake,
-                Refusal::AssociationLimit => Counter::DropAssociationLimit,
-                Refusal::HalfOpenLimit => Counter::DropHalfOpenLimit,
-                Refusal::SourceRateLimit => Counter::DropSourceRateLimit,
-                Refusal::HandshakeBytes => Counter::DropHandshakeBytes,
-            });
+        if let Err(refusal) = self.admission.admit_datagram(now, peer, datagram) {
+            self.refuse_datagram(now, peer, datagram.len(), refusal);
             if refusal == Refusal::HandshakeBytes {
                 self.engine.abandon_handshake(now, peer);
                 self.admission.handshake_failed(peer);
-                self.drain_engine();
+                self.drain_engine(now);
             }
-            debug!(%peer, len = datagram.len(), reason = refusal.label(), "datagram dropped");
             return;
         }
         let mut events = std::mem::take(&mut self.scratch);
@@ -271,11 +256,11 @@ impl Endpoint {
             self.scratch = events;
             return;
         }
-        if arrival == Arrival::ClientHello {
+        if crate::record::is_client_hello(datagram) {
             // Before drain_engine: the ServerHello already leaves from this address.
             self.bind_local(peer, local);
         }
-        self.drain_engine();
+        self.drain_engine(now);
         self.schedule(peer);
         for event in events.drain(..) {
             match event {
@@ -328,7 +313,7 @@ impl Endpoint {
             if self.engine.poll_timeout(peer).is_some_and(|due| due <= now) {
                 let mut events = std::mem::take(&mut self.scratch);
                 self.engine.handle_timeout(now, peer, &mut events);
-                self.drain_engine();
+                self.drain_engine(now);
                 self.schedule(peer);
                 for event in events.drain(..) {
                     self.audit(now, event);
@@ -363,7 +348,7 @@ impl Endpoint {
                 });
             }
         }
-        self.drain_engine();
+        self.drain_engine(now);
     }
 
     // ----------------------------------------------------------------------------------------
@@ -486,7 +471,7 @@ impl Endpoint {
         self.stats.incr(Counter::Keepalives);
         if self.engine.send(now, peer, probe).is_ok() {
             self.stats.incr(Counter::KeepaliveAcks);
-            self.drain_engine();
+            self.drain_engine(now);
         }
     }
 
@@ -511,8 +496,26 @@ impl Endpoint {
         }
     }
 
-    fn drain_engine(&mut self) {
+    /// Counts a refused datagram by reason; the pre-parser's refusals (someone probing the
+    /// relay's defences) get a WARN line each at most at the audit rate, the flood limits'
+    /// (garbage, floods of ClientHellos) a debug line.
+    fn refuse_datagram(&mut self, now: Instant, peer: SocketAddr, len: usize, refusal: Refusal) {
+        self.stats.incr(refusal.counter());
+        if refusal.is_defence() {
+            if let Some(suppressed) = self.defence_limiter.allow(now) {
+                warn!(%peer, len, reason = refusal.label(), suppressed, "datagram refused");
+                return;
+            }
+        }
+        debug!(%peer, len, reason = refusal.label(), "datagram dropped");
+    }
+
+    fn drain_engine(&mut self, now: Instant) {
         while let Some(transmit) = self.engine.poll_transmit() {
+            if let Err(refusal) = self.admission.outbound(transmit.peer, &transmit.datagram) {
+                self.refuse_datagram(now, transmit.peer, transmit.datagram.len(), refusal);
+                continue;
+            }
             self.transmits.push_back(Transmit {
                 destination: Destination::Peer(transmit.peer),
                 local: self.local_of(transmit.peer),
@@ -621,7 +624,7 @@ impl Endpoint {
                 });
             }
         }
-        self.drain_engine();
+        self.drain_engine(now);
     }
 
     fn upstream_asked(&mut self, now: Instant) {

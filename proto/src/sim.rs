@@ -92,6 +92,12 @@ pub struct Sim {
     /// Names to resolve: tunnel index -> the addresses the resolver returns.
     pub resolver: HashMap<usize, Result<Vec<SocketAddr>, String>>,
     pub drop_from_port: Option<u16>,
+    /// Requests the time server ignores, as chronyd ignores a malformed one.
+    pub time_server_ignores: Option<fn(&[u8]) -> bool>,
+    /// Requests the server relay sent to the time server.
+    pub to_time_server: usize,
+    /// Bytes the server relay sent to each address, and datagrams.
+    pub sent_to: HashMap<SocketAddr, (usize, usize)>,
 }
 
 impl Sim {
@@ -136,6 +142,9 @@ impl Sim {
             next_ts: 0xE000_0000_0000_0000,
             resolver: HashMap::new(),
             drop_from_port: None,
+            time_server_ignores: None,
+            sent_to: HashMap::new(),
+            to_time_server: 0,
         }
     }
 
@@ -241,13 +250,23 @@ impl Sim {
             }
             for transmit in transmits {
                 busy = true;
+                if transmit.destination == Destination::TimeServer {
+                    self.to_time_server += 1;
+                }
                 match transmit.destination {
                     // From the address the endpoint names, else the route's choice: SERVER.
                     Destination::Peer(peer) => {
+                        let sent = self.sent_to.entry(peer).or_default();
+                        sent.0 += transmit.datagram.len();
+                        sent.1 += 1;
                         let from =
                             SocketAddr::new(transmit.local.unwrap_or(SERVER.ip()), SERVER.port());
                         self.send(from, peer, transmit.datagram.to_vec())
                     }
+                    Destination::TimeServer
+                        if self
+                            .time_server_ignores
+                            .is_some_and(|ignores| ignores(&transmit.datagram)) => {}
                     Destination::TimeServer if self.time_server_up => {
                         let source = BuiltinSource::default();
                         let stamp = NtpTimestamp::from_system_time(self.wall());
@@ -460,6 +479,20 @@ impl Sim {
     /// The port the next association's socket will get.
     pub fn next_socket_port(&self) -> u16 {
         self.next_port + 1
+    }
+
+    /// A datagram forged with any source address, arriving now.
+    pub fn forge(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+        let at = self.now;
+        self.schedule(at, Arrival::Packet(Packet { from, to, data }));
+    }
+
+    /// A request of any bytes from local client `client` of tunnel `tunnel`; no reply is
+    /// expected (it is not counted as sent).
+    pub fn request_bytes(&mut self, tunnel: usize, client: SocketAddr, datagram: &[u8]) {
+        let (now, wall) = (self.now, self.wall());
+        self.tunnels[tunnel].handle_request(now, wall, client, datagram);
+        self.pump();
     }
 
     /// A forged ICMP port unreachable, as if for a datagram `socket` sent.

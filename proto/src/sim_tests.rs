@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::endpoint::EndpointEvent;
 use crate::health::{DeathCause, HealthPolicy};
+use crate::ntp;
 use crate::sim::{SERVER, SERVER_ALT, SERVER_V6, Sim, local};
 use crate::stats::Counter;
 use crate::tunnel::{CloseReason, TunnelEvent, TunnelState};
@@ -407,4 +408,182 @@ fn a_multi_homed_server_relay_answers_each_tunnel_from_the_address_it_chose() {
             "{client}"
         );
     }
+}
+
+// ---- attacks from unauthenticated senders (issue 10) ----------------------------------------
+
+/// A DTLS 1.2 record in `epoch`.
+fn record(content_type: u8, epoch: u16, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![content_type, 0xfe, 0xfd];
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 9]);
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// One epoch-0 handshake record with one fragment of `data` bytes.
+fn fragment(msg_type: u8, length: u32, seq: u16, offset: u32, data: usize) -> Vec<u8> {
+    let mut body = vec![msg_type];
+    body.extend_from_slice(&length.to_be_bytes()[1..]);
+    body.extend_from_slice(&seq.to_be_bytes());
+    body.extend_from_slice(&offset.to_be_bytes()[1..]);
+    body.extend_from_slice(&(data as u32).to_be_bytes()[1..]);
+    body.extend(std::iter::repeat_n(0x41, data));
+    record(22, 0, &body)
+}
+
+/// A real first ClientHello, as our client engine sends it.
+fn real_client_hello(sim: &Sim) -> Vec<u8> {
+    use crate::engine::{DtlsEngine, Engine};
+    let mut engine =
+        Engine::client(&sim.pki.client_settings("relay.example", None)).expect("client engine");
+    engine.connect(sim.now, SERVER).expect("connect");
+    engine
+        .poll_transmit()
+        .expect("a ClientHello")
+        .datagram
+        .to_vec()
+}
+
+const ATTACKER: std::net::SocketAddr = std::net::SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 7)),
+    4444,
+);
+
+#[test]
+fn a_fragmented_client_hello_chain_gets_nothing_and_the_device_is_served() {
+    let mut sim = up(HealthPolicy::default());
+    // The finding: 2 500 one-byte fragments of a claimed 60 000-byte ClientHello.
+    for round in 0..5u32 {
+        for i in 0..500u32 {
+            let offset = round * 500 + i;
+            sim.forge(ATTACKER, SERVER, fragment(1, 60_000, 0, offset, 1));
+        }
+        sim.request(0, local(5000));
+        sim.run(ms(100));
+    }
+    assert_eq!(sim.sent_to.get(&ATTACKER), None, "no reply to the chain");
+    assert_eq!(
+        sim.server_stats.get(Counter::DropFragmentedClientHello),
+        2500
+    );
+    let endpoint = sim.endpoint.as_ref().expect("endpoint");
+    assert_eq!(endpoint.association_counts(), (1, 0), "no state for it");
+    assert_eq!(sim.clients[&local(5000)].answered, 5);
+    assert_eq!(sim.established(0), 1);
+}
+
+#[test]
+fn an_unproven_address_never_receives_more_than_it_sent() {
+    let mut sim = up(HealthPolicy::default());
+    let hello = real_client_hello(&sim);
+    let mut bytes_in = 0;
+    sim.forge(ATTACKER, SERVER, hello.clone());
+    bytes_in += hello.len();
+    // The finding: 26-byte ClientHello fragments with message_seq 1, each answered by
+    // another HelloVerifyRequest.
+    for _ in 0..200 {
+        let piece = fragment(1, 200, 1, 0, 1);
+        bytes_in += piece.len();
+        sim.forge(ATTACKER, SERVER, piece);
+        sim.run(ms(5));
+    }
+    // Retransmission timers, the handshake timeout: nothing more either.
+    sim.run(Duration::from_secs(15));
+    let (bytes_out, datagrams_out) = sim.sent_to.get(&ATTACKER).copied().unwrap_or_default();
+    assert_eq!(
+        datagrams_out, 1,
+        "one HelloVerifyRequest for one ClientHello"
+    );
+    assert!(
+        bytes_out <= bytes_in,
+        "{bytes_out} bytes out for {bytes_in} in"
+    );
+    assert_eq!(
+        sim.server_stats.get(Counter::DropFragmentedClientHello),
+        200
+    );
+}
+
+#[test]
+fn forged_plaintext_handshake_records_toward_either_relay_cost_nothing() {
+    let mut sim = up(HealthPolicy::default());
+    let device = sim.opened[0].2;
+    let before = sim.server_stats.get(Counter::AssociationsEstablished);
+    // Toward the server relay from the device's address: fragment chains and zero-length
+    // fragments in epoch 0; toward the client relay from the server relay's address, the same.
+    for round in 0..10u32 {
+        for i in 0..100u32 {
+            sim.forge(
+                device,
+                SERVER,
+                fragment(11, 60_000, 2, round * 100 + i, 600),
+            );
+            sim.forge(device, SERVER, fragment(16, 66, 3, 0, 0));
+            sim.forge(
+                SERVER,
+                device,
+                fragment(11, 60_000, 2, round * 100 + i, 600),
+            );
+            sim.forge(SERVER, device, fragment(14, 0, 5, 0, 0));
+        }
+        sim.request(0, local(5000));
+        sim.run(ms(100));
+    }
+    assert_eq!(sim.clients[&local(5000)].answered, 10);
+    assert_eq!(sim.established(0), 1, "no handshake");
+    assert!(sim.closed(0).is_empty());
+    assert_eq!(
+        sim.server_stats.get(Counter::AssociationsEstablished),
+        before
+    );
+    let late = sim.server_stats.get(Counter::DropLateHandshake)
+        + sim.server_stats.get(Counter::DropEmptyFragment)
+        + sim.server_stats.get(Counter::DropLateHandshakeRate);
+    assert_eq!(
+        late, 2000,
+        "every forged datagram refused at the server relay"
+    );
+    assert_eq!(
+        sim.stats.get(Counter::DropLateHandshake),
+        2000,
+        "and at the client relay"
+    );
+}
+
+#[test]
+fn requests_the_time_server_ignores_cost_no_handshake() {
+    let mut sim = up(HealthPolicy::default());
+    // chronyd ignores a 49-byte request; the relays forward it.
+    sim.time_server_ignores = Some(|request| request.len() != 48);
+    let forwarded = sim.to_time_server;
+    let mut odd = ntp::build_request(ntp::NtpTimestamp(0xE100_0000_0000_0000)).to_vec();
+    odd.push(0);
+    for round in 0..20u64 {
+        // The finding: three 49-byte requests every 1.5 s, for 30 s.
+        for i in 0..3u64 {
+            odd[40..48].copy_from_slice(&(0xE100_0000_0000_0000 + round * 8 + i).to_be_bytes());
+            sim.request_bytes(0, local(6000), &odd);
+        }
+        sim.run(ms(1500));
+    }
+    assert!(
+        sim.to_time_server >= forwarded + 60,
+        "the odd requests went through"
+    );
+    assert_eq!(sim.established(0), 1, "no handshake");
+    assert!(sim.closed(0).is_empty(), "{:?}", sim.closed(0));
+    // And with a legitimate client polling beside them, every one of its replies arrives.
+    for round in 0..20u64 {
+        for i in 0..3u64 {
+            odd[40..48].copy_from_slice(&(0xE200_0000_0000_0000 + round * 8 + i).to_be_bytes());
+            sim.request_bytes(0, local(6000), &odd);
+        }
+        sim.request(0, local(5000));
+        sim.run(ms(1500));
+    }
+    assert_eq!(sim.clients[&local(5000)].answered, 20);
+    assert_eq!(sim.established(0), 1, "no handshake");
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
 }

@@ -40,6 +40,15 @@ counters! {
     DropHalfOpenLimit => "drop_half_open_limit", "ClientHellos refused: the half-open handshake limit was reached";
     DropSourceRateLimit => "drop_source_rate_limit", "ClientHellos refused: their source address exceeded its handshake rate";
     DropHandshakeBytes => "drop_handshake_bytes", "handshakes abandoned: the peer sent too much before completing";
+    DropFragmentedClientHello => "drop_fragmented_client_hello", "ClientHellos in fragments or beside other records: only a whole one in one record is taken";
+    DropMalformedHandshake => "drop_malformed_handshake", "datagrams whose records or handshake fragment headers do not add up";
+    DropUnexpectedHandshake => "drop_unexpected_handshake", "handshake messages this side never receives, or beyond any handshake's message count";
+    DropHandshakeTooLong => "drop_handshake_too_long", "handshake messages declared longer than any handshake needs";
+    DropEmptyFragment => "drop_empty_fragment", "zero-length fragments of non-empty handshake messages";
+    DropHandshakeFragments => "drop_handshake_fragments", "handshake fragments over the per-message or per-handshake cap";
+    DropLateHandshake => "drop_late_handshake", "plaintext handshake records after the handshake that are no retransmitted final flight";
+    DropLateHandshakeRate => "drop_late_handshake_rate", "retransmitted final flights over the per-peer rate, window or total";
+    DropAmplification => "drop_amplification", "our datagrams not sent: larger than what an unproven address sent, or a second HelloVerifyRequest";
     HandshakeTimeouts => "handshake_timeouts", "handshakes abandoned unfinished after the handshake timeout";
     IdleClosed => "associations_idle_closed", "associations closed after the idle timeout";
     Keepalives => "keepalives", "keepalive records sent (client relay) or received (server relay)";

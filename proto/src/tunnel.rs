@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::admission::{AuditLimiter, HandshakeGuard, HandshakeLimits, Side};
 use crate::backoff::Backoff;
 use crate::engine::{ClientSettings, DtlsEngine, Engine, Event, Failure, PeerIdentity};
 use crate::forward::{Forward, ReplyStamp};
@@ -213,9 +214,16 @@ struct Association {
     peer: SocketAddr,
     role: Role,
     engine: Engine,
+    /// The pre-parser: what of the server relay's plaintext handshake input (forgeable by
+    /// anyone who knows the addresses) may reach the engine.
+    guard: HandshakeGuard,
     /// Present once the handshake has completed.
     health: Option<Health>,
 }
+
+/// Lines per second (sustained, burst) for the pre-parser's refusals, per tunnel.
+const DEFENCE_LOG_RATE: f64 = 20.0;
+const DEFENCE_LOG_BURST: f64 = 200.0;
 
 /// A request waiting to be encrypted and sent, with its pending-table key.
 struct QueuedRequest {
@@ -275,6 +283,8 @@ pub struct Tunnel {
     actions: VecDeque<Action>,
     events: VecDeque<TunnelEvent>,
     scratch: Vec<Event>,
+    handshake_limits: HandshakeLimits,
+    defence_limiter: AuditLimiter,
 }
 
 impl Tunnel {
@@ -311,6 +321,8 @@ impl Tunnel {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::new(),
+            handshake_limits: HandshakeLimits::default(),
+            defence_limiter: AuditLimiter::new(DEFENCE_LOG_RATE, DEFENCE_LOG_BURST),
         };
         tunnel.connect(now);
         tunnel
@@ -427,9 +439,26 @@ impl Tunnel {
         id: AssociationId,
         datagram: &[u8],
     ) {
+        let limits = self.handshake_limits;
+        let Some(association) = self.association_mut(id) else {
+            return;
+        };
+        let peer = association.peer;
+        if let Err(refusal) = association.guard.check(now, datagram, &limits) {
+            // Forged, or a peer gone wrong: never the engine's work, and no verdict on the
+            // association (anyone can send this with the server relay's address).
+            self.stats.incr(refusal.counter());
+            match self.defence_limiter.allow(now) {
+                Some(suppressed) => warn!(
+                    tunnel = %self.config.name, %peer, len = datagram.len(),
+                    reason = refusal.label(), suppressed, "datagram refused"
+                ),
+                None => debug!(%peer, reason = refusal.label(), "datagram dropped"),
+            }
+            return;
+        }
         let mut events = std::mem::take(&mut self.scratch);
         if let Some(association) = self.association_mut(id) {
-            let peer = association.peer;
             association.engine.receive(now, peer, datagram, &mut events);
         }
         self.drain_engine(id, false);
@@ -699,6 +728,7 @@ impl Tunnel {
             peer,
             role,
             engine,
+            guard: HandshakeGuard::new(Side::Client),
             health: None,
         });
         self.actions.push_back(Action::Open { id, peer });
@@ -788,8 +818,10 @@ impl Tunnel {
         let Some(role) = self.association_mut(id).map(|a| a.role) else {
             return;
         };
+        let limits = self.handshake_limits;
         if let Some(association) = self.association_mut(id) {
             association.health = Some(Health::new(now));
+            association.guard.established(now, &limits);
         }
         self.stats.incr(Counter::AssociationsEstablished);
         match role {

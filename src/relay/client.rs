@@ -278,6 +278,29 @@ impl TunnelTask {
 
     /// Does what the tunnel asks, sends what it queued, and reports what happened.
     fn execute(&mut self) {
+        // Twice at most: a send that reports an ICMP error makes the tunnel queue a keepalive.
+        for _ in 0..2 {
+            self.execute_actions();
+            if !self.flush() {
+                break;
+            }
+        }
+        while let Some(event) = self.tunnel.poll_event() {
+            self.log(event);
+        }
+        let (established, handshaking) = self.tunnel.association_counts();
+        self.obs
+            .set_associations(self.index, established, handshaking);
+        self.obs.set_tunnel_state(
+            self.index,
+            self.tunnel.state(),
+            self.tunnel.name(),
+            &self.tunnel.config().server_spec,
+        );
+    }
+
+    /// Does what the tunnel asks; the sends are queued for [`Self::flush`].
+    fn execute_actions(&mut self) {
         loop {
             let Some(action) = self.tunnel.poll_action(Instant::now(), SystemTime::now()) else {
                 break;
@@ -314,19 +337,6 @@ impl TunnelTask {
                 }
             }
         }
-        self.flush();
-        while let Some(event) = self.tunnel.poll_event() {
-            self.log(event);
-        }
-        let (established, handshaking) = self.tunnel.association_counts();
-        self.obs
-            .set_associations(self.index, established, handshaking);
-        self.obs.set_tunnel_state(
-            self.index,
-            self.tunnel.state(),
-            self.tunnel.name(),
-            &self.tunnel.config().server_spec,
-        );
     }
 
     fn resolve(&mut self) {
@@ -342,13 +352,25 @@ impl TunnelTask {
         }));
     }
 
-    fn flush(&mut self) {
+    /// Sends what is queued. True when the tunnel was told of an ICMP error meanwhile (and so
+    /// may have queued more).
+    fn flush(&mut self) -> bool {
         let stats = self.obs.stats.clone();
         let mut sockets = std::mem::take(&mut self.sockets);
+        let mut unreachable = Vec::new();
         for socket in &mut sockets {
-            self.flush_socket_of(socket);
+            if self.flush_socket_of(socket) {
+                unreachable.push(socket.id);
+            }
         }
         self.sockets = sockets;
+        // A pending ICMP error the send path took from the socket: the receive path will not
+        // see it, so the tunnel hears of it here (and checks, rather than believes it).
+        let told = !unreachable.is_empty();
+        for id in unreachable {
+            self.tunnel
+                .handle_unreachable(Instant::now(), id, "connection refused (on send)");
+        }
         if !self.to_local.is_empty() {
             let (flushed, error) = self.to_local.flush(&self.local);
             stats.add(Counter::RepliesDelivered, flushed.tagged as u64);
@@ -358,11 +380,13 @@ impl TunnelTask {
                     "replies not delivered");
             }
         }
+        told
     }
 
-    fn flush_socket_of(&self, socket: &mut AssociationSocket) {
+    /// True when a send reported an ICMP error on the socket.
+    fn flush_socket_of(&self, socket: &mut AssociationSocket) -> bool {
         if socket.outgoing.is_empty() {
-            return;
+            return false;
         }
         let stats = self.obs.stats.clone();
         let (flushed, error) = socket.outgoing.flush(&socket.socket);
@@ -371,6 +395,7 @@ impl TunnelTask {
             stats.add(Counter::DropUpstreamError, flushed.failed as u64);
             debug!(error = %e, failed = flushed.failed, "upstream send failed");
         }
+        flushed.unreachable
     }
 
     /// One line per event an operator needs: set-up and tear-down at INFO, refusals and

@@ -353,6 +353,9 @@ pub struct Flushed {
     pub tagged: usize,
     /// Refused by the kernel (the error is the one of the last failure).
     pub failed: usize,
+    /// A send reported the socket's pending ICMP error (ECONNREFUSED, possibly forged) for
+    /// an earlier datagram; the one it held back was sent again.
+    pub unreachable: bool,
 }
 
 impl SendQueue {
@@ -397,6 +400,7 @@ impl SendQueue {
         let mut flushed = Flushed::default();
         let mut last_error = None;
         let mut start = 0;
+        let mut retried_at = None;
         while start < self.queued.len() {
             // One system call sends from one source address: a run of equal ones.
             let source = self.sources[start];
@@ -420,6 +424,16 @@ impl SendQueue {
                     flushed.failed += 1;
                     start += 1;
                     last_error = Some(io::Error::other("sendmmsg sent nothing"));
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionRefused
+                        && retried_at != Some(start) =>
+                {
+                    // Not this datagram's fault: a connected socket reports (and clears) its
+                    // pending error, an ICMP port unreachable for an earlier datagram, on the
+                    // next call. Send it again, once; the caller hears of the ICMP error.
+                    retried_at = Some(start);
+                    flushed.unreachable = true;
                 }
                 Err(e) => {
                     // The first datagram of the chunk was refused: drop it, go on with the rest.
@@ -684,7 +698,8 @@ mod tests {
             Flushed {
                 sent: total,
                 tagged: 0,
-                failed: 0
+                failed: 0,
+                unreachable: false,
             }
         );
         assert!(error.is_none());
@@ -715,7 +730,8 @@ mod tests {
             Flushed {
                 sent: 2,
                 tagged: 0,
-                failed: 1
+                failed: 1,
+                unreachable: false,
             }
         );
         assert!(error.is_some());
@@ -989,5 +1005,37 @@ mod tests {
             batch.get(0).and_then(|r| r.from).map(|a| a.ip()),
             Some(to[0])
         );
+    }
+
+    #[tokio::test]
+    async fn a_pending_icmp_error_costs_the_next_datagram_nothing() {
+        let (rx, tx) = (socket(), socket());
+        let gone = addr(&rx);
+        drop(rx);
+        tx.connect(gone).expect("connect");
+        tx.send(b"anyone?").expect("send");
+        // The port unreachable makes the socket ready (EPOLLERR) with its error pending.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tx.io.ready(tokio::io::Interest::ERROR),
+        )
+        .await
+        .expect("the ICMP error within 5 s")
+        .expect("readiness")
+        .retain_ready();
+        let mut queue = SendQueue::default();
+        queue.push_tagged(None, bytes::BytesMut::from(&b"request"[..]), true);
+        let (flushed, error) = queue.flush(&tx);
+        // Without the retry the request was dropped: sent 0, failed 1.
+        assert_eq!(
+            flushed,
+            Flushed {
+                sent: 1,
+                tagged: 1,
+                failed: 0,
+                unreachable: true,
+            }
+        );
+        assert!(error.is_none(), "{error:?}");
     }
 }

@@ -178,6 +178,17 @@ impl Endpoint {
         })
     }
 
+    /// Turns the residence correction of forwarded replies on or off (docs/TIMESTAMPS.md).
+    /// The builtin source always stamps its own receive and transmit times.
+    pub fn set_timestamp_correction(&mut self, on: bool) {
+        self.forward.set_correction(on);
+    }
+
+    /// Where residence times and correction outcomes are reported.
+    pub fn set_timestamp_observer(&mut self, observer: Arc<dyn crate::residence::Observer>) {
+        self.forward.set_observer(observer);
+    }
+
     /// New material for handshakes from now on; live associations keep theirs.
     pub fn replace_settings(&mut self, settings: &ServerSettings) -> Result<(), SettingsError> {
         self.engine.replace_server_settings(settings)
@@ -360,7 +371,7 @@ impl Endpoint {
                     mut datagram,
                     stamp,
                 } => {
-                    self.forward.reply_sent(wall, &mut datagram, &stamp);
+                    self.forward.reply_sent(now, wall, &mut datagram, &stamp);
                     self.send_reply(now, peer, &datagram);
                 }
                 ToPeer::Builtin {

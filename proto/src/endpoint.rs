@@ -348,19 +348,27 @@ impl Endpoint {
     // Output
     // ----------------------------------------------------------------------------------------
 
+    /// The next request for the time server, if any (what [`Endpoint::poll_transmit`] would
+    /// return first): a shell sends these before it finishes replies, so a reply's transmit
+    /// time is not taken before a system call it then waits behind.
+    pub fn poll_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
+        let request = self.to_time_server.pop_front()?;
+        self.forward.request_sent(now, wall, request.transmit);
+        self.upstream_asked(now);
+        Some(Transmit {
+            destination: Destination::TimeServer,
+            datagram: request.datagram,
+            ntp: true,
+        })
+    }
+
     /// The next datagram to send. `wall` is read by the shell right before the call: a reply
     /// is finished and encrypted at this moment, and a request's departure noted. Requests to
     /// the time server go first: their replies take longest to come back.
     pub fn poll_transmit(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
         loop {
-            if let Some(request) = self.to_time_server.pop_front() {
-                self.forward.request_sent(now, wall, request.transmit);
-                self.upstream_asked(now);
-                return Some(Transmit {
-                    destination: Destination::TimeServer,
-                    datagram: request.datagram,
-                    ntp: true,
-                });
+            if let Some(request) = self.poll_request(now, wall) {
+                return Some(request);
             }
             if let Some(transmit) = self.transmits.pop_front() {
                 return Some(transmit);

@@ -28,7 +28,7 @@ use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_servi
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::timestamps::TimestampMetrics;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// A tunnel's local socket, bound before anything else starts (a start-up error when the
 /// address is taken), and its settings.
@@ -242,10 +242,13 @@ impl TunnelTask {
                 received = self.local.recv_batch(&mut from_local) => match received {
                     Ok(_) => {
                         let now = Instant::now();
-                        let rx = SystemTime::now();
-                        for (from, datagram) in from_local.iter() {
+                        // The clock read right after recvmmsg, for a datagram the kernel gave
+                        // no receive timestamp.
+                        let read = SystemTime::now();
+                        for Received { from, data, kernel_rx, .. } in from_local.iter() {
                             if let Some(from) = from {
-                                self.tunnel.handle_request(now, rx, from, datagram);
+                                let rx = kernel_rx.unwrap_or(read);
+                                self.tunnel.handle_request(now, rx, from, data);
                             }
                         }
                     }
@@ -253,12 +256,13 @@ impl TunnelTask {
                 },
                 (slot, received) = recv_any(&self.sockets, &mut from_upstream) => {
                     let now = Instant::now();
-                    let rx = SystemTime::now();
+                    let read = SystemTime::now();
                     if let Some(id) = self.sockets.get(slot).map(|s| s.id) {
                         match received {
                             Ok(_) => {
-                                for (_, datagram) in from_upstream[slot].iter() {
-                                    self.tunnel.handle_datagram(now, rx, id, datagram);
+                                for Received { data, kernel_rx, .. } in from_upstream[slot].iter() {
+                                    let rx = kernel_rx.unwrap_or(read);
+                                    self.tunnel.handle_datagram(now, rx, id, data);
                                 }
                             }
                             // ICMP port unreachable (or a forgery of one): the tunnel checks.

@@ -22,7 +22,7 @@ use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_servi
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::timestamps::TimestampMetrics;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// Runs the server relay until shutdown: `config.workers` sockets bound to the listen address
 /// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
@@ -325,23 +325,27 @@ impl Worker {
                 _ = shutdown.wait() => break,
                 received = self.socket.recv_batch(&mut from_peers) => match received {
                     Ok(_) => {
-                        let rx = SystemTime::now();
+                        // The clock read right after recvmmsg, for a datagram the kernel gave
+                        // no receive timestamp.
+                        let read = SystemTime::now();
                         let now = Instant::now();
-                        for (peer, datagram) in from_peers.iter() {
-                            if let Some(peer) = peer {
-                                self.endpoint.handle_datagram(now, rx, peer, datagram);
+                        for Received { from, data, kernel_rx, .. } in from_peers.iter() {
+                            if let Some(peer) = from {
+                                let rx = kernel_rx.unwrap_or(read);
+                                self.endpoint.handle_datagram(now, rx, peer, data);
                             }
                         }
                     }
                     Err(e) => debug!(error = %e, "receive error"),
                 },
                 received = recv_time_server(self.time_server.as_ref(), &mut from_source) => {
-                    let rx = SystemTime::now();
+                    let read = SystemTime::now();
                     let now = Instant::now();
                     match received {
                         Ok(_) => {
-                            for (_, datagram) in from_source.iter() {
-                                self.endpoint.handle_time_server_reply(now, rx, datagram);
+                            for Received { data, kernel_rx, .. } in from_source.iter() {
+                                let rx = kernel_rx.unwrap_or(read);
+                                self.endpoint.handle_time_server_reply(now, rx, data);
                             }
                         }
                         // chronyd not running: ICMP port unreachable comes back as an error.

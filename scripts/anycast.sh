@@ -43,6 +43,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 anycast=10.99.0.1
+# In the foreground only: a background job must be `ip netns exec` itself, which execs the
+# program, so that $! is the program's pid (a function would run in a subshell around it).
 nsx() { local ns=$1; shift; ip netns exec "$tag-$ns" "$@"; }
 for ns in r c s1 s2 s3; do
     ip netns add "$tag-$ns"
@@ -87,9 +89,9 @@ local stratum 2
 cmdport 0
 pidfile $work/s$i/chronyd.pid
 EOF
-    nsx "s$i" chronyd -x -d -4 -f "$work/s$i/chrony.conf" >"$work/s$i/chronyd.log" 2>&1 &
+    ip netns exec "$tag-s$i" chronyd -x -d -4 -f "$work/s$i/chrony.conf" >"$work/s$i/chronyd.log" 2>&1 &
     pids+=($!)
-    nsx "s$i" "$bin" server "${server_conf[@]}" --listen "$anycast:1123" --upstream 127.0.0.1:123 --workers 1 \
+    ip netns exec "$tag-s$i" "$bin" server "${server_conf[@]}" --listen "$anycast:1123" --upstream 127.0.0.1:123 --workers 1 \
         --metrics 127.0.0.1:9100 --cert "$work/pki/server.pem" --key "$work/pki/server.key.pem" \
         >"$work/s$i/relay.log" 2>&1 &
     pids+=($!)
@@ -110,7 +112,7 @@ for p in $(seq 0 $((procs - 1))); do
         ((n < tunnels)) || break
         printf '[[tunnel]]\nlisten = "127.0.0.1:%d"\nserver = "%s:1123"\n' $((20000 + n)) "$anycast" >>"$conf"
     done
-    nsx c "$bin" client --config "$conf" >"$work/client$p.log" 2>&1 &
+    ip netns exec "$tag-c" "$bin" client --config "$conf" >"$work/client$p.log" 2>&1 &
     pids+=($!)
 done
 for p in $(seq 0 $((procs - 1))); do
@@ -159,7 +161,7 @@ for line in text.splitlines():
 else: print(0)' "$2"; }
 
 rounds=$((warm + after))
-nsx c python3 "$work/poll.py" "$tunnels" "$rounds" "$work/poll.log" &
+ip netns exec "$tag-c" python3 "$work/poll.py" "$tunnels" "$rounds" "$work/poll.log" &
 poller=$!
 pids+=($poller)
 sleep "$warm"
@@ -171,6 +173,8 @@ held=$(metric $victim 'ntp_dtls_associations{state="established"}')
 pid_var=relay_pid_$victim
 kill -9 "${!pid_var}"
 killed=$(date +%s.%N)
+for _ in $(seq 50); do kill -0 "${!pid_var}" 2>/dev/null || break; sleep 0.02; done
+if kill -0 "${!pid_var}" 2>/dev/null; then echo "relay s$victim survived SIGKILL" >&2; exit 1; fi
 # A health check notices within its interval (1 s here) and withdraws the route.
 sleep 1
 ip -n "$tag-r" nexthop replace id 100 group 1/3 type resilient buckets 240

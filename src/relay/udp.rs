@@ -23,7 +23,10 @@
 //! Every socket made here also asks the kernel for two control messages with each datagram
 //! (see [`Received`]): its receive timestamp (SO_TIMESTAMPNS: the wall clock when the datagram
 //! came in, not when the relay got round to reading it), and the address it was sent to
-//! (IP_PKTINFO, IPV6_RECVPKTINFO: which of a multi-homed host's addresses the peer used).
+//! (IP_PKTINFO, IPV6_RECVPKTINFO: which of a multi-homed host's addresses the peer used). A
+//! queued datagram may name its source address ([`SendQueue::push_from`]), sent as an
+//! IP_PKTINFO / IPV6_PKTINFO control message: a socket bound to a wildcard address answers
+//! from the address the peer sent to, as chronyd does.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};

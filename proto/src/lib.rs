@@ -13,6 +13,7 @@
 //! - [`health`], [`backoff`]: the client's view of an association, and its retry schedule.
 //! - [`stats`]: the counters every datagram lands in.
 //! - [`identity`], [`x509`]: keys and certificates, as the engine and audit lines need them.
+//! - [`policy`]: the declared DTLS policy (suites, groups, key types, signature schemes).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -24,6 +25,7 @@ pub mod health;
 pub mod identity;
 pub mod ntp;
 pub mod pending;
+pub mod policy;
 pub mod record;
 pub mod stats;
 pub mod tunnel;

@@ -117,7 +117,7 @@ pub struct ClientArgs {
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
 
-    /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
+    /// Private key of --cert (PEM: ECDSA P-256/P-384 as PKCS#8 or SEC1, RSA 2048-4096 as PKCS#8 or PKCS#1)
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
 }
@@ -144,7 +144,7 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
 
-    /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
+    /// Private key of --cert (PEM: ECDSA P-256/P-384 as PKCS#8 or SEC1, RSA 2048-4096 as PKCS#8 or PKCS#1)
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
 

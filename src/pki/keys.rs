@@ -238,3 +238,162 @@ pub fn generate_request(req: &CsrRequest) -> Result<Vec<PathBuf>, PkiError> {
     )?;
     Ok(paths.to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{LabPkiRequest, generate_lab_pki, load_certificates, load_private_key};
+    use std::os::unix::fs::PermissionsExt;
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::FromDer;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ntp-dtls-keys-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn every_key_type_makes_a_lab_pki_that_loads_back() {
+        for (key_type, kind) in [
+            (KeyType::EcdsaP256, KeyKind::EcdsaP256),
+            (KeyType::EcdsaP384, KeyKind::EcdsaP384),
+            (KeyType::Rsa3072, KeyKind::Rsa { bits: 3072 }),
+        ] {
+            let dir = temp_dir(key_type.name());
+            generate_lab_pki(&LabPkiRequest {
+                out_dir: dir.clone(),
+                server_names: vec!["localhost".into()],
+                client_names: vec![],
+                days: 1,
+                force: false,
+                key_type,
+            })
+            .expect("lab PKI");
+            for (cert, key) in [
+                ("server.pem", "server.key.pem"),
+                ("client.pem", "client.key.pem"),
+            ] {
+                let loaded = load_private_key(&dir.join(key)).expect("key loads");
+                assert_eq!(loaded.kind(), kind, "{key_type:?} {key}");
+                let chain = load_certificates(&dir.join(cert)).expect("cert loads");
+                assert!(super::super::public_key_matches(&chain[0], &loaded).expect("match"));
+                let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0]).expect("x509");
+                assert_eq!(
+                    ntp_dtls_proto::policy::check_certificate(&parsed),
+                    Ok(kind),
+                    "{key_type:?}: in the policy"
+                );
+            }
+            let ca = load_certificates(&dir.join(super::super::CA_CERT_FILE)).expect("CA");
+            let (_, ca) = x509_parser::parse_x509_certificate(&ca[0]).expect("x509");
+            assert!(ntp_dtls_proto::policy::check_certificate(&ca).is_ok());
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+
+    fn request_of(path: &Path) -> Vec<u8> {
+        use rustls_pki_types::CertificateSigningRequestDer;
+        use rustls_pki_types::pem::PemObject;
+        let pem = fs::read(path).expect("csr");
+        let der =
+            CertificateSigningRequestDer::from_pem_slice(&pem).expect("PEM CERTIFICATE REQUEST");
+        der.as_ref().to_vec()
+    }
+
+    #[test]
+    fn a_request_has_the_names_the_role_and_a_private_key_file() {
+        let dir = temp_dir("csr");
+        let written = generate_request(&CsrRequest {
+            out_dir: dir.clone(),
+            role: RequestRole::Server,
+            names: vec!["time.example.net".into(), "192.0.2.10".into()],
+            key_type: KeyType::EcdsaP384,
+            force: false,
+        })
+        .expect("request");
+        assert_eq!(
+            written,
+            vec![dir.join("server.key.pem"), dir.join(SERVER_CSR_FILE)]
+        );
+        let mode = fs::metadata(&written[0]).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            load_private_key(&written[0]).expect("key loads").kind(),
+            KeyKind::EcdsaP384
+        );
+        let der = request_of(&written[1]);
+        let (_, csr) = X509CertificationRequest::from_der(&der).expect("PKCS#10");
+        let info = &csr.certification_request_info;
+        assert_eq!(info.subject.to_string(), "CN=time.example.net");
+        let mut sans = Vec::new();
+        let mut server_auth = None;
+        for ext in csr.requested_extensions().into_iter().flatten() {
+            match ext {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        match name {
+                            GeneralName::DNSName(d) => sans.push(format!("DNS:{d}")),
+                            GeneralName::IPAddress(ip) => sans.push(format!("IP:{ip:?}")),
+                            _ => {}
+                        }
+                    }
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    server_auth = Some((eku.server_auth, eku.client_auth))
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(sans, vec!["DNS:time.example.net", "IP:[192, 0, 2, 10]"]);
+        assert_eq!(server_auth, Some((true, false)));
+
+        // Nothing is overwritten without force; a server request needs a name.
+        assert!(matches!(
+            generate_request(&CsrRequest {
+                out_dir: dir.clone(),
+                role: RequestRole::Server,
+                names: vec!["x".into()],
+                key_type: KeyType::EcdsaP256,
+                force: false,
+            }),
+            Err(PkiError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            generate_request(&CsrRequest {
+                out_dir: dir.clone(),
+                role: RequestRole::Server,
+                names: vec![],
+                key_type: KeyType::EcdsaP256,
+                force: true,
+            }),
+            Err(PkiError::InvalidRequest(_))
+        ));
+        // A client request defaults its name and asks for clientAuth.
+        let written = generate_request(&CsrRequest {
+            out_dir: dir.clone(),
+            role: RequestRole::Client,
+            names: vec![],
+            key_type: KeyType::EcdsaP256,
+            force: false,
+        })
+        .expect("client request");
+        let der = request_of(&written[1]);
+        let (_, csr) = X509CertificationRequest::from_der(&der).expect("PKCS#10");
+        assert_eq!(
+            csr.certification_request_info.subject.to_string(),
+            format!("CN={DEFAULT_CLIENT_NAME}")
+        );
+        let eku = csr
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .find_map(|e| match e {
+                ParsedExtension::ExtendedKeyUsage(eku) => Some((eku.server_auth, eku.client_auth)),
+                _ => None,
+            });
+        assert_eq!(eku, Some((false, true)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1254,6 +1254,7 @@ mod tests {
                 client_names: vec![],
                 days: 30,
                 force: false,
+                key_type: pki::KeyType::EcdsaP256,
             })
             .expect("lab pki");
             Lab { dir }

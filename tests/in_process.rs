@@ -45,6 +45,7 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
         client_names: vec![],
         days: 1,
         force: false,
+        key_type: Default::default(),
     })
     .expect("lab PKI");
 

@@ -16,6 +16,7 @@
 //! - [`stats`]: the counters every datagram lands in.
 //! - [`hash`]: the keyed hash of the per-datagram tables (peer addresses, NTP timestamps).
 //! - [`identity`], [`x509`]: keys and certificates, as the engine and audit lines need them.
+//! - [`policy`]: the declared DTLS policy (suites, groups, key types, signature schemes).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -28,6 +29,7 @@ pub mod health;
 pub mod identity;
 pub mod ntp;
 pub mod pending;
+pub mod policy;
 pub mod record;
 pub mod residence;
 pub mod stats;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use ntp_dtls_proto::engine::{CIPHER_SUITE, ClientSettings};
+use ntp_dtls_proto::engine::ClientSettings;
 use ntp_dtls_proto::stats::Counter;
 use ntp_dtls_proto::tunnel::{
     Action, AssociationId, CloseReason, Tunnel, TunnelConfig, TunnelEvent, TunnelState,
@@ -437,7 +437,7 @@ impl TunnelTask {
                 rekey,
             } => {
                 self.report_first_outcome(true);
-                info!(%tunnel, server = %peer, subject = %identity, cipher = %CIPHER_SUITE, rekey,
+                info!(%tunnel, server = %peer, subject = %identity, cipher = %identity.cipher_suite, rekey,
                     "association established");
             }
             TunnelEvent::Refused {

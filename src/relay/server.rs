@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use ntp_dtls_proto::endpoint::{Audit, Destination, Endpoint, EndpointEvent, TimeSource, Transmit};
-use ntp_dtls_proto::engine::{CIPHER_SUITE, ServerSettings};
+use ntp_dtls_proto::engine::ServerSettings;
 use ntp_dtls_proto::ntp::BuiltinSource;
 use ntp_dtls_proto::stats::Counter;
 use tokio::sync::watch;
@@ -140,7 +140,7 @@ async fn run_workers(
         metrics = %metrics_label,
         workers,
         mutual_auth = config.settings.client_roots.is_some(),
-        cipher = %ntp_dtls_proto::engine::CIPHER_SUITE,
+        cipher = %config.settings.identity.key.kind().cipher_suite(),
         "ready"
     );
     notify_ready(&format!("listening on {listen} with {workers} workers"));
@@ -456,7 +456,7 @@ impl Worker {
     fn log(&self, event: EndpointEvent) {
         match event {
             EndpointEvent::Established { peer, identity } => {
-                info!(%peer, subject = %identity, cipher = %CIPHER_SUITE, "association established")
+                info!(%peer, subject = %identity, cipher = %identity.cipher_suite, "association established")
             }
             EndpointEvent::Refused {
                 peer,

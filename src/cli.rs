@@ -83,7 +83,7 @@ pub struct ClientArgs {
     pub daemon: DaemonArgs,
 
     /// TOML file with one or more [[tunnel]] entries (see README); excludes the tunnel flags
-    #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key"])]
+    #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key", "crls", "revocation"])]
     pub config: Option<PathBuf>,
 
     /// Local UDP address the NTP clients query [default: 127.0.0.1:123]
@@ -110,6 +110,42 @@ pub struct ClientArgs {
     /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub revocation: RevocationArgs,
+}
+
+/// Certificate revocation: CRL files and what to do when a certificate's status is unknown.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RevocationArgs {
+    /// CRL (PEM or DER) checked against every certificate of the peer's chain but its trust
+    /// anchor; repeat for each issuing CA's CRL. Re-read at SIGHUP
+    #[arg(long = "crl", value_name = "FILE")]
+    pub crls: Vec<PathBuf>,
+
+    /// require: a certificate whose issuer has no CRL, or whose CRL is expired or badly signed,
+    /// is refused; if-available: only a CRL present counts; off: no revocation check
+    /// [default: require with a CRL, off without]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub revocation: Option<RevocationArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RevocationArg {
+    Require,
+    IfAvailable,
+    Off,
+}
+
+impl From<RevocationArg> for ntp_dtls_proto::verify::RevocationMode {
+    fn from(arg: RevocationArg) -> Self {
+        use ntp_dtls_proto::verify::RevocationMode;
+        match arg {
+            RevocationArg::Require => RevocationMode::Require,
+            RevocationArg::IfAvailable => RevocationMode::IfAvailable,
+            RevocationArg::Off => RevocationMode::Off,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -149,6 +185,10 @@ pub struct ServerArgs {
     /// Worker threads, each with its own SO_REUSEPORT socket [default: the number of cores]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+
+    // Client certificates' revocation (with --client-ca); --crl replaces the file's `crl`.
+    #[command(flatten)]
+    pub revocation: RevocationArgs,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@
 //! - [`health`], [`backoff`]: the client's view of an association, and its retry schedule.
 //! - [`stats`]: the counters every datagram lands in.
 //! - [`identity`], [`x509`]: keys and certificates, as the engine and audit lines need them.
+//! - [`verify`]: certificate policy (EKU, keyUsage, CA rules) and revocation (CRLs).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -27,6 +28,7 @@ pub mod pending;
 pub mod record;
 pub mod stats;
 pub mod tunnel;
+pub mod verify;
 pub mod x509;
 
 #[cfg(any(test, feature = "test-pki"))]

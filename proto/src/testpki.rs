@@ -12,6 +12,16 @@ use rustls_pki_types::CertificateDer;
 
 use crate::engine::{ClientSettings, ServerSettings};
 use crate::identity::{Identity, KeyKind, PrivateKey};
+use crate::verify::{Verification, WallClock};
+
+/// No revocation, judged by this machine's clock (tests only: the crate itself reads no clock).
+pub fn system_clock_verification() -> Verification {
+    Verification::without_revocation(WallClock::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }))
+}
 
 /// One CA and what it issues.
 pub struct TestPki {
@@ -39,6 +49,16 @@ impl TestPki {
 
     /// A leaf for `names` (DNS names or IP addresses; the first is also the CN).
     pub fn leaf(&self, names: &[&str], eku: ExtendedKeyUsagePurpose) -> Identity {
+        self.leaf_with(names, vec![eku], vec![KeyUsagePurpose::DigitalSignature])
+    }
+
+    /// A leaf with exactly these EKUs and key usages (either may be empty: no extension).
+    pub fn leaf_with(
+        &self,
+        names: &[&str],
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+        usages: Vec<KeyUsagePurpose>,
+    ) -> Identity {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -52,8 +72,8 @@ impl TestPki {
             })
             .collect();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![eku];
+        params.key_usages = usages;
+        params.extended_key_usages = ekus;
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
         Identity {
@@ -76,6 +96,7 @@ impl TestPki {
             roots: vec![self.ca.clone()],
             server_name: server_name.into(),
             identity,
+            verification: system_clock_verification(),
         }
     }
 
@@ -85,6 +106,7 @@ impl TestPki {
         ServerSettings {
             identity: self.server(names),
             client_roots: client_ca.map(|ca| vec![ca.ca.clone()]),
+            verification: system_clock_verification(),
         }
     }
 }

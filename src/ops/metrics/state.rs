@@ -28,6 +28,8 @@ pub const FAILURE_REASONS: &[&str] = &[
     "not_yet_valid",
     "wrong_usage",
     "bad_certificate",
+    "revoked",
+    "revocation_unknown",
     "no_client_certificate",
     "no_shared_cipher",
     "no_extended_master_secret",
@@ -355,6 +357,8 @@ mod tests {
             Failure::NotYetValid(String::new()),
             Failure::WrongUsage(String::new()),
             Failure::BadCertificate(String::new()),
+            Failure::Revoked(String::new()),
+            Failure::RevocationUnknown(String::new()),
             Failure::NoClientCertificate,
             Failure::NoSharedCipher,
             Failure::NoExtendedMasterSecret,
@@ -372,7 +376,7 @@ mod tests {
         counts.incr("not_a_reason");
         assert_eq!(counts.get("unknown_ca"), 1);
         assert_eq!(counts.get("other"), 2);
-        assert_eq!(counts.total(), 14);
+        assert_eq!(counts.total(), 16);
         let snapshot = counts.snapshot();
         assert_eq!(snapshot.len(), FAILURE_REASONS.len());
         assert_eq!(snapshot[0], NamedCount::new("unknown_ca", 1));

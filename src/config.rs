@@ -750,6 +750,8 @@ impl ClientCandidate {
         let server_spec = with_default_port(server, DEFAULT_SERVER_PORT);
         let spec = RevocationSpec::from_args(&args.revocation);
         let tunnel = (|| {
+            let listen = resolve(listen_spec, "--listen")?;
+            let server = server_address(&server_spec, "--server")?;
             let (settings, revocation) = client_settings_with(
                 &server_spec,
                 args.server_name.as_deref(),
@@ -760,8 +762,8 @@ impl ClientCandidate {
             )?;
             Ok(Tunnel {
                 name: listen_spec.to_string(),
-                listen: resolve(listen_spec, "--listen")?,
-                server: server_address(&server_spec, "--server")?,
+                listen,
+                server,
                 settings,
                 server_spec,
                 policy: HealthPolicy::default(),

@@ -204,3 +204,96 @@ pub fn warn_expired(crls: &[LoadedCrl], mode: RevocationMode, context: &str) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
+        KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SerialNumber,
+    };
+    use std::time::Duration;
+
+    fn ca(name: &str) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("ca");
+        (cert.der().clone(), Issuer::new(params, key))
+    }
+
+    fn crl(
+        issuer: &Issuer<'_, KeyPair>,
+        next_update_in_days: i64,
+    ) -> rcgen::CertificateRevocationList {
+        let now = unix_now() as i64;
+        let at = |unix: i64| rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(unix as u64);
+        CertificateRevocationListParams {
+            this_update: at(now - 10 * 86_400),
+            next_update: at(now + next_update_in_days * 86_400),
+            crl_number: SerialNumber::from(7u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(issuer)
+        .expect("crl")
+    }
+
+    #[test]
+    fn crl_files_load_as_pem_or_der_and_a_roots_crl_is_checked() {
+        let dir = std::env::temp_dir().join(format!("ntp-dtls-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (root, issuer) = ca("crl test CA");
+        let (_, impostor) = ca("crl test CA");
+        let good = crl(&issuer, 7);
+        let pem = dir.join("ca.crl.pem");
+        let der = dir.join("ca.crl");
+        std::fs::write(&pem, good.pem().expect("pem")).expect("write");
+        std::fs::write(&der, good.der()).expect("write");
+        let roots = vec![root];
+        for path in [&pem, &der] {
+            let loaded = load_crls(std::slice::from_ref(path), &roots).expect("loads");
+            assert_eq!(loaded.len(), 1);
+            assert_eq!(loaded[0].summary.issuer, "CN=crl test CA");
+            assert!(!expired(&loaded[0], unix_now() as i64));
+        }
+        assert_eq!(
+            resolve_mode(None, &load_crls(std::slice::from_ref(&pem), &roots).expect("loads")),
+            Ok(RevocationMode::Require),
+            "a CRL configured means require"
+        );
+        assert_eq!(resolve_mode(None, &[]), Ok(RevocationMode::Off));
+        assert_eq!(
+            resolve_mode(Some(RevocationMode::Require), &[]),
+            Err(CrlError::RequireWithoutCrl)
+        );
+
+        let forged = dir.join("forged.crl.pem");
+        std::fs::write(&forged, crl(&impostor, 7).pem().expect("pem")).expect("write");
+        let err = load_crls(&[forged], &roots)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("forged.crl.pem") && err.contains("not signed"),
+            "{err}"
+        );
+
+        let stale = dir.join("stale.crl.pem");
+        std::fs::write(&stale, crl(&issuer, -1).pem().expect("pem")).expect("write");
+        let loaded = load_crls(&[stale], &roots).expect("an expired CRL still loads");
+        assert!(expired(&loaded[0], unix_now() as i64));
+
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "nothing here\n").expect("write");
+        let err = load_crls(&[empty], &roots)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("no CRL found"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -92,3 +92,69 @@ pub fn chain_mismatch(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{LabPkiRequest, generate_lab_pki, load_certificates, load_private_key};
+
+    fn lab(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ntp-dtls-files-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        generate_lab_pki(&LabPkiRequest {
+            out_dir: dir.clone(),
+            server_names: vec!["localhost".into()],
+            client_names: vec![],
+            days: 30,
+            force: false,
+        })
+        .expect("lab pki");
+        dir
+    }
+
+    #[test]
+    fn a_key_others_can_read_or_write_is_warned_about() {
+        let dir = lab("perm");
+        let key = dir.join("server.key.pem");
+        assert_eq!(key_permission_warning(&key), None, "certs writes 0600");
+        for (mode, words) in [
+            (0o644, "readable by its group, readable by others"),
+            (0o602, "writable by others"),
+            (0o660, "readable and writable by its group"),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let warning = key_permission_warning(&key).unwrap_or_default();
+            assert!(
+                warning.contains(words) && warning.contains("chmod 600"),
+                "{mode:o}: {warning}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_chain_in_the_wrong_order_is_named_as_such() {
+        let dir = lab("order");
+        let server = load_certificates(&dir.join("server.pem")).expect("server");
+        let ca = load_certificates(&dir.join("ca.pem")).expect("ca");
+        let key = load_private_key(&dir.join("server.key.pem")).expect("key");
+        let (cert_path, key_path) = (dir.join("chain.pem"), dir.join("server.key.pem"));
+        let reversed: Vec<_> = ca.iter().chain(&server).cloned().collect();
+        let message = chain_mismatch(&reversed, &key, &cert_path, &key_path);
+        assert!(
+            message.contains("is not the leaf of the key")
+                && message.contains("#2 in the file")
+                && message.contains("The leaf must come first"),
+            "{message}"
+        );
+        let message = chain_mismatch(&ca, &key, &cert_path, &key_path);
+        assert!(
+            message.contains("is a CA certificate, not a leaf"),
+            "{message}"
+        );
+        let client = load_certificates(&dir.join("client.pem")).expect("client");
+        let message = chain_mismatch(&client, &key, &cert_path, &key_path);
+        assert!(message.contains("different pairs"), "{message}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

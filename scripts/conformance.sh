@@ -11,8 +11,10 @@
 #                    without a validated client, .5 invalid MAC, .6 replay
 #   FCS_DTLSS_EXT.2  DTLS server mutual authentication: .1 X.509v3 client authentication,
 #                    .2 no channel on an invalid client certificate
-#   FIA_X509_EXT.1   certificate validation: .1 path, validity, extendedKeyUsage,
-#                    .2 only basicConstraints CA:TRUE certificates act as CAs
+#   FIA_X509_EXT.1   certificate validation: .1 path, validity, revocation (CRL), extendedKeyUsage,
+#                    keyUsage, .2 only basicConstraints CA:TRUE certificates act as CAs
+#   FIA_X509_EXT.2   .2 when revocation status cannot be determined (revocation = require |
+#                    if-available, the administrator's choice)
 # The extended master secret (RFC 7627) is project policy, listed under the version-and-suites
 # element of each side.
 set -uo pipefail
@@ -56,6 +58,17 @@ tampered_record_discarded|one ciphertext bit flipped in an application-data reco
 replayed_record_discarded|an application-data record sent again: no second request at the time server, no second reply|FCS_DTLSS_EXT.1.6
 old_association_record_discarded_after_rekey|after a rekey (a new association from the same address), a record of the old one whose sequence number (4) is ahead of the new one's (1), so only the keys can reject it, is discarded; the old one's close_notify does not end the new one, which carries on|FCS_DTLSS_EXT.1.6
 plain_ntp_creates_no_state|a plain NTP datagram at the DTLS port: no reply, no association, counted as drop_not_client_hello=1|FCS_DTLSS_EXT.1.3
+client_refuses_revoked_server_leaf|server leaf listed in its issuing intermediate's CRL (openssl ca -gencrl), CRLs of both CAs given, default revocation (require): reason=revoked naming subject and serial|FIA_X509_EXT.1.1 (revocation), FCS_DTLSC_EXT.1.3
+client_refuses_revoked_intermediate|intermediate listed in the root's CRL: reason=revoked, audit names "intermediate 1" and its serial|FIA_X509_EXT.1.1 (revocation, every certificate of the path)
+client_refuses_expired_crl|the intermediate's CRL past its nextUpdate (openssl ca -crl_nextupdate), require: reason=revocation_unknown|FIA_X509_EXT.2.2
+client_refuses_crl_signed_by_wrong_key|a CRL naming the intermediate but signed by another key, under require and if-available: reason=revocation_unknown ("not signed by that issuer's key")|FIA_X509_EXT.1.1, FIA_X509_EXT.2.2
+client_no_crl_for_issuer_require_vs_if_available|only the intermediate's CRL: require refuses (reason=revocation_unknown, no CRL of the root); if-available associates|FIA_X509_EXT.2.2
+mutual_refuses_revoked_client|s_client's certificate listed in the CA's CRL, server relay --client-ca --crl: reason=revoked|FIA_X509_EXT.1.1, FCS_DTLSS_EXT.2.2
+client_refuses_no_eku_server|s_server leaf without extendedKeyUsage: reason=wrong_usage (webpki alone accepts it)|FIA_X509_EXT.1.1 (extendedKeyUsage), FCS_DTLSC_EXT.1.3
+mutual_refuses_no_eku_client|s_client certificate without extendedKeyUsage under --client-ca: reason=wrong_usage|FIA_X509_EXT.1.1 (extendedKeyUsage), FCS_DTLSS_EXT.2.2
+client_refuses_intermediate_without_key_cert_sign|CA:TRUE intermediate whose keyUsage lacks keyCertSign: reason=wrong_usage naming the intermediate|FIA_X509_EXT.1.1, FIA_X509_EXT.1.2
+client_refuses_key_agreement_only_server|server leaf with keyUsage keyAgreement only (peer: our server relay; s_server will not sign with it): reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage)
+mutual_refuses_key_agreement_only_client|s_client certificate with keyUsage keyAgreement only: reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage), FCS_DTLSS_EXT.2.2
 EOF
 )
 

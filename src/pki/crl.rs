@@ -263,7 +263,10 @@ mod tests {
             assert!(!expired(&loaded[0], unix_now() as i64));
         }
         assert_eq!(
-            resolve_mode(None, &load_crls(std::slice::from_ref(&pem), &roots).expect("loads")),
+            resolve_mode(
+                None,
+                &load_crls(std::slice::from_ref(&pem), &roots).expect("loads")
+            ),
             Ok(RevocationMode::Require),
             "a CRL configured means require"
         );

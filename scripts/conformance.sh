@@ -50,7 +50,7 @@ client_refuses_no_server_auth_eku|server certificate with clientAuth EKU only re
 client_refuses_issuer_not_ca|chain through an intermediate with CA:FALSE refused: reason=unknown_ca (the same chain with CA:TRUE is accepted)|FCS_DTLSC_EXT.1.3, FIA_X509_EXT.1.2
 client_refuses_issuer_without_basic_constraints|chain through an intermediate without basicConstraints refused: reason=unknown_ca (with CA:TRUE accepted)|FCS_DTLSC_EXT.1.3, FIA_X509_EXT.1.2
 client_refuses_self_signed_leaf|self-signed server certificate refused: reason=unknown_ca|FCS_DTLSC_EXT.1.3, FIA_X509_EXT.1.1
-mutual_refuses_missing_cert|s_client without a certificate refused under --client-ca: reason=no_client_certificate|FCS_DTLSS_EXT.2.1
+mutual_refuses_missing_cert|s_client without a certificate refused under --client-ca with handshake_failure (alert 40, not SSLv3's 41; vendor/PATCHES.md d): reason=no_client_certificate|FCS_DTLSS_EXT.2.1
 mutual_refuses_unknown_ca|client certificate from an untrusted CA refused: reason=unknown_ca|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
 mutual_refuses_expired|expired client certificate refused: reason=expired|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
 mutual_refuses_no_client_auth_eku|client certificate with serverAuth EKU only refused: reason=wrong_usage|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
@@ -69,6 +69,8 @@ mutual_refuses_no_eku_client|s_client certificate without extendedKeyUsage under
 client_refuses_intermediate_without_key_cert_sign|CA:TRUE intermediate whose keyUsage lacks keyCertSign: reason=wrong_usage naming the intermediate|FIA_X509_EXT.1.1, FIA_X509_EXT.1.2
 client_refuses_key_agreement_only_server|server leaf with keyUsage keyAgreement only (peer: our server relay; s_server will not sign with it): reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage)
 mutual_refuses_key_agreement_only_client|s_client certificate with keyUsage keyAgreement only: reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage), FCS_DTLSS_EXT.2.2
+server_full_handshake_for_session_id|s_client -sess_in with a session saved from s_server (32-byte session_id in its ClientHello): a full handshake ("New, TLSv1.2"), the request forwarded (vendor/PATCHES.md c)|FCS_DTLSS_EXT.1.1 (PKG_TLS: session resumption refused by a full handshake)
+server_refuses_renegotiation|s_client's R command inside an association: a warning no_renegotiation alert, no second ServerHello, one association line (vendor/PATCHES.md e)|FCS_DTLSS_EXT.1.1 (PKG_TLS: renegotiation)
 EOF
 )
 

@@ -1407,7 +1407,9 @@ fn mutual_refuses_with(
 #[test]
 fn case_mutual_refuses_missing_cert() {
     let lab = Lab::new();
-    mutual_refuses(&lab, None, "no_client_certificate");
+    let (_, output) = mutual_refuses_with(&lab, None, &[], "no_client_certificate");
+    // handshake_failure (RFC 5246 7.4.6), not SSLv3's no_certificate (41): vendor/PATCHES.md d.
+    assert!(output.contains("SSL alert number 40"), "{output}");
 }
 
 #[test]
@@ -2267,4 +2269,100 @@ fn case_mutual_refuses_key_agreement_only_client() {
         audit.contains("keyUsage without digitalSignature"),
         "{audit}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol details patched in rtc-dtls (vendor/PATCHES.md c and e), with OpenSSL as the peer
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn case_server_full_handshake_for_session_id() {
+    // A session s_client saved from s_server (a real session_id), offered to the server relay:
+    // its ClientHello carries that session_id. The relay never resumes; it must answer with a
+    // full handshake (patch c), not drop the ClientHello as unparseable.
+    let lab = Lab::new();
+    let server_cert = lab.issue("server", &Leaf::server());
+    let session = lab.dir.join("session.pem");
+    let session_arg = session.display().to_string();
+    {
+        let (_s_server, addr) = s_server(&server_cert, "-dtls1_2", &[], &[]);
+        let (_, text) = s_client_with_request(
+            addr,
+            lab.ca(),
+            &["-dtls1_2", "-sess_out", &session_arg],
+            &[],
+        );
+        let id = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Session-ID: "))
+            .unwrap_or_default();
+        assert_eq!(id.len(), 64, "s_server gave no 32-byte session ID:\n{text}");
+    }
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let mut relay = start_server_relay(&server_cert, upstream.addr(), &[]);
+    let (_, text) = s_client_with_request(
+        relay.addr,
+        lab.ca(),
+        &["-dtls1_2", "-sess_in", &session_arg],
+        &[],
+    );
+    assert!(
+        text.contains("New, TLSv1.2, Cipher is ECDHE-ECDSA-AES128-GCM-SHA256")
+            && text.contains("Verify return code: 0 (ok)")
+            && !text.contains("Reused,"),
+        "{text}"
+    );
+    let (associations, _) = stop_relay(&mut relay);
+    assert!(
+        associations[0].contains("association established"),
+        "{associations:?}"
+    );
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the request went through the new association"
+    );
+}
+
+#[test]
+fn case_server_refuses_renegotiation() {
+    // s_client's 'R' command renegotiates inside the association: the relay answers with a
+    // warning no_renegotiation alert (patch e) and never starts a second handshake.
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let lab = Lab::new();
+    let mut relay = start_server_relay(&lab.issue("server", &Leaf::server()), upstream.addr(), &[]);
+    let mut cmd = openssl();
+    cmd.args([
+        "s_client",
+        "-dtls1_2",
+        "-connect",
+        &relay.addr.to_string(),
+        "-CAfile",
+    ])
+    .arg(lab.ca())
+    .args([
+        "-verify_hostname",
+        "localhost",
+        "-verify_return_error",
+        "-msg",
+    ]);
+    let mut s_client = Peer::spawn("s_client", cmd);
+    s_client.wait_for_text("Verify return code: 0 (ok)", EVENT_TIMEOUT);
+    s_client.write(b"R\n");
+    s_client.wait_for_text("RENEGOTIATING", EVENT_TIMEOUT);
+    // OpenSSL 3.0 names what it got on stderr, and -msg shows the alert's bytes: level 1
+    // (warning), description 100 (no_renegotiation). It then gives up with handshake_failure.
+    s_client.wait_for_text(":no renegotiation:", EVENT_TIMEOUT);
+    let text = s_client.text();
+    assert!(text.contains("\n    01 64\n"), "{text}");
+    let (associations, _) = stop_relay(&mut relay);
+    assert_eq!(
+        associations
+            .iter()
+            .filter(|l| l.contains("association established"))
+            .count(),
+        1,
+        "{associations:?}"
+    );
+    assert_eq!(upstream.datagrams(), 0);
 }

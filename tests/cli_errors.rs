@@ -389,9 +389,7 @@ fn a_private_key_others_can_read_is_warned_about_at_start_and_by_check() {
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
     assert!(
         out.stdout.contains("warning:")
-            && out
-                .stdout
-                .contains("readable by its group, readable by others (mode 0644)")
+            && out.stdout.contains("readable by others (mode 0644)")
             && out.stdout.contains("chmod 600"),
         "{}",
         out.stdout

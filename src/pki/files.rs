@@ -9,34 +9,31 @@ use rustls_pki_types::CertificateDer;
 
 use super::{PrivateKey, public_key_matches};
 
-/// A warning when the private key file is readable or writable by its group or by others
-/// (mode bits 0o077); None when it is not, or cannot be stat'ed (reading it reports that).
+/// A warning when the private key file is writable by its group, or readable or writable by
+/// others (mode bits 0o027); None when it is not, or cannot be stat'ed (reading it reports
+/// that). Group read is not warned about: it is the documented deployment (0640
+/// root:ntp-dtls, so the daemon's group reads the key and nobody else does).
 pub fn key_permission_warning(path: &Path) -> Option<String> {
     let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    if mode & 0o077 == 0 {
+    if mode & 0o027 == 0 {
         return None;
     }
     let mut who = Vec::new();
-    if mode & 0o060 != 0 {
-        who.push(match mode & 0o060 {
-            0o060 => "readable and writable by its group",
-            0o040 => "readable by its group",
-            _ => "writable by its group",
-        });
+    if mode & 0o020 != 0 {
+        who.push("writable by its group");
     }
-    if mode & 0o006 != 0 {
-        who.push(match mode & 0o006 {
-            0o006 => "readable and writable by others",
-            0o004 => "readable by others",
-            _ => "writable by others",
-        });
+    match mode & 0o006 {
+        0o006 => who.push("readable and writable by others"),
+        0o004 => who.push("readable by others"),
+        0o002 => who.push("writable by others"),
+        _ => {}
     }
-    if mode & 0o011 != 0 && who.is_empty() {
-        who.push("executable by group or others");
+    if who.is_empty() {
+        who.push("executable by others");
     }
     Some(format!(
-        "{}: the private key is {} (mode {mode:04o}); fix with `chmod 600 {}` (and chown it to \
-         the user the daemon runs as)",
+        "{}: the private key is {} (mode {mode:04o}); fix with `chmod 600 {}`, or 640 with the \
+         daemon's group (`chgrp ntp-dtls`)",
         path.display(),
         who.join(", "),
         path.display()
@@ -117,10 +114,20 @@ mod tests {
         let dir = lab("perm");
         let key = dir.join("server.key.pem");
         assert_eq!(key_permission_warning(&key), None, "certs writes 0600");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert_eq!(
+            key_permission_warning(&key),
+            None,
+            "0640 root:ntp-dtls is documented"
+        );
         for (mode, words) in [
-            (0o644, "readable by its group, readable by others"),
+            (0o644, "readable by others (mode 0644)"),
             (0o602, "writable by others"),
-            (0o660, "readable and writable by its group"),
+            (0o660, "writable by its group"),
+            (
+                0o666,
+                "writable by its group, readable and writable by others",
+            ),
         ] {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
             let warning = key_permission_warning(&key).unwrap_or_default();

@@ -70,7 +70,7 @@ client_refuses_intermediate_without_key_cert_sign|CA:TRUE intermediate whose key
 client_refuses_key_agreement_only_server|server leaf with keyUsage keyAgreement only (peer: our server relay; s_server will not sign with it): reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage)
 mutual_refuses_key_agreement_only_client|s_client certificate with keyUsage keyAgreement only: reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage), FCS_DTLSS_EXT.2.2
 server_full_handshake_for_session_id|s_client -sess_in with a session saved from s_server (32-byte session_id in its ClientHello): a full handshake ("New, TLSv1.2"), the request forwarded (vendor/PATCHES.md c)|FCS_DTLSS_EXT.1.1 (PKG_TLS: session resumption refused by a full handshake)
-server_refuses_renegotiation|s_client's R command inside an association: a warning no_renegotiation alert, no second ServerHello, one association line (vendor/PATCHES.md e)|FCS_DTLSS_EXT.1.1 (PKG_TLS: renegotiation)
+server_refuses_renegotiation|s_client's R command inside an association: a warning no_renegotiation alert (01 64), one association established, nothing forwarded (vendor/PATCHES.md e)|FCS_DTLSS_EXT.1.1 (PKG_TLS: renegotiation)
 EOF
 )
 

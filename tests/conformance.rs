@@ -2366,3 +2366,56 @@ fn case_server_refuses_renegotiation() {
     );
     assert_eq!(upstream.datagrams(), 0);
 }
+
+/// Not a case: CRLs are re-read at SIGHUP. A client accepted under an empty CRL is refused, as
+/// revoked, once the CRL file is replaced by one that lists it and the relay has reloaded.
+#[test]
+fn crls_are_reread_at_sighup() {
+    let lab = Lab::new();
+    let client = lab.issue("client", &Leaf::client());
+    let crl = lab.dir.join("live.crl.pem");
+    let empty = openssl_crl(&lab.dir, "before", lab.ca(), &lab.ca_key(), &[], None);
+    std::fs::copy(&empty, &crl).expect("copy");
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let (ca, crl_arg) = (lab.ca().display().to_string(), crl.display().to_string());
+    let server = start_server_relay(
+        &lab.issue("server", &Leaf::server()),
+        upstream.addr(),
+        &["--client-ca", &ca, "--crl", &crl_arg],
+    );
+    let (cert, key) = (
+        client.cert.display().to_string(),
+        client.key.display().to_string(),
+    );
+    let args = ["-dtls1_2", "-cert", &cert, "-key", &key];
+    let (_, text) = s_client_with_request(server.addr, lab.ca(), &args, &[]);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    server
+        .daemon
+        .wait_for_line("association established", EVENT_TIMEOUT);
+
+    let revoking = openssl_crl(
+        &lab.dir,
+        "after",
+        lab.ca(),
+        &lab.ca_key(),
+        &[&client.cert],
+        None,
+    );
+    std::fs::copy(&revoking, &crl).expect("copy");
+    let mark = server.daemon.line_count();
+    let status = Command::new("kill")
+        .args(["-HUP", &server.daemon.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let line = server
+        .daemon
+        .wait_for_new_line("config reload", mark, EVENT_TIMEOUT);
+    assert!(line.contains("result=ok"), "{line}");
+    s_client_once(server.addr, lab.ca(), &args, &[]);
+    let refused = server
+        .daemon
+        .wait_for_new_line("association refused", mark, EVENT_TIMEOUT);
+    assert!(refused.contains("reason=revoked"), "{refused}");
+}

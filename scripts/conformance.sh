@@ -11,8 +11,10 @@
 #                    without a validated client, .5 invalid MAC, .6 replay
 #   FCS_DTLSS_EXT.2  DTLS server mutual authentication: .1 X.509v3 client authentication,
 #                    .2 no channel on an invalid client certificate
-#   FIA_X509_EXT.1   certificate validation: .1 path, validity, extendedKeyUsage,
-#                    .2 only basicConstraints CA:TRUE certificates act as CAs
+#   FIA_X509_EXT.1   certificate validation: .1 path, validity, revocation (CRL), extendedKeyUsage,
+#                    keyUsage, .2 only basicConstraints CA:TRUE certificates act as CAs
+#   FIA_X509_EXT.2   .2 when revocation status cannot be determined (revocation = require |
+#                    if-available, the administrator's choice)
 # The extended master secret (RFC 7627) is project policy, listed under the version-and-suites
 # element of each side.
 set -uo pipefail
@@ -48,7 +50,7 @@ client_refuses_no_server_auth_eku|server certificate with clientAuth EKU only re
 client_refuses_issuer_not_ca|chain through an intermediate with CA:FALSE refused: reason=unknown_ca (the same chain with CA:TRUE is accepted)|FCS_DTLSC_EXT.1.3, FIA_X509_EXT.1.2
 client_refuses_issuer_without_basic_constraints|chain through an intermediate without basicConstraints refused: reason=unknown_ca (with CA:TRUE accepted)|FCS_DTLSC_EXT.1.3, FIA_X509_EXT.1.2
 client_refuses_self_signed_leaf|self-signed server certificate refused: reason=unknown_ca|FCS_DTLSC_EXT.1.3, FIA_X509_EXT.1.1
-mutual_refuses_missing_cert|s_client without a certificate refused under --client-ca: reason=no_client_certificate|FCS_DTLSS_EXT.2.1
+mutual_refuses_missing_cert|s_client without a certificate refused under --client-ca with handshake_failure (alert 40, not SSLv3's 41; vendor/PATCHES.md d): reason=no_client_certificate|FCS_DTLSS_EXT.2.1
 mutual_refuses_unknown_ca|client certificate from an untrusted CA refused: reason=unknown_ca|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
 mutual_refuses_expired|expired client certificate refused: reason=expired|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
 mutual_refuses_no_client_auth_eku|client certificate with serverAuth EKU only refused: reason=wrong_usage|FCS_DTLSS_EXT.2.2, FIA_X509_EXT.1.1
@@ -66,6 +68,19 @@ keys_p384_peers_accepted|a P-384 server certificate (P-384 CA, SHA-384) at the c
 keys_rsa1024_peers_refused|an RSA-1024 leaf from a trusted CA refused in both roles: reason=key_policy, naming the leaf and its key size|FIA_X509_EXT.1.1, FCS_DTLSC_EXT.1.3, FCS_DTLSS_EXT.2.2
 keys_csr_signed_by_an_openssl_ca|certs --request server/client (RSA-3072): SANs and the role's EKU in the PKCS#10 request; signed by openssl x509 -req -copy_extensions, used in both roles|FIA_X509_EXT.3
 keys_rsa_lab_pki_end_to_end|certs --key-type rsa-3072, ntpdate through both relays to chronyd: a reply over TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256|FCS_DTLSC_EXT.1.1
+client_refuses_revoked_server_leaf|server leaf listed in its issuing intermediate's CRL (openssl ca -gencrl), CRLs of both CAs given, default revocation (require): reason=revoked naming subject and serial|FIA_X509_EXT.1.1 (revocation), FCS_DTLSC_EXT.1.3
+client_refuses_revoked_intermediate|intermediate listed in the root's CRL: reason=revoked, audit names "intermediate 1" and its serial|FIA_X509_EXT.1.1 (revocation, every certificate of the path)
+client_refuses_expired_crl|the intermediate's CRL past its nextUpdate (openssl ca -crl_nextupdate), require: reason=revocation_unknown|FIA_X509_EXT.2.2
+client_refuses_crl_signed_by_wrong_key|a CRL naming the intermediate but signed by another key, under require and if-available: reason=revocation_unknown ("not signed by that issuer's key")|FIA_X509_EXT.1.1, FIA_X509_EXT.2.2
+client_no_crl_for_issuer_require_vs_if_available|only the intermediate's CRL: require refuses (reason=revocation_unknown, no CRL of the root); if-available associates|FIA_X509_EXT.2.2
+mutual_refuses_revoked_client|s_client's certificate listed in the CA's CRL, server relay --client-ca --crl: reason=revoked|FIA_X509_EXT.1.1, FCS_DTLSS_EXT.2.2
+client_refuses_no_eku_server|s_server leaf without extendedKeyUsage: reason=wrong_usage (webpki alone accepts it)|FIA_X509_EXT.1.1 (extendedKeyUsage), FCS_DTLSC_EXT.1.3
+mutual_refuses_no_eku_client|s_client certificate without extendedKeyUsage under --client-ca: reason=wrong_usage|FIA_X509_EXT.1.1 (extendedKeyUsage), FCS_DTLSS_EXT.2.2
+client_refuses_intermediate_without_key_cert_sign|CA:TRUE intermediate whose keyUsage lacks keyCertSign: reason=wrong_usage naming the intermediate|FIA_X509_EXT.1.1, FIA_X509_EXT.1.2
+client_refuses_key_agreement_only_server|server leaf with keyUsage keyAgreement only (peer: our server relay; s_server will not sign with it): reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage)
+mutual_refuses_key_agreement_only_client|s_client certificate with keyUsage keyAgreement only: reason=wrong_usage|FIA_X509_EXT.1.1 (keyUsage), FCS_DTLSS_EXT.2.2
+server_full_handshake_for_session_id|s_client -sess_in with a session saved from s_server (32-byte session_id in its ClientHello): a full handshake ("New, TLSv1.2"), the request forwarded (vendor/PATCHES.md c)|FCS_DTLSS_EXT.1.1 (PKG_TLS: session resumption refused by a full handshake)
+server_refuses_renegotiation|s_client's R command inside an association: a warning no_renegotiation alert (01 64), one association established, nothing forwarded (vendor/PATCHES.md e)|FCS_DTLSS_EXT.1.1 (PKG_TLS: renegotiation)
 EOF
 )
 

@@ -93,7 +93,7 @@ pub struct ClientArgs {
     pub daemon: DaemonArgs,
 
     /// TOML file with one or more [[tunnel]] entries (see README); excludes the tunnel flags
-    #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key"])]
+    #[arg(long, short = 'c', conflicts_with_all = ["listen", "server", "server_name", "ca", "cert", "key", "crls", "revocation"])]
     pub config: Option<PathBuf>,
 
     /// Local UDP address the NTP clients query [default: 127.0.0.1:123]
@@ -125,6 +125,41 @@ pub struct ClientArgs {
     /// them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the file
     #[arg(long)]
     pub no_timestamp_correction: bool,
+    #[command(flatten)]
+    pub revocation: RevocationArgs,
+}
+
+/// Certificate revocation: CRL files and what to do when a certificate's status is unknown.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RevocationArgs {
+    /// CRL (PEM or DER) checked against every certificate of the peer's chain but its trust
+    /// anchor; repeat for each issuing CA's CRL. Re-read at SIGHUP
+    #[arg(long = "crl", value_name = "FILE")]
+    pub crls: Vec<PathBuf>,
+
+    /// require: a certificate whose issuer has no CRL, or whose CRL is expired or badly signed,
+    /// is refused; if-available: only a CRL present counts; off: no revocation check
+    /// [default: require with a CRL, off without]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub revocation: Option<RevocationArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RevocationArg {
+    Require,
+    IfAvailable,
+    Off,
+}
+
+impl From<RevocationArg> for ntp_dtls_proto::verify::RevocationMode {
+    fn from(arg: RevocationArg) -> Self {
+        use ntp_dtls_proto::verify::RevocationMode;
+        match arg {
+            RevocationArg::Require => RevocationMode::Require,
+            RevocationArg::IfAvailable => RevocationMode::IfAvailable,
+            RevocationArg::Off => RevocationMode::Off,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -170,6 +205,9 @@ pub struct ServerArgs {
     /// file
     #[arg(long)]
     pub no_timestamp_correction: bool,
+    // Client certificates' revocation (with --client-ca); --crl replaces the file's `crl`.
+    #[command(flatten)]
+    pub revocation: RevocationArgs,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,8 @@ use crate::pki;
 use ntp_dtls_proto::admission::Limits;
 use ntp_dtls_proto::engine::{ClientSettings, Identity, ServerSettings};
 use ntp_dtls_proto::health::HealthPolicy;
+use ntp_dtls_proto::verify::RevocationMode;
+use rustls_pki_types::CertificateDer;
 
 pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:123";
 pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:1123";
@@ -60,6 +62,55 @@ pub struct Tunnel {
     pub policy: HealthPolicy,
     /// Where `settings` came from (re-read at every SIGHUP).
     pub files: TunnelFiles,
+    /// The revocation mode in force and the CRLs loaded (also in `settings.verification`).
+    pub revocation: Revocation,
+}
+
+/// Revocation as configured: the mode in force and the CRLs read (pki-verify).
+#[derive(Debug, Clone, Default)]
+pub struct Revocation {
+    pub mode: RevocationMode,
+    pub crls: Vec<pki::crl::LoadedCrl>,
+}
+
+/// The CRL files and the mode asked for (flags or file), before loading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevocationSpec {
+    pub crls: Vec<PathBuf>,
+    pub mode: Option<RevocationMode>,
+}
+
+impl RevocationSpec {
+    fn from_file(crl: Option<&Vec<PathBuf>>, mode: Option<&str>) -> Result<Self, ConfigError> {
+        let mode = match mode {
+            Some(text) => Some(RevocationMode::parse(text).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "revocation = {text:?}: must be \"require\", \"if-available\" or \"off\""
+                ))
+            })?),
+            None => None,
+        };
+        Ok(RevocationSpec {
+            crls: crl.cloned().unwrap_or_default(),
+            mode,
+        })
+    }
+
+    fn from_args(args: &crate::cli::RevocationArgs) -> Self {
+        RevocationSpec {
+            crls: args.crls.clone(),
+            mode: args.revocation.map(RevocationMode::from),
+        }
+    }
+
+    /// Reads the CRLs (checking those of `roots` against them) and settles the mode.
+    pub fn load(&self, roots: &[CertificateDer<'static>]) -> Result<Revocation, ConfigError> {
+        let crls = pki::crl::load_crls(&self.crls, roots)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mode = pki::crl::resolve_mode(self.mode, &crls)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(Revocation { mode, crls })
+    }
 }
 
 /// The files a tunnel's certificate material is read from.
@@ -68,6 +119,8 @@ pub struct TunnelFiles {
     pub ca: PathBuf,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// `--crl` / `crl`: re-read at every SIGHUP.
+    pub crls: Vec<PathBuf>,
 }
 
 pub struct ClientConfig {
@@ -141,6 +194,9 @@ pub struct ServerConfig {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     pub client_ca_path: Option<PathBuf>,
+    /// Client certificates' revocation (with `client_ca`): the files, the mode, the CRLs read.
+    pub crl_paths: Vec<PathBuf>,
+    pub revocation: Revocation,
     pub limits: Limits,
     /// Sockets (and threads) sharing the listen address.
     pub workers: usize,
@@ -161,6 +217,8 @@ impl ServerConfig {
             cert_path: self.cert_path.clone(),
             key_path: self.key_path.clone(),
             client_ca_path: self.client_ca_path.clone(),
+            crl_paths: self.crl_paths.clone(),
+            revocation: self.revocation.clone(),
             limits: self.limits.clone(),
             workers: self.workers,
             timestamp_correction: self.timestamp_correction,
@@ -179,6 +237,9 @@ struct ClientFile {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    /// CRL files and the revocation mode, for every tunnel.
+    crl: Option<Vec<PathBuf>>,
+    revocation: Option<String>,
     /// Association upkeep, for every tunnel.
     rekey_after_records: Option<u64>,
     rekey_after_secs: Option<f64>,
@@ -212,6 +273,9 @@ struct ServerFile {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    /// CRL files and the revocation mode, for client certificates.
+    crl: Option<Vec<PathBuf>>,
+    revocation: Option<String>,
     stratum: Option<u8>,
     workers: Option<usize>,
     /// Residence-time correction of forwarded NTP replies (default on).
@@ -512,11 +576,15 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity, ConfigError> {
         )));
     };
     if !pki_context(pki::public_key_matches(leaf, &key_material), "private key")? {
-        return Err(ConfigError::Invalid(format!(
-            "{} does not match the certificate {}",
-            key.display(),
-            cert.display()
+        return Err(ConfigError::Invalid(pki::files::chain_mismatch(
+            &chain,
+            &key_material,
+            cert,
+            key,
         )));
+    }
+    if let Some(warning) = pki::files::key_permission_warning(key) {
+        tracing::warn!("{warning}");
     }
     Ok(Identity {
         chain,
@@ -536,7 +604,8 @@ fn optional_identity(
     }
 }
 
-/// Builds the settings of one client tunnel, checking everything a handshake will need.
+/// Builds the settings of one client tunnel, checking everything a handshake will need; no
+/// revocation check ([`client_settings_with`] has one).
 pub fn client_settings(
     server_spec: &str,
     server_name: Option<&str>,
@@ -544,20 +613,43 @@ pub fn client_settings(
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> Result<ClientSettings, ConfigError> {
+    client_settings_with(
+        server_spec,
+        server_name,
+        ca,
+        cert,
+        key,
+        &RevocationSpec::default(),
+    )
+    .map(|(settings, _)| settings)
+}
+
+/// [`client_settings`] with CRLs and a revocation mode; also returns what was loaded.
+pub fn client_settings_with(
+    server_spec: &str,
+    server_name: Option<&str>,
+    ca: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    revocation: &RevocationSpec,
+) -> Result<(ClientSettings, Revocation), ConfigError> {
     let roots = pki_context(pki::load_ca_roots(ca), "CA file")?;
+    let loaded = revocation.load(&roots)?;
+    pki::crl::warn_expired(&loaded.crls, loaded.mode, server_spec);
     let settings = ClientSettings {
         roots,
         server_name: server_name
             .map(str::to_owned)
             .unwrap_or_else(|| host_of(server_spec)),
         identity: optional_identity(cert, key)?,
+        verification: pki::crl::verification(loaded.mode, &loaded.crls),
     };
     // Build an engine once so that every policy error surfaces now.
     ntp_dtls_proto::engine::Engine::client(&settings).map_err(|e| ConfigError::Engine {
         context: format!("tunnel to {server_spec}"),
         message: e.to_string(),
     })?;
-    Ok(settings)
+    Ok((settings, loaded))
 }
 
 impl ClientConfig {
@@ -585,6 +677,9 @@ impl ClientConfig {
                 if let Some(path) = path {
                     push(key, path);
                 }
+            }
+            for path in &tunnel.files.crls {
+                push("crl", path);
             }
         }
         Ok(ClientConfig {
@@ -667,25 +762,32 @@ impl ClientCandidate {
         let listen_spec = args.listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN);
         let daemon = DaemonSettings::resolve(&args.daemon, None, None)?;
         let server_spec = with_default_port(server, DEFAULT_SERVER_PORT);
+        let spec = RevocationSpec::from_args(&args.revocation);
         let tunnel = (|| {
+            let listen = resolve(listen_spec, "--listen")?;
+            let server = server_address(&server_spec, "--server")?;
+            let (settings, revocation) = client_settings_with(
+                &server_spec,
+                args.server_name.as_deref(),
+                ca,
+                args.cert.as_deref(),
+                args.key.as_deref(),
+                &spec,
+            )?;
             Ok(Tunnel {
                 name: listen_spec.to_string(),
-                listen: resolve(listen_spec, "--listen")?,
-                server: server_address(&server_spec, "--server")?,
-                settings: client_settings(
-                    &server_spec,
-                    args.server_name.as_deref(),
-                    ca,
-                    args.cert.as_deref(),
-                    args.key.as_deref(),
-                )?,
+                listen,
+                server,
+                settings,
                 server_spec,
                 policy: HealthPolicy::default(),
                 files: TunnelFiles {
                     ca: ca.to_owned(),
                     cert: args.cert.clone(),
                     key: args.key.clone(),
+                    crls: spec.crls.clone(),
                 },
+                revocation,
             })
         })();
         Ok(ClientCandidate {
@@ -712,7 +814,15 @@ fn tunnel_from_file(
     let cert = entry.cert.as_deref().or(file.cert.as_deref());
     let key = entry.key.as_deref().or(file.key.as_deref());
     let server_spec = with_default_port(&entry.server, DEFAULT_SERVER_PORT);
-    let settings = client_settings(&server_spec, entry.server_name.as_deref(), ca, cert, key)?;
+    let spec = RevocationSpec::from_file(file.crl.as_ref(), file.revocation.as_deref())?;
+    let (settings, revocation) = client_settings_with(
+        &server_spec,
+        entry.server_name.as_deref(),
+        ca,
+        cert,
+        key,
+        &spec,
+    )?;
     Ok(Tunnel {
         name: name.to_string(),
         listen: resolve(&entry.listen, "listen")?,
@@ -724,7 +834,9 @@ fn tunnel_from_file(
             ca: ca.to_owned(),
             cert: cert.map(Path::to_owned),
             key: key.map(Path::to_owned),
+            crls: spec.crls,
         },
+        revocation,
     })
 }
 
@@ -768,7 +880,21 @@ impl ServerConfig {
             )
         })?;
         let client_ca_path = args.client_ca.clone().or(file.client_ca);
-        let settings = Self::load_settings(&cert_path, &key_path, client_ca_path.as_deref())?;
+        let mut spec = RevocationSpec::from_file(file.crl.as_ref(), file.revocation.as_deref())?;
+        let flags = RevocationSpec::from_args(&args.revocation);
+        if !flags.crls.is_empty() {
+            spec.crls = flags.crls;
+        }
+        spec.mode = flags.mode.or(spec.mode);
+        if client_ca_path.is_none() && !spec.crls.is_empty() {
+            return Err(ConfigError::Invalid(
+                "crl is set but client_ca is not: the server relay checks revocation of client \
+                 certificates only, under mutual authentication (--client-ca)"
+                    .into(),
+            ));
+        }
+        let (settings, revocation) =
+            Self::load_settings_with(&cert_path, &key_path, client_ca_path.as_deref(), &spec)?;
         let limits = file.limits.resolve()?;
         let workers = args
             .workers
@@ -790,7 +916,12 @@ impl ServerConfig {
         if let Some(path) = &client_ca_path {
             daemon.files.push(("client_ca".into(), path.clone()));
         }
+        for path in &spec.crls {
+            daemon.files.push(("crl".into(), path.clone()));
+        }
         Ok(ServerConfig {
+            crl_paths: spec.crls.clone(),
+            revocation,
             args: args.clone(),
             daemon,
             limits,
@@ -805,26 +936,41 @@ impl ServerConfig {
         })
     }
 
-    /// Loads (or reloads) the server's certificate material and checks the engine accepts it.
+    /// Loads (or reloads) the server's certificate material and checks the engine accepts it;
+    /// no revocation check ([`ServerConfig::load_settings_with`] has one).
     pub fn load_settings(
         cert: &Path,
         key: &Path,
         client_ca: Option<&Path>,
     ) -> Result<ServerSettings, ConfigError> {
+        Self::load_settings_with(cert, key, client_ca, &RevocationSpec::default())
+            .map(|(settings, _)| settings)
+    }
+
+    /// [`ServerConfig::load_settings`] with CRLs for client certificates and a mode.
+    pub fn load_settings_with(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        revocation: &RevocationSpec,
+    ) -> Result<(ServerSettings, Revocation), ConfigError> {
         let identity = load_identity(cert, key)?;
         let client_roots = match client_ca {
             Some(path) => Some(pki_context(pki::load_ca_roots(path), "client CA file")?),
             None => None,
         };
+        let loaded = revocation.load(client_roots.as_deref().unwrap_or_default())?;
+        pki::crl::warn_expired(&loaded.crls, loaded.mode, "client certificates");
         let settings = ServerSettings {
             identity,
             client_roots,
+            verification: pki::crl::verification(loaded.mode, &loaded.crls),
         };
         ntp_dtls_proto::engine::Engine::server(&settings).map_err(|e| ConfigError::Engine {
             context: "server certificate".into(),
             message: e.to_string(),
         })?;
-        Ok(settings)
+        Ok((settings, loaded))
     }
 }
 
@@ -917,6 +1063,12 @@ impl Reloadable for ClientConfig {
             if old.settings.server_name != new.settings.server_name {
                 plan.apply("server_name");
             }
+            if !old.files.crls.is_empty() || !new.files.crls.is_empty() {
+                plan.apply("crl");
+            }
+            if old.revocation.mode != new.revocation.mode {
+                plan.apply("revocation");
+            }
         }
         let (shorter, longer) = if self.tunnels.len() < new.tunnels.len() {
             (self.tunnels.len(), new.tunnels.len())
@@ -967,6 +1119,12 @@ impl Reloadable for ServerConfig {
         plan.apply("key");
         if self.client_ca_path.is_some() || new.client_ca_path.is_some() {
             plan.apply("client_ca");
+        }
+        if !self.crl_paths.is_empty() || !new.crl_paths.is_empty() {
+            plan.apply("crl");
+        }
+        if self.revocation.mode != new.revocation.mode {
+            plan.apply("revocation");
         }
         plan
     }
@@ -1230,8 +1388,8 @@ mod tests {
         assert!(keys.server.contains(&("limits", "idle_timeout_secs")));
         assert!(!keys.server.contains(&("", "limits")));
         assert!(!keys.client.contains(&("", "tunnel")));
-        assert_eq!(keys.client.len(), 17, "{:?}", keys.client);
-        assert_eq!(keys.server.len(), 17, "{:?}", keys.server);
+        assert_eq!(keys.client.len(), 19, "{:?}", keys.client);
+        assert_eq!(keys.server.len(), 19, "{:?}", keys.server);
     }
 
     /// A lab PKI and config files in a temporary directory, parsed as main() would.

@@ -74,7 +74,35 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
             "--key",
             &key,
         ],
-        &["client.key.pem", "does not match", "server.pem"],
+        &["client.key.pem", "different pairs", "server.pem"],
+    );
+}
+
+#[test]
+fn a_chain_whose_first_certificate_is_not_the_leaf_says_so() {
+    let pki = Pki::generate(&["localhost"]);
+    let dir = TempDir::new();
+    let chain = dir.join("reversed.pem");
+    let text = std::fs::read_to_string(pki.path("ca.pem")).expect("ca")
+        + &std::fs::read_to_string(pki.path("server.pem")).expect("server");
+    std::fs::write(&chain, text).expect("write");
+    let cert = chain.display().to_string();
+    let key = pki.path("server.key.pem").display().to_string();
+    assert_one_line_error(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ],
+        &[
+            "reversed.pem",
+            "is not the leaf of the key",
+            "#2 in the file",
+        ],
     );
 }
 
@@ -353,4 +381,55 @@ fn client_help_shows_the_defaults_and_the_check() {
             out.stdout
         );
     }
+}
+
+#[test]
+fn a_private_key_others_can_read_is_warned_about_at_start_and_by_check() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::generate(&["localhost"]);
+    let key = pki.path("server.key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let cert = pki.path("server.pem").display().to_string();
+    let key = key.display().to_string();
+    let mut cmd = Command::new(ntp_dtls_bin());
+    cmd.args([
+        "server",
+        "--check",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "builtin",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+    ]);
+    let out = run_command(cmd, Duration::from_secs(20)).expect("ran");
+    // A warning, not a refusal: the check passes, and says what to do.
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("warning:")
+            && out.stdout.contains("readable by others (mode 0644)")
+            && out.stdout.contains("chmod 600"),
+        "{}",
+        out.stdout
+    );
+    // The same WARN the daemon logs at start-up.
+    let daemon = spawn_ntp_dtls(
+        "server-relay",
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "builtin",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ]
+        .map(String::from),
+    );
+    let line = daemon.wait_for_line("readable by others", Duration::from_secs(10));
+    assert!(line.contains("WARN"), "{line}");
 }

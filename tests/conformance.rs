@@ -65,6 +65,7 @@ struct Leaf {
     dns: Vec<&'static str>,
     ips: Vec<IpAddr>,
     eku: Vec<ExtendedKeyUsagePurpose>,
+    key_usages: Vec<KeyUsagePurpose>,
     valid_from_days: i64,
     valid_to_days: i64,
 }
@@ -77,6 +78,7 @@ impl Leaf {
             dns: vec!["localhost"],
             ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             eku: vec![ExtendedKeyUsagePurpose::ServerAuth],
+            key_usages: vec![KeyUsagePurpose::DigitalSignature],
             valid_from_days: -1,
             valid_to_days: 30,
         }
@@ -89,6 +91,7 @@ impl Leaf {
             dns: vec!["conformance-client"],
             ips: vec![],
             eku: vec![ExtendedKeyUsagePurpose::ClientAuth],
+            key_usages: vec![KeyUsagePurpose::DigitalSignature],
             valid_from_days: -1,
             valid_to_days: 30,
         }
@@ -106,7 +109,7 @@ impl Leaf {
             .chain(self.ips.iter().map(|ip| SanType::IpAddress(*ip)))
             .collect();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = self.key_usages.clone();
         params.extended_key_usages = self.eku.clone();
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, self.valid_from_days, self.valid_to_days);
@@ -156,6 +159,8 @@ impl Lab {
         set_validity(&mut params, -1, 30);
         let cert = params.self_signed(&key).expect("CA certificate");
         let ca_pem = dir.write("ca.pem", cert.pem());
+        // For `openssl ca -gencrl`.
+        dir.write("ca.key.pem", key.serialize_pem());
         Lab {
             dir,
             ca: Issuer::new(params, key),
@@ -192,27 +197,51 @@ impl Lab {
         leaf: &Leaf,
         basic_constraints: IsCa,
     ) -> Credential {
+        // Everything else an issuer needs is there: only basicConstraints is wrong.
+        self.issue_via_intermediate_with(
+            name,
+            leaf,
+            basic_constraints,
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
+        )
+        .0
+    }
+
+    /// A leaf via an intermediate with these basicConstraints and key usages; also returns
+    /// the intermediate itself (its certificate and key), which can sign CRLs.
+    fn issue_via_intermediate_with(
+        &self,
+        name: &str,
+        leaf: &Leaf,
+        basic_constraints: IsCa,
+        key_usages: Vec<KeyUsagePurpose>,
+    ) -> (Credential, Credential) {
         let inter_key = p256();
         let mut inter = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{name} intermediate"));
         inter.distinguished_name = dn;
         inter.is_ca = basic_constraints;
-        // Everything else an issuer needs is there: only basicConstraints is wrong.
-        inter.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        inter.key_usages = key_usages;
         inter.use_authority_key_identifier_extension = true;
         set_validity(&mut inter, -1, 30);
         let inter_cert = inter.signed_by(&inter_key, &self.ca).expect("intermediate");
+        let intermediate = self.write(
+            &format!("{name}-intermediate"),
+            &inter_cert.pem(),
+            &inter_key,
+        );
         let issuer = Issuer::new(inter, inter_key);
         let key = p256();
         let cert = leaf.params().signed_by(&key, &issuer).expect("leaf");
-        Credential {
+        let credential = Credential {
             chain: Some(
                 self.dir
                     .write(&format!("{name}.chain.pem"), inter_cert.pem()),
             ),
             ..self.write(name, &cert.pem(), &key)
-        }
+        };
+        (credential, intermediate)
     }
 
     /// A leaf signed by its own key.
@@ -248,6 +277,15 @@ fn start_server_relay(identity: &Credential, upstream: SocketAddr, extra: &[&str
 /// The client relay towards `server`, trusting `ca`; `server_name` None means the default
 /// reference identifier (the host of --server, 127.0.0.1).
 fn start_client_relay(ca: &Path, server: SocketAddr, server_name: Option<&str>) -> Relay {
+    start_client_relay_with(ca, server, server_name, &[])
+}
+
+fn start_client_relay_with(
+    ca: &Path,
+    server: SocketAddr,
+    server_name: Option<&str>,
+    extra: &[&str],
+) -> Relay {
     let mut args: Vec<String> = vec![
         "client".into(),
         "--listen".into(),
@@ -260,6 +298,7 @@ fn start_client_relay(ca: &Path, server: SocketAddr, server_name: Option<&str>) 
     if let Some(name) = server_name {
         args.extend(["--server-name".into(), name.into()]);
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     let daemon = spawn_ntp_dtls("client-relay", &args);
     let addr = daemon.wait_ready(READY_TIMEOUT)[0];
     Relay { daemon, addr }
@@ -1103,8 +1142,21 @@ fn client_refuses_with(
     env: &[(&str, &Path)],
     reason: &str,
 ) -> (String, String) {
+    client_refuses_full(ca, identity, server_name, s_server_args, env, &[], reason)
+}
+
+/// client_refuses_with, the client relay started with `client_extra` flags (--crl ...).
+fn client_refuses_full(
+    ca: &Path,
+    identity: &Credential,
+    server_name: Option<&str>,
+    s_server_args: &[&str],
+    env: &[(&str, &Path)],
+    client_extra: &[&str],
+    reason: &str,
+) -> (String, String) {
     let (s_server, addr) = s_server(identity, s_server_args[0], &s_server_args[1..], env);
-    let mut client = start_client_relay(ca, addr, server_name);
+    let mut client = start_client_relay_with(ca, addr, server_name, client_extra);
     client
         .daemon
         .wait_for_line("association refused", EVENT_TIMEOUT);
@@ -1195,7 +1247,19 @@ fn case_client_refuses_wrong_dns_san() {
         },
     );
     // The CN says localhost: only the SAN may count (RFC 6125).
-    client_refuses(lab.ca(), &server, Some("localhost"), "name_mismatch");
+    let (audit, _) = client_refuses_with(
+        lab.ca(),
+        &server,
+        Some("localhost"),
+        &["-dtls1_2"],
+        &[],
+        "name_mismatch",
+    );
+    // PKG_TLS 2.x: the audit record carries the reference and the presented identifiers.
+    assert!(
+        audit.contains("reference identifier localhost; presented DNS:time.example.net"),
+        "{audit}"
+    );
 }
 
 #[test]
@@ -1212,7 +1276,12 @@ fn case_client_refuses_wrong_ip_san() {
     );
     // Reference identifier: the IP of --server, 127.0.0.1. Neither the DNS SAN that resolves
     // to it nor the CN may stand in for an IP SAN.
-    client_refuses(lab.ca(), &server, None, "name_mismatch");
+    let (audit, _) =
+        client_refuses_with(lab.ca(), &server, None, &["-dtls1_2"], &[], "name_mismatch");
+    assert!(
+        audit.contains("reference identifier 127.0.0.1; presented DNS:localhost,IP:127.0.0.2"),
+        "{audit}"
+    );
 }
 
 #[test]
@@ -1298,13 +1367,26 @@ fn case_client_refuses_self_signed_leaf() {
 // Server relay under mutual authentication: the client's certificate (peer: s_client -cert)
 // ---------------------------------------------------------------------------------------------
 
-fn mutual_refuses(lab: &Lab, client: Option<&Credential>, reason: &str) {
+fn mutual_refuses(lab: &Lab, client: Option<&Credential>, reason: &str) -> String {
+    mutual_refuses_with(lab, client, &[], reason).0
+}
+
+/// mutual_refuses, the server relay started with `server_extra` flags as well; returns the
+/// audit line and s_client's output.
+fn mutual_refuses_with(
+    lab: &Lab,
+    client: Option<&Credential>,
+    server_extra: &[&str],
+    reason: &str,
+) -> (String, String) {
     let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
     let ca = lab.ca().display().to_string();
+    let mut args = vec!["--client-ca", ca.as_str()];
+    args.extend_from_slice(server_extra);
     let mut server = start_server_relay(
         &lab.issue("server", &Leaf::server()),
         upstream.addr(),
-        &["--client-ca", &ca],
+        &args,
     );
     let mut extra = vec!["-dtls1_2".to_string()];
     if let Some(client) = client {
@@ -1316,20 +1398,23 @@ fn mutual_refuses(lab: &Lab, client: Option<&Credential>, reason: &str) {
         ]);
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    s_client_once(server.addr, lab.ca(), &extra, &[]);
+    let output = s_client_once(server.addr, lab.ca(), &extra, &[]);
     let (associations, _) = stop_relay(&mut server);
-    assert_one_refusal(&associations, reason);
+    let audit = assert_one_refusal(&associations, reason);
     assert_eq!(
         upstream.datagrams(),
         0,
         "a datagram reached the time server"
     );
+    (audit, output)
 }
 
 #[test]
 fn case_mutual_refuses_missing_cert() {
     let lab = Lab::new();
-    mutual_refuses(&lab, None, "no_client_certificate");
+    let (_, output) = mutual_refuses_with(&lab, None, &[], "no_client_certificate");
+    // handshake_failure (RFC 5246 7.4.6), not SSLv3's no_certificate (41): vendor/PATCHES.md d.
+    assert!(output.contains("SSL alert number 40"), "{output}");
 }
 
 #[test]
@@ -2317,4 +2402,624 @@ fn case_keys_rsa_lab_pki_end_to_end() {
         .find_map(|_| ntpdate_query(listen.ip()).ok())
         .expect("ntpdate got a reply through the chain");
     assert!(result.offset_s.abs() < 0.1, "{}", result.raw);
+}
+
+// ---------------------------------------------------------------------------------------------
+// X.509 policy and revocation (pki-verify): CRLs from `openssl ca -gencrl`, EKU and keyUsage
+// ---------------------------------------------------------------------------------------------
+
+impl Lab {
+    fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key.pem")
+    }
+}
+
+/// `date -u` for `openssl ca -crl_lastupdate/-crl_nextupdate`: YYYYMMDDHHMMSSZ, `days` from now.
+fn openssl_time(days: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64;
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", now + days * 86_400),
+            "+%Y%m%d%H%M%SZ",
+        ])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Runs one openssl command to completion; panics with its output if it fails.
+fn openssl_run(args: &[&str]) -> String {
+    let mut cmd = openssl();
+    cmd.args(args);
+    let out = run_command(cmd, OPENSSL_TIMEOUT).expect("openssl ran");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// `openssl x509 -serial`'s hex, as our audit lines print serials.
+fn serial_of(cert: &Path) -> String {
+    let cert = cert.display().to_string();
+    openssl_run(&["x509", "-noout", "-serial", "-in", &cert])
+        .trim()
+        .trim_start_matches("serial=")
+        .to_string()
+}
+
+/// A CRL from `openssl ca -gencrl`, signed by `signer` (a CA certificate and its key), listing
+/// the certificates `revoked` (each through `openssl ca -revoke`), valid for 7 days from now
+/// or over `window` (days from now of lastUpdate and nextUpdate). PEM.
+fn openssl_crl(
+    dir: &TempDir,
+    name: &str,
+    signer_cert: &Path,
+    signer_key: &Path,
+    revoked: &[&Path],
+    window: Option<(i64, i64)>,
+) -> PathBuf {
+    let db = dir.join(format!("{name}.ca"));
+    std::fs::create_dir_all(&db).expect("CA database directory");
+    std::fs::write(db.join("index.txt"), "").expect("index.txt");
+    std::fs::write(db.join("crlnumber"), "01\n").expect("crlnumber");
+    let conf = db.join("openssl.cnf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[ca]\ndefault_ca = ca_sect\n\n[ca_sect]\ndatabase = {db}/index.txt\n\
+             crlnumber = {db}/crlnumber\ndefault_md = sha256\ndefault_crl_days = 7\n",
+            db = db.display()
+        ),
+    )
+    .expect("openssl.cnf");
+    let (conf, cert, key) = (
+        conf.display().to_string(),
+        signer_cert.display().to_string(),
+        signer_key.display().to_string(),
+    );
+    for victim in revoked {
+        let victim = victim.display().to_string();
+        openssl_run(&[
+            "ca",
+            "-config",
+            &conf,
+            "-cert",
+            &cert,
+            "-keyfile",
+            &key,
+            "-revoke",
+            &victim,
+            "-crl_reason",
+            "keyCompromise",
+        ]);
+    }
+    let out = dir.join(format!("{name}.crl.pem"));
+    let out_arg = out.display().to_string();
+    let mut args = vec![
+        "ca", "-config", &conf, "-cert", &cert, "-keyfile", &key, "-gencrl", "-out", &out_arg,
+    ];
+    let times = window.map(|(last, next)| (openssl_time(last), openssl_time(next)));
+    if let Some((last, next)) = &times {
+        args.extend(["-crl_lastupdate", last, "-crl_nextupdate", next]);
+    }
+    openssl_run(&args);
+    out
+}
+
+/// A self-signed CA certificate with `subject`'s name and a new key: a CRL it signs names the
+/// real issuer but carries another key's signature.
+fn impostor(dir: &TempDir, name: &str, subject_of: &Path) -> (PathBuf, PathBuf) {
+    let subject = openssl_run(&[
+        "x509",
+        "-noout",
+        "-subject",
+        "-nameopt",
+        "compat",
+        "-in",
+        &subject_of.display().to_string(),
+    ]);
+    let subject = subject
+        .trim()
+        .trim_start_matches("subject=")
+        .trim()
+        .to_string();
+    let key = dir.join(format!("{name}.key.pem"));
+    let cert = dir.join(format!("{name}.pem"));
+    let (key_arg, cert_arg) = (key.display().to_string(), cert.display().to_string());
+    openssl_run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key_arg,
+        "-out",
+        &cert_arg,
+        "-subj",
+        &subject,
+        "-days",
+        "30",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+    ]);
+    (cert, key)
+}
+
+/// The intermediate chain every revocation case below uses, and an empty CRL of each CA.
+struct CrlLab {
+    lab: Lab,
+    server: Credential,
+    intermediate: Credential,
+}
+
+impl CrlLab {
+    fn new() -> CrlLab {
+        let lab = Lab::new();
+        let (server, intermediate) = lab.issue_via_intermediate_with(
+            "server",
+            &Leaf::server(),
+            IsCa::Ca(BasicConstraints::Unconstrained),
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign],
+        );
+        CrlLab {
+            lab,
+            server,
+            intermediate,
+        }
+    }
+
+    fn root_crl(&self, revoked: &[&Path]) -> PathBuf {
+        openssl_crl(
+            &self.lab.dir,
+            "root",
+            self.lab.ca(),
+            &self.lab.ca_key(),
+            revoked,
+            None,
+        )
+    }
+
+    fn intermediate_crl(&self, revoked: &[&Path], window: Option<(i64, i64)>) -> PathBuf {
+        openssl_crl(
+            &self.lab.dir,
+            "intermediate",
+            &self.intermediate.cert,
+            &self.intermediate.key,
+            revoked,
+            window,
+        )
+    }
+}
+
+fn crl_flags(crls: &[&Path], mode: Option<&str>) -> Vec<String> {
+    let mut flags = Vec::new();
+    for crl in crls {
+        flags.extend(["--crl".to_string(), crl.display().to_string()]);
+    }
+    if let Some(mode) = mode {
+        flags.extend(["--revocation".to_string(), mode.to_string()]);
+    }
+    flags
+}
+
+/// The client relay with these flags against s_server presenting `server`: associated.
+fn assert_client_accepts(lab: &Lab, server: &Credential, flags: &[String]) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (_s_server, addr) = s_server(server, "-dtls1_2", &[], &[]);
+    let client = start_client_relay_with(lab.ca(), addr, Some("localhost"), &flags);
+    client
+        .daemon
+        .wait_for_line("association established", EVENT_TIMEOUT);
+}
+
+fn client_refuses_flags(lab: &Lab, server: &Credential, flags: &[String], reason: &str) -> String {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    client_refuses_full(
+        lab.ca(),
+        server,
+        Some("localhost"),
+        &["-dtls1_2"],
+        &[],
+        &flags,
+        reason,
+    )
+    .0
+}
+
+/// Not a case: what the revocation cases change is one CRL. With a valid, empty CRL of each
+/// CA in the path, under require, the chain is accepted.
+#[test]
+fn a_chain_with_a_valid_crl_of_each_issuer_is_accepted() {
+    let crl_lab = CrlLab::new();
+    let flags = crl_flags(
+        &[&crl_lab.root_crl(&[]), &crl_lab.intermediate_crl(&[], None)],
+        Some("require"),
+    );
+    assert_client_accepts(&crl_lab.lab, &crl_lab.server, &flags);
+}
+
+#[test]
+fn case_client_refuses_revoked_server_leaf() {
+    let crl_lab = CrlLab::new();
+    let crls = [
+        crl_lab.root_crl(&[]),
+        crl_lab.intermediate_crl(&[&crl_lab.server.cert], None),
+    ];
+    let audit = client_refuses_flags(
+        &crl_lab.lab,
+        &crl_lab.server,
+        &crl_flags(&[&crls[0], &crls[1]], None),
+        "revoked",
+    );
+    let serial = serial_of(&crl_lab.server.cert);
+    assert!(
+        audit.contains(&format!(
+            "server leaf subject=\"CN=localhost\" serial={serial}"
+        )) && audit.contains("reason keyCompromise"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn case_client_refuses_revoked_intermediate() {
+    let crl_lab = CrlLab::new();
+    let crls = [
+        crl_lab.root_crl(&[&crl_lab.intermediate.cert]),
+        crl_lab.intermediate_crl(&[], None),
+    ];
+    let audit = client_refuses_flags(
+        &crl_lab.lab,
+        &crl_lab.server,
+        &crl_flags(&[&crls[0], &crls[1]], None),
+        "revoked",
+    );
+    let serial = serial_of(&crl_lab.intermediate.cert);
+    assert!(
+        audit.contains(&format!(
+            "server intermediate 1 subject=\"CN=server intermediate\" serial={serial}"
+        )),
+        "{audit}"
+    );
+}
+
+#[test]
+fn case_client_refuses_expired_crl() {
+    let crl_lab = CrlLab::new();
+    let crls = [
+        crl_lab.root_crl(&[]),
+        crl_lab.intermediate_crl(&[], Some((-10, -1))),
+    ];
+    let audit = client_refuses_flags(
+        &crl_lab.lab,
+        &crl_lab.server,
+        &crl_flags(&[&crls[0], &crls[1]], None),
+        "revocation_unknown",
+    );
+    assert!(
+        audit.contains("the CRL of CN=server intermediate expired"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn case_client_refuses_crl_signed_by_wrong_key() {
+    let crl_lab = CrlLab::new();
+    let (fake_cert, fake_key) = impostor(&crl_lab.lab.dir, "impostor", &crl_lab.intermediate.cert);
+    let forged = openssl_crl(&crl_lab.lab.dir, "forged", &fake_cert, &fake_key, &[], None);
+    let root = crl_lab.root_crl(&[]);
+    // if-available as well: a CRL present that its issuer did not sign is never ignored.
+    for mode in ["require", "if-available"] {
+        let audit = client_refuses_flags(
+            &crl_lab.lab,
+            &crl_lab.server,
+            &crl_flags(&[&root, &forged], Some(mode)),
+            "revocation_unknown",
+        );
+        assert!(
+            audit.contains("the CRL of CN=server intermediate is not signed by that issuer's key"),
+            "{mode}: {audit}"
+        );
+    }
+}
+
+#[test]
+fn case_client_no_crl_for_issuer_require_vs_if_available() {
+    let crl_lab = CrlLab::new();
+    // Only the intermediate's CRL: nothing says whether the intermediate is revoked.
+    let crl = crl_lab.intermediate_crl(&[], None);
+    let audit = client_refuses_flags(
+        &crl_lab.lab,
+        &crl_lab.server,
+        &crl_flags(&[&crl], Some("require")),
+        "revocation_unknown",
+    );
+    assert!(
+        audit.contains("server intermediate 1")
+            && audit.contains("no CRL of its issuer CN=conformance CA"),
+        "{audit}"
+    );
+    assert_client_accepts(
+        &crl_lab.lab,
+        &crl_lab.server,
+        &crl_flags(&[&crl], Some("if-available")),
+    );
+}
+
+#[test]
+fn case_mutual_refuses_revoked_client() {
+    let lab = Lab::new();
+    let client = lab.issue("client", &Leaf::client());
+    let crl = openssl_crl(
+        &lab.dir,
+        "root",
+        lab.ca(),
+        &lab.ca_key(),
+        &[&client.cert],
+        None,
+    );
+    let crl = crl.display().to_string();
+    let (audit, _) = mutual_refuses_with(&lab, Some(&client), &["--crl", &crl], "revoked");
+    let serial = serial_of(&client.cert);
+    assert!(
+        audit.contains(&format!(
+            "client leaf subject=\"CN=conformance-client\" serial={serial}: revoked"
+        )),
+        "{audit}"
+    );
+}
+
+#[test]
+fn case_client_refuses_no_eku_server() {
+    let lab = Lab::new();
+    let server = lab.issue(
+        "server",
+        &Leaf {
+            eku: vec![],
+            ..Leaf::server()
+        },
+    );
+    let audit = client_refuses_flags(&lab, &server, &[], "wrong_usage");
+    assert!(audit.contains("no extendedKeyUsage extension"), "{audit}");
+}
+
+#[test]
+fn case_mutual_refuses_no_eku_client() {
+    let lab = Lab::new();
+    let client = lab.issue(
+        "client",
+        &Leaf {
+            eku: vec![],
+            ..Leaf::client()
+        },
+    );
+    let audit = mutual_refuses(&lab, Some(&client), "wrong_usage");
+    assert!(audit.contains("no extendedKeyUsage extension"), "{audit}");
+}
+
+#[test]
+fn case_client_refuses_intermediate_without_key_cert_sign() {
+    let lab = Lab::new();
+    let (server, _) = lab.issue_via_intermediate_with(
+        "server",
+        &Leaf::server(),
+        IsCa::Ca(BasicConstraints::Unconstrained),
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
+    );
+    let audit = client_refuses_flags(&lab, &server, &[], "wrong_usage");
+    assert!(
+        audit.contains("server intermediate 1") && audit.contains("without keyUsage keyCertSign"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn case_client_refuses_key_agreement_only_server() {
+    let lab = Lab::new();
+    let server = lab.issue(
+        "server",
+        &Leaf {
+            key_usages: vec![KeyUsagePurpose::KeyAgreement],
+            ..Leaf::server()
+        },
+    );
+    // OpenSSL's s_server will not sign a handshake with such a certificate (it ends the
+    // handshake with handshake_failure itself), so the peer here is our own server relay,
+    // which loads it: the client relay's check is what refuses it.
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let relay = start_server_relay(&server, upstream.addr(), &[]);
+    let mut client = start_client_relay(lab.ca(), relay.addr, Some("localhost"));
+    client
+        .daemon
+        .wait_for_line("association refused", EVENT_TIMEOUT);
+    assert_no_reply_through(&client);
+    let (associations, _) = stop_relay(&mut client);
+    let audit = assert_first_refusal(&associations, "wrong_usage");
+    assert!(
+        audit.contains("keyUsage without digitalSignature"),
+        "{audit}"
+    );
+    assert_eq!(
+        upstream.datagrams(),
+        0,
+        "a datagram reached the time server"
+    );
+}
+
+#[test]
+fn case_mutual_refuses_key_agreement_only_client() {
+    let lab = Lab::new();
+    let client = lab.issue(
+        "client",
+        &Leaf {
+            key_usages: vec![KeyUsagePurpose::KeyAgreement],
+            ..Leaf::client()
+        },
+    );
+    let audit = mutual_refuses(&lab, Some(&client), "wrong_usage");
+    assert!(
+        audit.contains("keyUsage without digitalSignature"),
+        "{audit}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol details patched in rtc-dtls (vendor/PATCHES.md c and e), with OpenSSL as the peer
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn case_server_full_handshake_for_session_id() {
+    // A session s_client saved from s_server (a real session_id), offered to the server relay:
+    // its ClientHello carries that session_id. The relay never resumes; it must answer with a
+    // full handshake (patch c), not drop the ClientHello as unparseable.
+    let lab = Lab::new();
+    let server_cert = lab.issue("server", &Leaf::server());
+    let session = lab.dir.join("session.pem");
+    let session_arg = session.display().to_string();
+    {
+        let (_s_server, addr) = s_server(&server_cert, "-dtls1_2", &[], &[]);
+        let (_, text) = s_client_with_request(
+            addr,
+            lab.ca(),
+            &["-dtls1_2", "-sess_out", &session_arg],
+            &[],
+        );
+        let id = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Session-ID: "))
+            .unwrap_or_default();
+        assert_eq!(id.len(), 64, "s_server gave no 32-byte session ID:\n{text}");
+    }
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let mut relay = start_server_relay(&server_cert, upstream.addr(), &[]);
+    let (_, text) = s_client_with_request(
+        relay.addr,
+        lab.ca(),
+        &["-dtls1_2", "-sess_in", &session_arg],
+        &[],
+    );
+    assert!(
+        text.contains("New, TLSv1.2, Cipher is ECDHE-ECDSA-AES128-GCM-SHA256")
+            && text.contains("Verify return code: 0 (ok)")
+            && !text.contains("Reused,"),
+        "{text}"
+    );
+    let (associations, _) = stop_relay(&mut relay);
+    assert!(
+        associations[0].contains("association established"),
+        "{associations:?}"
+    );
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the request went through the new association"
+    );
+}
+
+#[test]
+fn case_server_refuses_renegotiation() {
+    // s_client's 'R' command renegotiates inside the association: the relay answers with a
+    // warning no_renegotiation alert (patch e) and never starts a second handshake.
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let lab = Lab::new();
+    let mut relay = start_server_relay(&lab.issue("server", &Leaf::server()), upstream.addr(), &[]);
+    let mut cmd = openssl();
+    cmd.args([
+        "s_client",
+        "-dtls1_2",
+        "-connect",
+        &relay.addr.to_string(),
+        "-CAfile",
+    ])
+    .arg(lab.ca())
+    .args([
+        "-verify_hostname",
+        "localhost",
+        "-verify_return_error",
+        "-msg",
+    ]);
+    let mut s_client = Peer::spawn("s_client", cmd);
+    s_client.wait_for_text("Verify return code: 0 (ok)", EVENT_TIMEOUT);
+    s_client.write(b"R\n");
+    s_client.wait_for_text("RENEGOTIATING", EVENT_TIMEOUT);
+    // OpenSSL 3.0 names what it got on stderr, and -msg shows the alert's bytes: level 1
+    // (warning), description 100 (no_renegotiation). It then gives up with handshake_failure.
+    s_client.wait_for_text(":no renegotiation:", EVENT_TIMEOUT);
+    let text = s_client.text();
+    assert!(text.contains("\n    01 64\n"), "{text}");
+    let (associations, _) = stop_relay(&mut relay);
+    assert_eq!(
+        associations
+            .iter()
+            .filter(|l| l.contains("association established"))
+            .count(),
+        1,
+        "{associations:?}"
+    );
+    assert_eq!(upstream.datagrams(), 0);
+}
+
+/// Not a case: CRLs are re-read at SIGHUP. A client accepted under an empty CRL is refused, as
+/// revoked, once the CRL file is replaced by one that lists it and the relay has reloaded.
+#[test]
+fn crls_are_reread_at_sighup() {
+    let lab = Lab::new();
+    let client = lab.issue("client", &Leaf::client());
+    let crl = lab.dir.join("live.crl.pem");
+    let empty = openssl_crl(&lab.dir, "before", lab.ca(), &lab.ca_key(), &[], None);
+    std::fs::copy(&empty, &crl).expect("copy");
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let (ca, crl_arg) = (lab.ca().display().to_string(), crl.display().to_string());
+    let server = start_server_relay(
+        &lab.issue("server", &Leaf::server()),
+        upstream.addr(),
+        &["--client-ca", &ca, "--crl", &crl_arg],
+    );
+    let (cert, key) = (
+        client.cert.display().to_string(),
+        client.key.display().to_string(),
+    );
+    let args = ["-dtls1_2", "-cert", &cert, "-key", &key];
+    let (_, text) = s_client_with_request(server.addr, lab.ca(), &args, &[]);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    server
+        .daemon
+        .wait_for_line("association established", EVENT_TIMEOUT);
+
+    let revoking = openssl_crl(
+        &lab.dir,
+        "after",
+        lab.ca(),
+        &lab.ca_key(),
+        &[&client.cert],
+        None,
+    );
+    std::fs::copy(&revoking, &crl).expect("copy");
+    let mark = server.daemon.line_count();
+    let status = Command::new("kill")
+        .args(["-HUP", &server.daemon.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let line = server
+        .daemon
+        .wait_for_new_line("config reload", mark, EVENT_TIMEOUT);
+    assert!(line.contains("result=ok"), "{line}");
+    s_client_once(server.addr, lab.ca(), &args, &[]);
+    let refused = server
+        .daemon
+        .wait_for_new_line("association refused", mark, EVENT_TIMEOUT);
+    assert!(refused.contains("reason=revoked"), "{refused}");
 }

@@ -62,6 +62,7 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
         stratum: Some(3),
         workers: Some(1),
         no_timestamp_correction: false,
+        revocation: Default::default(),
     })
     .expect("server config");
     let sockets = server::bind(&server_config).expect("bind");
@@ -93,6 +94,7 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
         cert: None,
         key: None,
         no_timestamp_correction: false,
+        revocation: Default::default(),
     })
     .expect("client config");
     let client_obs = Arc::new(Observatory::new("client", 1));

@@ -299,6 +299,16 @@ pub const CLIENT_KEYS: &[(&str, &str, &str)] = &[
         "Correct NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
+        "",
+        "crl",
+        "CRL files (PEM or DER), a list; checked against every certificate of the server relays' chains but the trust anchor, for every tunnel. Re-read at SIGHUP. --crl on the command line.",
+    ),
+    (
+        "",
+        "revocation",
+        "\"require\" (a certificate whose issuer has no CRL, or whose CRL is expired or badly signed, is refused), \"if-available\" (only CRLs present count) or \"off\". Default: require when crl is set, off when not.",
+    ),
+    (
         "tunnel",
         "listen",
         "Local UDP address the NTP clients query (required). Port 123 for ntpd, timesyncd, ntpdate and sntp.",
@@ -355,6 +365,16 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
         "",
         "client_ca",
         "Require every client relay to present a certificate chaining to this CA (mutual authentication). Default: unset.",
+    ),
+    (
+        "",
+        "crl",
+        "CRL files (PEM or DER), a list, for client certificates (needs client_ca); every certificate of a client's chain but the trust anchor is checked. Re-read at SIGHUP. --crl replaces the list.",
+    ),
+    (
+        "",
+        "revocation",
+        "\"require\", \"if-available\" or \"off\", as for the client. Default: require when crl is set, off when not.",
     ),
     (
         "",

@@ -17,6 +17,7 @@
 //! - [`hash`]: the keyed hash of the per-datagram tables (peer addresses, NTP timestamps).
 //! - [`identity`], [`x509`]: keys and certificates, as the engine and audit lines need them.
 //! - [`policy`]: the declared DTLS policy (suites, groups, key types, signature schemes).
+//! - [`verify`]: certificate policy (EKU, keyUsage, CA rules) and revocation (CRLs).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -34,6 +35,7 @@ pub mod record;
 pub mod residence;
 pub mod stats;
 pub mod tunnel;
+pub mod verify;
 pub mod x509;
 
 #[cfg(any(test, feature = "test-pki"))]

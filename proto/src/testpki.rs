@@ -16,6 +16,16 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use crate::engine::{ClientSettings, ServerSettings};
 use crate::identity::{Identity, KeyKind, PrivateKey};
+use crate::verify::{Verification, WallClock};
+
+/// No revocation, judged by this machine's clock (tests only: the crate itself reads no clock).
+pub fn system_clock_verification() -> Verification {
+    Verification::without_revocation(WallClock::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }))
+}
 
 /// The key type of a test CA or leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +107,31 @@ impl TestPki {
         eku: ExtendedKeyUsagePurpose,
         key: TestKey,
     ) -> Identity {
+        self.leaf_full(
+            names,
+            vec![eku],
+            vec![KeyUsagePurpose::DigitalSignature],
+            key,
+        )
+    }
+
+    /// A P-256 leaf with exactly these EKUs and key usages (either may be empty: no extension).
+    pub fn leaf_with_usages(
+        &self,
+        names: &[&str],
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+        usages: Vec<KeyUsagePurpose>,
+    ) -> Identity {
+        self.leaf_full(names, ekus, usages, TestKey::EcdsaP256)
+    }
+
+    fn leaf_full(
+        &self,
+        names: &[&str],
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+        usages: Vec<KeyUsagePurpose>,
+        key: TestKey,
+    ) -> Identity {
         let (key, kind) = key.generate(false);
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -110,8 +145,8 @@ impl TestPki {
             })
             .collect();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![eku];
+        params.key_usages = usages;
+        params.extended_key_usages = ekus;
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
         Identity {
@@ -134,6 +169,7 @@ impl TestPki {
             roots: vec![self.ca.clone()],
             server_name: server_name.into(),
             identity,
+            verification: system_clock_verification(),
         }
     }
 
@@ -143,6 +179,7 @@ impl TestPki {
         ServerSettings {
             identity: self.server(names),
             client_roots: client_ca.map(|ca| vec![ca.ca.clone()]),
+            verification: system_clock_verification(),
         }
     }
 }

@@ -146,14 +146,19 @@ pub fn check_client(args: &ClientArgs) -> anyhow::Result<Report> {
                 "s"
             },
         ));
-        // CRL hook: once ClientSettings carries revocation lists (the --crl / `crl` branch),
-        // load and describe them here, and add their files to `files` below.
+        describe_revocation(&mut report, name, &tunnel.revocation);
+        if let Some(key) = &tunnel.files.key {
+            key_permissions(&mut report, key);
+        }
         probe_udp(&mut report, name, tunnel.listen);
         files.push((format!("{name} ca"), tunnel.files.ca.clone()));
         for (key, path) in [("cert", &tunnel.files.cert), ("key", &tunnel.files.key)] {
             if let Some(path) = path {
                 files.push((format!("{name} {key}"), path.clone()));
             }
+        }
+        for path in &tunnel.files.crls {
+            files.push((format!("{name} crl"), path.clone()));
         }
     }
     let p = &candidate.policy;
@@ -212,8 +217,10 @@ pub fn check_server(args: &ServerArgs) -> anyhow::Result<Report> {
         )),
         _ => report.line("mutual authentication: off (any client relay may associate)"),
     }
-    // CRL hook: once ServerSettings carries revocation lists (the --crl / `crl` branch), load
-    // and describe them here; config.daemon.files then lists their files for the check below.
+    key_permissions(&mut report, &config.key_path);
+    if config.client_ca_path.is_some() {
+        describe_revocation(&mut report, "client certificates", &config.revocation);
+    }
     let l = &config.limits;
     report.line(format!(
         "limits: max_associations={} max_half_open={} handshake_timeout_secs={} \
@@ -246,6 +253,47 @@ fn timestamp_line(on: bool) -> String {
             .to_string()
     } else {
         "timestamp correction: off (NTP replies pass as they arrive)".to_string()
+    }
+}
+
+/// "NAME: revocation MODE" and one line per CRL; an expired CRL is a problem under `require`
+/// (every certificate it covers would be refused), a warning otherwise.
+fn describe_revocation(report: &mut Report, name: &str, revocation: &crate::config::Revocation) {
+    use ntp_dtls_proto::verify::RevocationMode;
+    let mode = revocation.mode;
+    let what = match mode {
+        RevocationMode::Off => "off (no certificate is checked against a CRL)",
+        RevocationMode::IfAvailable => {
+            "if-available (a CRL present is used; a certificate whose issuer has none is accepted)"
+        }
+        RevocationMode::Require => {
+            "require (every certificate of a peer's chain needs a valid CRL of its issuer)"
+        }
+    };
+    report.line(format!("{name}: revocation {what}"));
+    let now = unix_now();
+    for crl in &revocation.crls {
+        report.line(format!(
+            "{name}: {}",
+            crate::pki::crl::describe(crl, format_utc)
+        ));
+        if crate::pki::crl::expired(crl, now) {
+            let message = format!(
+                "{name}: {} (CRL of {}) expired; refresh it from its distribution point",
+                crl.path.display(),
+                crl.summary.issuer
+            );
+            match mode {
+                RevocationMode::Require => report.problem(message),
+                _ => report.warning(message),
+            }
+        }
+    }
+}
+
+fn key_permissions(report: &mut Report, key: &std::path::Path) {
+    if let Some(warning) = crate::pki::files::key_permission_warning(key) {
+        report.warning(warning);
     }
 }
 

@@ -40,6 +40,10 @@ use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::ParsedExtension;
 
+// Revocation lists, and file checks beyond syntax (pki-verify): kept out of this file.
+pub mod crl;
+pub mod files;
+
 /// File names written by [`generate_lab_pki`], in the order they are checked
 /// and written (the "first existing file" in the overwrite error follows it).
 pub const CA_CERT_FILE: &str = "ca.pem";

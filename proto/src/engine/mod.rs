@@ -18,6 +18,7 @@ use bytes::BytesMut;
 use rustls_pki_types::CertificateDer;
 
 pub use crate::identity::Identity;
+pub use crate::verify::Verification;
 
 pub use rtc::RtcEngine;
 
@@ -39,6 +40,8 @@ pub struct ClientSettings {
     pub server_name: String,
     /// Presented when the server asks for a client certificate (mutual authentication).
     pub identity: Option<Identity>,
+    /// Revocation and the wall clock the server's chain is judged by ([`crate::verify`]).
+    pub verification: Verification,
 }
 
 /// What a server-role engine needs.
@@ -47,6 +50,8 @@ pub struct ServerSettings {
     pub identity: Identity,
     /// With roots, every client must present a certificate chaining to them.
     pub client_roots: Option<Vec<CertificateDer<'static>>>,
+    /// Revocation and the wall clock client chains are judged by ([`crate::verify`]).
+    pub verification: Verification,
 }
 
 /// Why an engine could not be built from settings.
@@ -92,6 +97,11 @@ pub enum Failure {
     /// key policy: another key type or curve, an RSA modulus outside 2048-4096 bits, a
     /// signature algorithm other than ECDSA/RSA-PKCS#1 with SHA-256/384. Says which and why.
     KeyPolicy(String),
+    /// A certificate of the chain is listed in its issuer's CRL.
+    Revoked(String),
+    /// Revocation status could not be established as `revocation` requires (no CRL for an
+    /// issuer, an expired one, one not signed by the issuer or by an issuer without cRLSign).
+    RevocationUnknown(String),
     /// Mutual authentication is on and the client sent no certificate.
     NoClientCertificate,
     /// The peer offered no cipher suite or curve we accept.
@@ -118,6 +128,8 @@ impl Failure {
             Failure::WrongUsage(_) => "wrong_usage",
             Failure::BadCertificate(_) => "bad_certificate",
             Failure::KeyPolicy(_) => "key_policy",
+            Failure::Revoked(_) => "revoked",
+            Failure::RevocationUnknown(_) => "revocation_unknown",
             Failure::NoClientCertificate => "no_client_certificate",
             Failure::NoSharedCipher => "no_shared_cipher",
             Failure::NoExtendedMasterSecret => "no_extended_master_secret",
@@ -139,6 +151,10 @@ impl fmt::Display for Failure {
             Failure::WrongUsage(d) => write!(f, "certificate not valid for this purpose ({d})"),
             Failure::BadCertificate(d) => write!(f, "bad certificate ({d})"),
             Failure::KeyPolicy(d) => write!(f, "certificate outside the key policy ({d})"),
+            Failure::Revoked(d) => write!(f, "certificate revoked ({d})"),
+            Failure::RevocationUnknown(d) => {
+                write!(f, "certificate revocation status unknown ({d})")
+            }
             Failure::NoClientCertificate => write!(f, "client presented no certificate"),
             Failure::NoSharedCipher => write!(
                 f,
@@ -229,4 +245,19 @@ pub trait DtlsEngine {
     fn associations(&self) -> usize;
     /// Addresses of every association held.
     fn peers(&self) -> Vec<SocketAddr>;
+}
+
+/// A chain our policy refused ([`crate::verify`]): revocation outcomes keep their own labels,
+/// a usage or CA rule is `wrong_usage`, a path webpki would not build `bad_certificate`.
+impl From<crate::verify::Refusal> for Failure {
+    fn from(refusal: crate::verify::Refusal) -> Failure {
+        use crate::verify::Problem;
+        let detail = refusal.to_string();
+        match &refusal.problem {
+            Problem::Revoked { .. } => Failure::Revoked(detail),
+            problem if problem.is_revocation() => Failure::RevocationUnknown(detail),
+            Problem::Chain(_) | Problem::Malformed(_) => Failure::BadCertificate(detail),
+            _ => Failure::WrongUsage(detail),
+        }
+    }
 }

@@ -10,11 +10,14 @@
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rtc_dtls::cipher_suite::CipherSuiteId;
-use rtc_dtls::config::{ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig};
+use rtc_dtls::config::{
+    ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig,
+    VerifyPeerCertificateFn,
+};
 use rtc_dtls::crypto::Certificate;
 use rtc_dtls::crypto_provider::{
     ActiveKeyExchange, AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher,
@@ -30,6 +33,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::hash::{KeyedMap, KeyedState, keyed_map};
 use crate::identity::KeyKind;
+use crate::verify::{PeerRole, PeerVerifier, Refusal, Verification};
 use crate::{policy, record};
 
 use super::{
@@ -52,6 +56,33 @@ pub struct RtcEngine {
     transmits: VecDeque<Transmit>,
     /// In the server role, the suite our key signs (the only one the server can choose).
     server_suite: &'static str,
+    /// The last chain our policy hook refused, taken when rtc-dtls reports the failure (the
+    /// hook can only hand rtc-dtls a string).
+    refusal: RefusalSlot,
+    /// The reference identifier (client role), for name-mismatch audit lines.
+    server_name: Option<String>,
+}
+
+type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
+
+/// rtc-dtls's verify-peer-certificate hook, run after its own rustls verification succeeded:
+/// our policy and revocation checks ([`crate::verify`]) on the presented chain.
+fn policy_hook(
+    role: PeerRole,
+    roots: &[CertificateDer<'static>],
+    verification: &Verification,
+    slot: RefusalSlot,
+) -> Result<VerifyPeerCertificateFn, SettingsError> {
+    let verifier = PeerVerifier::new(role, roots, verification).map_err(SettingsError::Roots)?;
+    Ok(Arc::new(move |presented: &[Vec<u8>], _| {
+        // The declared key policy first (as the default hook in `policy` does), then ours.
+        policy::check_chain(presented).map_err(policy_refusal)?;
+        verifier.verify(presented).map_err(|refusal| {
+            let message = format!("ntp-dtls certificate policy: {refusal}");
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(*refusal);
+            RtcError::Other(message)
+        })
+    }))
 }
 
 /// Where a peer's associations live.
@@ -411,7 +442,10 @@ fn root_store(roots: &[CertificateDer<'static>]) -> Result<rustls::RootCertStore
     Ok(store)
 }
 
-fn client_config(settings: &ClientSettings) -> Result<HandshakeConfig, SettingsError> {
+fn client_config(
+    settings: &ClientSettings,
+    slot: RefusalSlot,
+) -> Result<HandshakeConfig, SettingsError> {
     // rtc-dtls checks names through rustls; refuse a name it could never match now rather than
     // at every handshake.
     ServerName::try_from(settings.server_name.as_str()).map_err(|e| SettingsError::ServerName {
@@ -422,7 +456,13 @@ fn client_config(settings: &ClientSettings) -> Result<HandshakeConfig, SettingsE
     let own_key = settings.identity.as_ref().map(|i| i.key.kind());
     let mut builder = policy(provider, own_key)
         .with_roots_cas(root_store(&settings.roots)?)
-        .with_server_name(settings.server_name.clone());
+        .with_server_name(settings.server_name.clone())
+        .with_verify_peer_certificate(Some(policy_hook(
+            PeerRole::Server,
+            &settings.roots,
+            &settings.verification,
+            slot,
+        )?));
     if let Some(identity) = &settings.identity {
         builder = builder.with_certificates(vec![certificate(identity)?]);
     }
@@ -431,14 +471,23 @@ fn client_config(settings: &ClientSettings) -> Result<HandshakeConfig, SettingsE
         .map_err(|e| SettingsError::Config(e.to_string()))
 }
 
-fn server_config(settings: &ServerSettings) -> Result<HandshakeConfig, SettingsError> {
+fn server_config(
+    settings: &ServerSettings,
+    slot: RefusalSlot,
+) -> Result<HandshakeConfig, SettingsError> {
     let provider = provider()?;
     let mut builder = policy(provider, Some(settings.identity.key.kind()))
         .with_certificates(vec![certificate(&settings.identity)?]);
     if let Some(roots) = &settings.client_roots {
         builder = builder
             .with_client_auth(ClientAuthType::RequireAndVerifyClientCert)
-            .with_client_cas(root_store(roots)?);
+            .with_client_cas(root_store(roots)?)
+            .with_verify_peer_certificate(Some(policy_hook(
+                PeerRole::Client,
+                roots,
+                &settings.verification,
+                slot,
+            )?));
     }
     builder
         .build(false, None)
@@ -558,7 +607,12 @@ fn alert_name(description: u8) -> String {
 }
 
 impl RtcEngine {
-    fn new(server: Option<Arc<HandshakeConfig>>, client: Option<Arc<HandshakeConfig>>) -> Self {
+    fn new(
+        server: Option<Arc<HandshakeConfig>>,
+        client: Option<Arc<HandshakeConfig>>,
+        refusal: RefusalSlot,
+        server_name: Option<String>,
+    ) -> Self {
         // rtc-dtls only copies the local address into its transmit metadata, which we ignore.
         let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         RtcEngine {
@@ -570,17 +624,28 @@ impl RtcEngine {
             client_config: client,
             transmits: VecDeque::new(),
             server_suite: "",
+            refusal,
+            server_name,
         }
     }
 
     /// An engine that connects to servers.
     pub fn client(settings: &ClientSettings) -> Result<Self, SettingsError> {
-        Ok(Self::new(None, Some(Arc::new(client_config(settings)?))))
+        let slot = RefusalSlot::default();
+        let config = Arc::new(client_config(settings, slot.clone())?);
+        Ok(Self::new(
+            None,
+            Some(config),
+            slot,
+            Some(settings.server_name.clone()),
+        ))
     }
 
     /// An engine that accepts clients.
     pub fn server(settings: &ServerSettings) -> Result<Self, SettingsError> {
-        let mut engine = Self::new(Some(Arc::new(server_config(settings)?)), None);
+        let slot = RefusalSlot::default();
+        let config = Arc::new(server_config(settings, slot.clone())?);
+        let mut engine = Self::new(Some(config), None, slot, None);
         engine.server_suite = settings.identity.key.kind().cipher_suite();
         Ok(engine)
     }
@@ -590,7 +655,7 @@ impl RtcEngine {
         &mut self,
         settings: &ServerSettings,
     ) -> Result<(), SettingsError> {
-        let config = Arc::new(server_config(settings)?);
+        let config = Arc::new(server_config(settings, self.refusal.clone())?);
         for slot in &mut self.slots {
             slot.set_server_config(Some(config.clone()));
         }
@@ -619,6 +684,21 @@ impl RtcEngine {
         self.drain();
         self.slots[slot].stop(now, peer);
         while self.slots[slot].poll_transmit().is_some() {}
+    }
+
+    /// What PKG_TLS asks of a reference-identifier audit line: the reference identifier and
+    /// the identifiers the certificate presented, in plain text.
+    fn name_mismatch_detail(&self, presented: Option<Vec<u8>>, rustls: String) -> String {
+        let reference = self.server_name.as_deref().unwrap_or("-");
+        match presented.and_then(|der| crate::x509::summarize(&der).ok()) {
+            Some(leaf) => format!(
+                "reference identifier {reference}; presented {} (subject \"{}\", serial {})",
+                leaf.identifiers(),
+                leaf.subject,
+                leaf.serial_hex
+            ),
+            None => format!("reference identifier {reference}; {rustls}"),
+        }
     }
 
     fn identity_of(&self, slot: usize, peer: SocketAddr) -> PeerIdentity {
@@ -744,6 +824,14 @@ impl RtcEngine {
                 // step noticed first (rtc-dtls checks an RSA signature's length, and the
                 // signature itself, before the chain): the reason names the certificate.
                 let violation = self.presented_violation(slot, peer);
+                let refusal = self
+                    .refusal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                let presented = self.slots[slot]
+                    .get_connection_state(peer)
+                    .and_then(|state| state.peer_certificates.first().cloned());
                 // rtc-dtls leaves a failed handshake stuck in its table: remove it. A failed
                 // replacement leaves the live association as it was.
                 self.drop_slot(now, slot, peer);
@@ -756,10 +844,17 @@ impl RtcEngine {
                 }
                 let failure = match (&err, datagram.and_then(plaintext_alert)) {
                     (RtcError::ErrAlertFatalOrClose, Some(alert)) => Failure::PeerAlert(alert),
-                    _ => match violation {
-                        Some(reason) => Failure::KeyPolicy(reason),
-                        None => classify(&err),
+                    _ => match (violation, refusal) {
+                        (Some(reason), _) => Failure::KeyPolicy(reason),
+                        (None, Some(refusal)) => Failure::from(refusal),
+                        (None, None) => classify(&err),
                     },
+                };
+                let failure = match failure {
+                    Failure::NameMismatch(detail) => {
+                        Failure::NameMismatch(self.name_mismatch_detail(presented, detail))
+                    }
+                    other => other,
                 };
                 events.push(Event::Failed { peer, failure });
             }
@@ -969,6 +1064,7 @@ mod tests {
             roots: trust.roots(),
             server_name: name.into(),
             identity,
+            verification: crate::testpki::system_clock_verification(),
         })
         .expect("client engine")
     }
@@ -977,6 +1073,7 @@ mod tests {
         RtcEngine::server(&ServerSettings {
             identity: pki.identity("server"),
             client_roots: client_roots.map(Pki::roots),
+            verification: crate::testpki::system_clock_verification(),
         })
         .expect("server engine")
     }
@@ -1093,8 +1190,10 @@ mod tests {
         let mut server = server_engine(&pki, None);
         client.connect(now, SERVER).expect("connect");
         let (c, _) = pump(&mut client, &mut server, now);
+        // The audit detail: the reference identifier and what the certificate presented.
         assert!(
-            matches!(failure_of(&c), Some(Failure::NameMismatch(_))),
+            matches!(failure_of(&c), Some(Failure::NameMismatch(d))
+                if d.starts_with("reference identifier other.example.net; presented DNS:time.example.net (subject \"CN=time.example.net\", serial ")),
             "{c:?}"
         );
         // An IP reference identifier needs an IP SAN, not a DNS name that happens to resolve.
@@ -1106,6 +1205,43 @@ mod tests {
             matches!(failure_of(&c), Some(Failure::NameMismatch(_))),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn the_policy_hook_refuses_leaves_without_eku_in_both_roles() {
+        use rcgen::KeyUsagePurpose;
+        let pki = Pki::new("no-eku", &["localhost"]);
+        let now = Instant::now();
+        let bare = pki.ca.leaf_with_usages(
+            &["localhost"],
+            vec![],
+            vec![KeyUsagePurpose::DigitalSignature],
+        );
+        let mut client = client_engine(&pki, "localhost", None);
+        let mut server = RtcEngine::server(&ServerSettings {
+            identity: bare.clone(),
+            client_roots: None,
+            verification: crate::testpki::system_clock_verification(),
+        })
+        .expect("server engine");
+        client.connect(now, SERVER).expect("connect");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(failure_of(&c), Some(Failure::WrongUsage(d))
+                if d.starts_with("server leaf subject=\"CN=localhost\" serial=") && d.contains("no extendedKeyUsage")),
+            "{c:?}"
+        );
+        assert_eq!(client.associations(), 0);
+
+        let mut client = client_engine(&pki, "localhost", Some(bare));
+        let mut server = server_engine(&pki, Some(&pki));
+        client.connect(now, SERVER).expect("connect");
+        let (_, s) = pump(&mut client, &mut server, now);
+        assert!(
+            matches!(failure_of(&s), Some(Failure::WrongUsage(d)) if d.starts_with("client leaf")),
+            "{s:?}"
+        );
+        assert_eq!(server.associations(), 0);
     }
 
     #[test]
@@ -1286,11 +1422,13 @@ mod tests {
             roots: vec![ca.ca.clone()],
             server_name: "localhost".into(),
             identity: Some(ca.leaf_with(&["device-1"], Eku::ClientAuth, client)),
+            verification: crate::testpki::system_clock_verification(),
         })
         .expect("client engine");
         let mut server_engine = RtcEngine::server(&ServerSettings {
             identity: ca.leaf_with(&["localhost"], Eku::ServerAuth, server),
             client_roots: Some(vec![ca.ca.clone()]),
+            verification: crate::testpki::system_clock_verification(),
         })
         .expect("server engine");
         client_engine.connect(now, SERVER).expect("connect");
@@ -1399,12 +1537,14 @@ mod tests {
                 ),
             },
             client_roots: None,
+            verification: crate::testpki::system_clock_verification(),
         })
         .expect("server engine: its own leaf is in the policy");
         let mut client = RtcEngine::client(&ClientSettings {
             roots: vec![root.der().clone()],
             server_name: "localhost".into(),
             identity: None,
+            verification: crate::testpki::system_clock_verification(),
         })
         .expect("client engine: the root's key is RSA-3072, in the policy");
         client.connect(now, SERVER).expect("connect");
@@ -1426,6 +1566,7 @@ mod tests {
             roots: vec![p521],
             server_name: "localhost".into(),
             identity: None,
+            verification: crate::testpki::system_clock_verification(),
         })
         .err()
         .expect("a P-521 root is refused");
@@ -1444,6 +1585,7 @@ mod tests {
                 ),
             },
             client_roots: None,
+            verification: crate::testpki::system_clock_verification(),
         })
         .err()
         .expect("an RSA-1024 certificate is refused");

@@ -29,6 +29,8 @@ pub const FAILURE_REASONS: &[&str] = &[
     "wrong_usage",
     "bad_certificate",
     "key_policy",
+    "revoked",
+    "revocation_unknown",
     "no_client_certificate",
     "no_shared_cipher",
     "no_extended_master_secret",
@@ -357,6 +359,8 @@ mod tests {
             Failure::WrongUsage(String::new()),
             Failure::BadCertificate(String::new()),
             Failure::KeyPolicy(String::new()),
+            Failure::Revoked(String::new()),
+            Failure::RevocationUnknown(String::new()),
             Failure::NoClientCertificate,
             Failure::NoSharedCipher,
             Failure::NoExtendedMasterSecret,
@@ -374,7 +378,7 @@ mod tests {
         counts.incr("not_a_reason");
         assert_eq!(counts.get("unknown_ca"), 1);
         assert_eq!(counts.get("other"), 2);
-        assert_eq!(counts.total(), 15);
+        assert_eq!(counts.total(), 17);
         let snapshot = counts.snapshot();
         assert_eq!(snapshot.len(), FAILURE_REASONS.len());
         assert_eq!(snapshot[0], NamedCount::new("unknown_ca", 1));

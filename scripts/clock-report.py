@@ -15,6 +15,7 @@ mode of the reply with B (basic) or I (interleaved). Every process here reads on
 true offset is 0 and what chronyd reports is the error the path puts into the client's clock.
 """
 
+import datetime
 import math
 import re
 import sys
@@ -33,9 +34,8 @@ def percentile(values, p):
 
 
 def samples(path, first, last):
-    """(seconds since the first sample, offset s, delay s, interleaved) per window line."""
+    """(UTC seconds since the epoch, offset s, delay s, interleaved) per window line."""
     out = []
-    t0 = None
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()
@@ -48,16 +48,12 @@ def samples(path, first, last):
         if len(t) < 18:
             continue
         try:
-            hh, mm, ss = (int(x) for x in t[1].split(":"))
-            day = int(t[0].replace("-", ""))
+            when = datetime.datetime.strptime(f"{t[0]} {t[1]}", "%Y-%m-%d %H:%M:%S")
             offset, delay = float(t[11]), float(t[12])
         except ValueError:
             continue
-        # Seconds of the day are enough within one run; a run across midnight adds a day.
-        secs = hh * 3600 + mm * 60 + ss
-        if t0 is None:
-            t0, d0 = secs, day
-        out.append((secs - t0 + (86400 if day != d0 else 0), offset, delay, t[17].endswith("I")))
+        secs = when.replace(tzinfo=datetime.timezone.utc).timestamp()
+        out.append((secs, offset, delay, t[17].endswith("I")))
     return out
 
 
@@ -134,6 +130,12 @@ def esc(s):
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def symlog(v):
+    """The y scale: linear within +-1 us, logarithmic beyond (1 us, 10 us, 100 us... equally
+    spaced), so a path at a few us and one at ten ms are both readable on one plot."""
+    return math.copysign(math.log10(1.0 + abs(v)), v)
+
+
 def svg(path, out, title):
     series = []
     for label, log, first, last, _, plot in manifest(path):
@@ -141,19 +143,17 @@ def svg(path, out, title):
             continue
         s = samples(log, int(first), int(last))
         if s:
-            series.append((label, [(t, o * 1e6) for t, o, _, _ in s]))
-    w, h = 960, 540
-    ml, mr, mt, mb = 80, 20, 50, 150
+            series.append((label, s))
+    t0 = min((x[0] for _, s in series for x in s), default=0.0)
+    series = [(label, [(t - t0, o * 1e6) for t, o, _, _ in s]) for label, s in series]
+    w, h = 960, 600
+    ml, mr, mt, mb = 90, 20, 50, 70 + 20 * len(series)
     pw, ph = w - ml - mr, h - mt - mb
-    xs = [t for _, pts in series for t, _ in pts] or [0, 1]
-    ys = [o for _, pts in series for _, o in pts] or [-1, 1]
-    # The scale shows the bulk of every path: up to the 99th percentile of |offset| over all
-    # points (outliers beyond it are clipped to the frame edge and drawn as open circles).
-    lim = percentile([abs(y) for y in ys], 99) or 1.0
-    lim = max(lim * 1.1, 2.0)
-    ystep = nice_step(2 * lim)
-    lim = math.ceil(lim / ystep) * ystep
-    y0, y1 = -lim, lim
+    xs = [t for _, pts in series for t, _ in pts] or [1.0]
+    ys = [abs(o) for _, pts in series for _, o in pts] or [1.0]
+    decades = max(1, math.ceil(math.log10(max(max(ys), 1.0))))
+    y1 = symlog(10.0**decades)
+    y0 = -y1
     x0, x1 = 0.0, max(max(xs), 1.0)
     xstep = nice_step(x1)
     x1 = math.ceil(x1 / xstep) * xstep
@@ -161,8 +161,8 @@ def svg(path, out, title):
     def px(x):
         return ml + (x - x0) / (x1 - x0) * pw
 
-    def py(y):
-        return mt + (y1 - min(max(y, y0), y1)) / (y1 - y0) * ph
+    def py(v):
+        return mt + (y1 - symlog(v)) / (y1 - y0) * ph
 
     o = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
@@ -170,59 +170,55 @@ def svg(path, out, title):
         f'<rect width="{w}" height="{h}" fill="white"/>',
         f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="15">{esc(title)}</text>',
     ]
-    y = math.ceil(y0 / ystep) * ystep
-    while y <= y1 + 1e-9:
+    ticks = [0.0] + [s * 10.0**k for k in range(decades + 1) for s in (1, -1)]
+    for v in ticks:
+        if abs(symlog(v)) > y1 + 1e-9:
+            continue
         o.append(
-            f'<line x1="{ml}" x2="{ml + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" '
-            f'stroke="{"#999" if abs(y) < 1e-9 else "#e4e4e4"}"/>'
+            f'<line x1="{ml}" x2="{ml + pw}" y1="{py(v):.1f}" y2="{py(v):.1f}" '
+            f'stroke="{"#888" if v == 0 else "#e0e0e0"}"/>'
         )
-        o.append(
-            f'<text x="{ml - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>'
-        )
-        y += ystep
+        text = "0" if v == 0 else f"{v:+,.0f}"
+        o.append(f'<text x="{ml - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{text}</text>')
     x = 0.0
     while x <= x1 + 1e-9:
         o.append(
-            f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{mt}" y2="{mt + ph}" stroke="#e4e4e4"/>'
+            f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{mt}" y2="{mt + ph}" stroke="#e0e0e0"/>'
         )
         o.append(f'<text x="{px(x):.1f}" y="{mt + ph + 18}" text-anchor="middle">{x:g}</text>')
         x += xstep
     o.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
     o.append(
         f'<text x="{ml + pw / 2}" y="{mt + ph + 40}" text-anchor="middle">'
-        "time since the first sample (s)</text>"
+        "time since the window opened (s)</text>"
     )
     o.append(
-        f'<text transform="translate(22 {mt + ph / 2}) rotate(-90)" text-anchor="middle">'
-        "offset chronyd measured (us; truth is 0)</text>"
+        f'<text transform="translate(20 {mt + ph / 2}) rotate(-90)" text-anchor="middle">'
+        "offset chronyd measured (us, truth 0; log scale beyond +-1 us)</text>"
     )
     for i, (label, pts) in enumerate(series):
         c = COLOURS[i % len(COLOURS)]
         poly = " ".join(f"{px(t):.1f},{py(v):.1f}" for t, v in pts)
-        o.append(f'<polyline points="{poly}" fill="none" stroke="{c}" stroke-width="1.4"/>')
+        o.append(
+            f'<polyline points="{poly}" fill="none" stroke="{c}" stroke-width="1.3" '
+            'stroke-opacity="0.8"/>'
+        )
         for t, v in pts:
-            clipped = v < y0 or v > y1
-            o.append(
-                f'<circle cx="{px(t):.1f}" cy="{py(v):.1f}" r="{3.2 if clipped else 1.8}" '
-                f'fill="{"white" if clipped else c}" stroke="{c}"/>'
-            )
-    # Legend below the plot, two columns.
+            o.append(f'<circle cx="{px(t):.1f}" cy="{py(v):.1f}" r="1.8" fill="{c}"/>')
     for i, (label, pts) in enumerate(series):
         c = COLOURS[i % len(COLOURS)]
-        lx = ml + (i % 2) * (pw / 2)
-        ly = mt + ph + 66 + (i // 2) * 20
-        offs = sorted(v for _, v in pts)
+        ly = mt + ph + 66 + i * 20
+        offs = [v for _, v in pts]
         med = percentile(offs, 50)
         p90 = percentile([abs(v) for v in offs], 90)
-        o.append(f'<line x1="{lx}" x2="{lx + 24}" y1="{ly - 4}" y2="{ly - 4}" stroke="{c}" stroke-width="3"/>')
         o.append(
-            f'<text x="{lx + 30}" y="{ly}">{esc(label)}: p50 {med:+.1f} us, '
-            f"abs p90 {p90:.1f} us, n={len(pts)}</text>"
+            f'<line x1="{ml}" x2="{ml + 24}" y1="{ly - 4}" y2="{ly - 4}" stroke="{c}" '
+            'stroke-width="3"/>'
         )
-    o.append(
-        f'<text x="{ml}" y="{h - 8}" font-size="11" fill="#555">Open circles: samples beyond '
-        "the scale (drawn at its edge).</text>"
-    )
+        o.append(
+            f'<text x="{ml + 30}" y="{ly}">{esc(label)}: offset p50 {med:+.1f} us, '
+            f"abs(offset) p90 {p90:.1f} us, {len(pts)} samples</text>"
+        )
     o.append("</svg>")
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(o) + "\n")

@@ -723,3 +723,4 @@ echo "$calib_user"
 echo '```'
 echo
 echo "bench: done in ${elapsed} s"
+bash scripts/bench-clock.sh # issue 16: real chronyd clients, own processes (BENCH_QUICK=1: 30 s)

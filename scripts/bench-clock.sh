@@ -405,6 +405,7 @@ if ((corr)); then
         echo "- $(verdict "$ok") abs(offset) p90 <= 10 us$m: $(awk -v v="$a" 'BEGIN { printf "%.1f us", v * 1e6 }')"
         ok=$(awk -v v="$d" 'BEGIN { print (v != "-" && v != "" && v <= 40e-6) ? 1 : 0 }')
         echo "- $(verdict "$ok") delay p50 <= 40 us$m: $(awk -v v="$d" 'BEGIN { printf "%.1f us", v * 1e6 }')"
+        [[ -n $x ]] || continue # the interleaved share only means something for xleave
         ok=$(awk -v a="$il" -v b="$dil" 'BEGIN { if (a == "-" || b == "-" || a == "" || b == "") { print 0; exit } d = a - b; print ((d < 0 ? -d : d) <= 2) ? 1 : 0 }')
         echo "- $(verdict "$ok") interleaved share within 2 points of direct's$m: ${il%.*}% vs ${dil%.*}%"
     done

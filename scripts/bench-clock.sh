@@ -251,6 +251,7 @@ done
 sleep 3
 declare -A first=()
 for p in "${!run[@]}"; do first[$p]=$(($(wc -l <"$work/c-$p/log/measurements.log") + 1)); done
+window_start=$(date -u '+%Y-%m-%d %H:%M')
 note "window: ${duration} s from $(date -u +%H:%M:%S) UTC ($(load))"
 sleep "$duration"
 declare -A last=()
@@ -348,10 +349,10 @@ done
 
 # ---------------------------------------------------------------------------------------------
 python3 "$report" svg "$work/manifest" "$svg_out" \
-    "chronyd clients polling every second, offset per sample ($(date -u '+%Y-%m-%d %H:%M') UTC, ${duration} s)"
+    "chronyd clients polling every second, offset per sample ($window_start UTC, ${duration} s)"
 
 echo
-echo "### Clock: real chronyd clients ($(date -u '+%Y-%m-%d %H:%M') UTC, ${duration} s window)"
+echo "### Clock: real chronyd clients (window from $window_start UTC, ${duration} s)"
 echo
 echo "Machine: $(nproc) CPUs, $(uname -r), $("$chronyd" -v | head -1 | cut -d' ' -f1-4)."
 echo "Load: before $load_before; at the end of the window $load_during."

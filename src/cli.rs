@@ -110,6 +110,11 @@ pub struct ClientArgs {
     /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+
+    /// Leave NTP replies' receive and transmit timestamps as they arrive instead of correcting
+    /// them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the file
+    #[arg(long)]
+    pub no_timestamp_correction: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -149,6 +154,12 @@ pub struct ServerArgs {
     /// Worker threads, each with its own SO_REUSEPORT socket [default: the number of cores]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+
+    /// Leave NTP replies' receive and transmit timestamps as the time server sent them instead
+    /// of correcting them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the
+    /// file
+    #[arg(long)]
+    pub no_timestamp_correction: bool,
 }
 
 #[derive(Debug, Args)]

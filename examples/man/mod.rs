@@ -288,6 +288,11 @@ pub const CLIENT_KEYS: &[(&str, &str, &str)] = &[
         "Seconds of silence before a keepalive, so the server relay's idle timeout never removes a quiet association. Default 300.",
     ),
     (
+        "",
+        "timestamp_correction",
+        "Correct NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
+    ),
+    (
         "tunnel",
         "listen",
         "Local UDP address the NTP clients query (required). Port 123 for ntpd, timesyncd, ntpdate and sntp.",
@@ -354,6 +359,11 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
         "",
         "workers",
         "Sockets and threads sharing the listen address (SO_REUSEPORT), 1 to 256. Default: the number of cores.",
+    ),
+    (
+        "",
+        "timestamp_correction",
+        "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
         "",

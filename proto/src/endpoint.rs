@@ -178,6 +178,17 @@ impl Endpoint {
         })
     }
 
+    /// Turns the residence correction of forwarded replies on or off (docs/TIMESTAMPS.md).
+    /// The builtin source always stamps its own receive and transmit times.
+    pub fn set_timestamp_correction(&mut self, on: bool) {
+        self.forward.set_correction(on);
+    }
+
+    /// Where residence times and correction outcomes are reported.
+    pub fn set_timestamp_observer(&mut self, observer: Arc<dyn crate::residence::Observer>) {
+        self.forward.set_observer(observer);
+    }
+
     /// New material for handshakes from now on; live associations keep theirs.
     pub fn replace_settings(&mut self, settings: &ServerSettings) -> Result<(), SettingsError> {
         self.engine.replace_server_settings(settings)
@@ -337,19 +348,27 @@ impl Endpoint {
     // Output
     // ----------------------------------------------------------------------------------------
 
+    /// The next request for the time server, if any (what [`Endpoint::poll_transmit`] would
+    /// return first): a shell sends these before it finishes replies, so a reply's transmit
+    /// time is not taken before a system call it then waits behind.
+    pub fn poll_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
+        let request = self.to_time_server.pop_front()?;
+        self.forward.request_sent(now, wall, request.transmit);
+        self.upstream_asked(now);
+        Some(Transmit {
+            destination: Destination::TimeServer,
+            datagram: request.datagram,
+            ntp: true,
+        })
+    }
+
     /// The next datagram to send. `wall` is read by the shell right before the call: a reply
     /// is finished and encrypted at this moment, and a request's departure noted. Requests to
     /// the time server go first: their replies take longest to come back.
     pub fn poll_transmit(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
         loop {
-            if let Some(request) = self.to_time_server.pop_front() {
-                self.forward.request_sent(now, wall, request.transmit);
-                self.upstream_asked(now);
-                return Some(Transmit {
-                    destination: Destination::TimeServer,
-                    datagram: request.datagram,
-                    ntp: true,
-                });
+            if let Some(request) = self.poll_request(now, wall) {
+                return Some(request);
             }
             if let Some(transmit) = self.transmits.pop_front() {
                 return Some(transmit);
@@ -360,7 +379,7 @@ impl Endpoint {
                     mut datagram,
                     stamp,
                 } => {
-                    self.forward.reply_sent(wall, &mut datagram, &stamp);
+                    self.forward.reply_sent(now, wall, &mut datagram, &stamp);
                     self.send_reply(now, peer, &datagram);
                 }
                 ToPeer::Builtin {

@@ -7,6 +7,8 @@
 //!
 //! - [`ntp`]: NTP packet checks and construction.
 //! - [`pending`]: outstanding requests, so each reply goes back to whoever asked.
+//! - [`residence`]: the relays' residence-time correction of NTP timestamps (a transparent
+//!   clock), and the interleaved-mode translation it needs.
 //! - [`record`]: the DTLS record pre-parser that decides what may reach the engine.
 //! - [`admission`]: who may hold state on the server relay, how much and how long.
 //! - [`engine`]: the DTLS engine interface and its rtc-dtls implementation, with our policy.
@@ -25,6 +27,7 @@ pub mod identity;
 pub mod ntp;
 pub mod pending;
 pub mod record;
+pub mod residence;
 pub mod stats;
 pub mod tunnel;
 pub mod x509;

@@ -107,7 +107,7 @@ def table(path):
             continue
         st = stats(samples(log, int(first), int(last)))
         fields = " ".join(
-            f"{k}={'-' if v is None else (f'{v:.9f}' if isinstance(v, float) else v)}"
+            f"{k}={'-' if v is None else (f'{v:.6e}' if isinstance(v, float) else v)}"
             for k, v in st.items()
         )
         print(f"STATS label={label.replace(' ', '_')} {fields}", file=sys.stderr)

@@ -408,7 +408,7 @@ if ((corr)); then
         echo "- $(verdict "$ok") delay p50 <= 40 us$m: $(awk -v v="$d" 'BEGIN { printf "%.1f us", v * 1e6 }')"
         [[ -n $x ]] || continue # the interleaved share only means something for xleave
         ok=$(awk -v a="$il" -v b="$dil" 'BEGIN { if (a == "-" || b == "-" || a == "" || b == "") { print 0; exit } d = a - b; print ((d < 0 ? -d : d) <= 2) ? 1 : 0 }')
-        echo "- $(verdict "$ok") interleaved share within 2 points of direct's$m: ${il%.*}% vs ${dil%.*}%"
+        echo "- $(verdict "$ok") interleaved share within 2 points of direct's$m: $(awk -v a="$il" -v b="$dil" 'BEGIN { printf "%.1f%% vs %.1f%%", a, b }')"
     done
 else
     echo "- n/a: correction not built in this tree (no --no-timestamp-correction)"

@@ -159,19 +159,24 @@ done
 ((ok)) || die "the time server does not answer on 127.0.0.1:$ts_port"
 note "time server: chronyd -x on 127.0.0.1:$ts_port"
 
-server_relay() { # name extra-flags...: prints the listen address
-    local name=$1
+# The relays set $relay_addr (the address of their ready line). Not called in $(...): a
+# daemon started in a subshell would be missing from $pgids and outlive the script.
+relay_addr=
+server_relay() { # name extra-flags...
+    local name=$1 line
     shift
     start_daemon "$name" "$bin" server --listen 127.0.0.1:0 --upstream "127.0.0.1:$ts_port" \
         --cert "$work/pki/server.pem" --key "$work/pki/server.key.pem" "$@"
-    listen_of "$(wait_log "$work/log/$name.out" " ready ")"
+    line=$(wait_log "$work/log/$name.out" " ready ") || return 1
+    relay_addr=$(listen_of "$line")
 }
-client_relay() { # name listen server extra-flags...: prints the listen address
-    local name=$1 listen=$2 server=$3
+client_relay() { # name listen server extra-flags...
+    local name=$1 listen=$2 server=$3 line
     shift 3
     start_daemon "$name" "$bin" client --listen "$listen" --server "$server" \
         --ca "$work/pki/ca.pem" --server-name localhost "$@"
-    listen_of "$(wait_log "$work/log/$name.out" " ready ")"
+    line=$(wait_log "$work/log/$name.out" " ready ") || return 1
+    relay_addr=$(listen_of "$line")
 }
 
 nocorr=()
@@ -179,13 +184,20 @@ nocorr=()
 declare -A addr=()
 addr[direct]=127.0.0.1:$ts_port
 if ((corr)); then
-    srv_c=$(server_relay server-corrected)
-    addr[corrected]=$(client_relay client-corrected 127.0.0.1:0 "$srv_c")
-    addr[corrected-xleave]=$(client_relay client-corrected-xleave 127.0.0.1:0 "$srv_c")
+    server_relay server-corrected || die "server relay (corrected) not ready"
+    srv_c=$relay_addr
+    client_relay client-corrected 127.0.0.1:0 "$srv_c" || die "client relay not ready"
+    addr[corrected]=$relay_addr
+    client_relay client-corrected-xleave 127.0.0.1:0 "$srv_c" || die "client relay not ready"
+    addr[corrected-xleave]=$relay_addr
 fi
-srv_u=$(server_relay server-uncorrected "${nocorr[@]}")
-addr[uncorrected]=$(client_relay client-uncorrected 127.0.0.1:0 "$srv_u" "${nocorr[@]}")
-addr[uncorrected-xleave]=$(client_relay client-uncorrected-xleave 127.0.0.1:0 "$srv_u" "${nocorr[@]}")
+server_relay server-uncorrected "${nocorr[@]}" || die "server relay (uncorrected) not ready"
+srv_u=$relay_addr
+client_relay client-uncorrected 127.0.0.1:0 "$srv_u" "${nocorr[@]}" || die "client relay not ready"
+addr[uncorrected]=$relay_addr
+client_relay client-uncorrected-xleave 127.0.0.1:0 "$srv_u" "${nocorr[@]}" ||
+    die "client relay not ready"
+addr[uncorrected-xleave]=$relay_addr
 
 seed=0
 if [[ -n $stunnel ]] && command -v socat >/dev/null; then
@@ -319,10 +331,11 @@ EOF
         ntp_addr[direct]=$(ip123 1)
     fi
     if ((corr)); then
-        a=$(client_relay client123-corrected "$(ip123 2):123" "$srv_c") && ntp_addr[corrected]=${a%:*}
+        client_relay client123-corrected "$(ip123 2):123" "$srv_c" &&
+            ntp_addr[corrected]=${relay_addr%:*}
     fi
-    a=$(client_relay client123-uncorrected "$(ip123 3):123" "$srv_u" "${nocorr[@]}") &&
-        ntp_addr[uncorrected]=${a%:*}
+    client_relay client123-uncorrected "$(ip123 3):123" "$srv_u" "${nocorr[@]}" &&
+        ntp_addr[uncorrected]=${relay_addr%:*}
 else
     note "cannot bind port 123 (not root, or taken): no ntpdate/sntp rows"
 fi

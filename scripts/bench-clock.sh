@@ -96,8 +96,10 @@ stop_groups() {
     for g in "$@"; do kill -KILL -- "-$g" 2>/dev/null || true; done
     for g in "$@"; do wait "$g" 2>/dev/null || true; done
 }
+sleep_pid=
 cleanup() {
     trap - EXIT INT TERM
+    [[ -n $sleep_pid ]] && kill "$sleep_pid" 2>/dev/null
     ((${#pgids[@]})) && stop_groups "${pgids[@]}"
     if [[ ${CLOCK_KEEP:-0} == 1 ]]; then note "work directory kept: $work"; else rm -rf "$work"; fi
 }
@@ -265,7 +267,12 @@ declare -A first=()
 for p in "${!run[@]}"; do first[$p]=$(($(wc -l <"$work/c-$p/log/measurements.log") + 1)); done
 window_start=$(date -u '+%Y-%m-%d %H:%M')
 note "window: ${duration} s from $(date -u +%H:%M:%S) UTC ($(load))"
-sleep "$duration"
+# In the background and waited for, so that INT/TERM stop the run at once (bash runs a trap
+# only after its foreground command ends).
+sleep "$duration" &
+sleep_pid=$!
+wait "$sleep_pid"
+sleep_pid=
 declare -A last=()
 for p in "${!run[@]}"; do last[$p]=$(wc -l <"$work/c-$p/log/measurements.log"); done
 load_during=$(load)

@@ -264,7 +264,8 @@ impl SendQueue {
         let mut flushed = Flushed::default();
         let mut last_error = None;
         let mut start = 0;
-        let mut retried_at = None;
+        // (position, retries) of the datagram a pending ICMP error held back.
+        let mut retried = (usize::MAX, 0u8);
         while start < self.queued.len() {
             let end = (start + BATCH).min(self.queued.len());
             match send_chunk(socket, &self.queued[start..end]) {
@@ -284,12 +285,17 @@ impl SendQueue {
                 }
                 Err(e)
                     if e.kind() == io::ErrorKind::ConnectionRefused
-                        && retried_at != Some(start) =>
+                        && (retried.0 != start || retried.1 < MAX_ICMP_RETRIES) =>
                 {
                     // Not this datagram's fault: a connected socket reports (and clears) its
                     // pending error, an ICMP port unreachable for an earlier datagram, on the
-                    // next call. Send it again, once; the caller hears of the ICMP error.
-                    retried_at = Some(start);
+                    // next call. Send it again (a few times: errors may keep coming, forged at
+                    // a high rate); the caller hears of the ICMP error.
+                    retried = if retried.0 == start {
+                        (start, retried.1 + 1)
+                    } else {
+                        (start, 1)
+                    };
                     flushed.unreachable = true;
                 }
                 Err(e) => {
@@ -305,6 +311,9 @@ impl SendQueue {
         (flushed, last_error)
     }
 }
+
+/// Times one datagram is sent again after sends that only reported a pending ICMP error.
+const MAX_ICMP_RETRIES: u8 = 4;
 
 fn send_chunk(
     socket: &DatagramSocket,

@@ -16,7 +16,8 @@
 
 mod common;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use ntp_dtls::config;
+use ntp_dtls::proto::backoff::Backoff;
 use ntp_dtls::proto::engine::{ClientSettings, DtlsEngine, Engine, Event};
 use ntp_dtls::proto::ntp::{self, NtpTimestamp};
 
@@ -55,6 +57,18 @@ struct Args {
     /// Seconds of the load phase (0: skip it).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// End the load phase after this many requests have been sent (and their replies awaited),
+    /// whatever --duration says: a fixed amount of work, for instruction counts
+    /// (scripts/callgrind.sh).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// A shell command run (and waited for) just before the load phase, e.g. to zero a
+    /// profiler's counters.
+    #[arg(long)]
+    before_load: Option<String>,
+    /// A shell command run (and waited for) right after the load phase's last reply.
+    #[arg(long)]
+    after_load: Option<String>,
     /// Seconds a request waits for its reply.
     #[arg(long, default_value_t = 1.0)]
     timeout: f64,
@@ -72,7 +86,34 @@ struct Args {
     max_seconds: f64,
     #[arg(long, default_value = "-")]
     label: String,
+    /// Reconnect storm: after the other phases, run this shell command, which must kill the
+    /// server relay and start it again on the same address (returning once it is ready); then
+    /// every association reconnects as the client relay's tunnel does after a death: at once,
+    /// then, after each failed attempt, the tunnel's backoff (1 s doubling to 60 s, jittered).
+    #[arg(long)]
+    storm_restart: Option<String>,
+    /// Seconds the storm phase may last.
+    #[arg(long, default_value_t = 60.0)]
+    storm_seconds: f64,
+    /// A file with the restarted server's PID (written by --storm-restart), for its RSS and CPU.
+    #[arg(long)]
+    storm_pid_file: Option<PathBuf>,
+    /// The restarted server's metrics endpoint (IP:PORT), for its half-open gauge.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// A legitimate client relay's NTP address, polled every --legit-interval seconds for the
+    /// whole run: its first reply after the restart is reported.
+    #[arg(long)]
+    legit: Option<SocketAddr>,
+    #[arg(long, default_value_t = 0.2)]
+    legit_interval: f64,
 }
+
+/// The client relay tunnel's reconnect backoff (proto/src/tunnel.rs: BACKOFF_INITIAL, _MAX).
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The epoll token of the legitimate client's socket.
+const LEGIT: u64 = u64::MAX;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -88,7 +129,13 @@ fn main() -> ExitCode {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Waiting,
-    Handshaking { deadline: Instant },
+    /// Storm: the next attempt is due then.
+    Retry {
+        at: Instant,
+    },
+    Handshaking {
+        deadline: Instant,
+    },
     Established,
     Failed,
 }
@@ -99,6 +146,34 @@ struct Assoc {
     state: State,
     /// Transmit timestamp of the outstanding request.
     outstanding: Option<NtpTimestamp>,
+    /// Storm: the tunnel's backoff, its jitter source, and the deadline queued for it.
+    backoff: Backoff,
+    jitter: u64,
+    timer: Option<Instant>,
+    back: bool,
+}
+
+impl Assoc {
+    /// Uniform in [0, 1), xorshift as the tunnel's jitter.
+    fn unit(&mut self) -> f64 {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        (self.jitter >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A legitimate client relay's NTP listener, polled at a steady interval.
+struct Legit {
+    socket: UdpSocket,
+    interval: Duration,
+    next_send: Instant,
+    outstanding: Option<NtpTimestamp>,
+    replies_before: u64,
+    replies_after: u64,
+    /// When the storm began (the restart command returned) and the kill was ordered.
+    t0: Option<Instant>,
+    first_after: Option<Instant>,
 }
 
 /// The server's RSS and CPU time at one moment.
@@ -129,6 +204,14 @@ struct Load<'a> {
     delays_ns: Vec<f64>,
     offsets_ns: Vec<f64>,
     send_errors: u64,
+    // Storm phase.
+    storming: bool,
+    storm_t0: Option<Instant>,
+    back_ns: Vec<u64>,
+    attempts: u64,
+    storm_failures: BTreeMap<String, usize>,
+    touched: Vec<usize>,
+    legit: Option<Legit>,
 }
 
 impl Load<'_> {
@@ -165,6 +248,18 @@ impl Load<'_> {
     }
 
     fn fail(&mut self, index: usize, reason: String) {
+        if self.storming {
+            // As the tunnel does after a failed attempt: forget it, wait out the backoff.
+            let now = Instant::now();
+            let assoc = &mut self.assocs[index];
+            assoc.engine.forget(now, self.args.server);
+            let unit = assoc.unit();
+            let delay = assoc.backoff.next_delay(unit);
+            assoc.state = State::Retry { at: now + delay };
+            *self.storm_failures.entry(reason).or_default() += 1;
+            self.touched.push(index);
+            return;
+        }
         if matches!(self.assocs[index].state, State::Handshaking { .. }) {
             self.handshake_over(index);
         }
@@ -186,9 +281,23 @@ impl Load<'_> {
                 .engine
                 .receive(now, self.args.server, &self.buf[..len], &mut events);
             self.flush(index);
+            if self.storming {
+                self.touched.push(index);
+            }
             for event in events.drain(..) {
                 match event {
                     Event::Established { .. } => {
+                        if self.storming {
+                            let assoc = &mut self.assocs[index];
+                            assoc.state = State::Established;
+                            assoc.backoff.reset();
+                            if !assoc.back {
+                                assoc.back = true;
+                                let t0 = self.storm_t0.unwrap_or(now);
+                                self.back_ns.push(now.duration_since(t0).as_nanos() as u64);
+                            }
+                            continue;
+                        }
                         self.handshake_over(index);
                         self.assocs[index].state = State::Established;
                         self.established += 1;
@@ -234,6 +343,10 @@ impl Load<'_> {
     }
 
     fn wait(&mut self, events: &mut [EpollEvent], until: Instant) -> io::Result<()> {
+        let until = match &self.legit {
+            Some(legit) => until.min(legit.next_send),
+            None => until,
+        };
         let wait = until.saturating_duration_since(Instant::now());
         let wait_ms = wait.as_micros().div_ceil(1000).min(50) as u16;
         let n = match self.epoll.wait(events, EpollTimeout::from(wait_ms)) {
@@ -242,9 +355,185 @@ impl Load<'_> {
             Err(e) => return Err(e.into()),
         };
         for event in &events[..n] {
-            self.on_readable(event.data() as usize);
+            if event.data() == LEGIT {
+                self.legit_readable();
+            } else {
+                self.on_readable(event.data() as usize);
+            }
         }
+        self.legit_tick();
         Ok(())
+    }
+
+    /// Sends the legitimate client's next request when it is due (every interval, answered or
+    /// not, as an NTP client polls).
+    fn legit_tick(&mut self) {
+        let Some(legit) = &mut self.legit else {
+            return;
+        };
+        let now = Instant::now();
+        if now < legit.next_send {
+            return;
+        }
+        let t1 = ntp_now();
+        if legit.socket.send(&ntp::build_request(t1)).is_ok() {
+            legit.outstanding = Some(t1);
+        }
+        legit.next_send = now + legit.interval;
+    }
+
+    fn legit_readable(&mut self) {
+        let Some(legit) = &mut self.legit else {
+            return;
+        };
+        let mut buf = [0u8; 512];
+        loop {
+            let len = match legit.socket.recv(&mut buf) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => continue, // ICMP errors while the client relay's tunnel is down
+            };
+            let now = Instant::now();
+            let Ok(reply) = ntp::check_reply(&buf[..len]) else {
+                continue;
+            };
+            if Some(reply.origin) != legit.outstanding || !(1..=15).contains(&reply.stratum) {
+                continue;
+            }
+            legit.outstanding = None;
+            match legit.t0 {
+                Some(t0) if now >= t0 => {
+                    legit.replies_after += 1;
+                    legit.first_after.get_or_insert(now);
+                }
+                _ => legit.replies_before += 1,
+            }
+        }
+    }
+
+    /// The storm's next deadline for one association: its retry, or its handshake's
+    /// retransmission or deadline; queued unless already queued for that time.
+    fn arm(&mut self, heap: &mut BinaryHeap<Reverse<(Instant, usize)>>, index: usize) {
+        let assoc = &mut self.assocs[index];
+        let due = match assoc.state {
+            State::Retry { at } => Some(at),
+            State::Handshaking { deadline } => Some(
+                assoc
+                    .engine
+                    .poll_timeout(self.args.server)
+                    .map_or(deadline, |t| t.min(deadline)),
+            ),
+            _ => None,
+        };
+        if due.is_some() && due != assoc.timer {
+            assoc.timer = due;
+            heap.push(Reverse((due.unwrap_or(Instant::now()), index)));
+        }
+    }
+
+    /// One association's deadline came: attempt a handshake, retransmit, or give it up.
+    fn fire(&mut self, index: usize, now: Instant) {
+        match self.assocs[index].state {
+            State::Retry { .. } => {
+                let deadline = now + Duration::from_secs_f64(self.args.handshake_timeout);
+                self.attempts += 1;
+                match self.assocs[index].engine.connect(now, self.args.server) {
+                    Ok(()) => {
+                        self.assocs[index].state = State::Handshaking { deadline };
+                        self.flush(index);
+                    }
+                    Err(e) => self.fail(index, e.to_string()),
+                }
+            }
+            State::Handshaking { deadline } => {
+                if now >= deadline {
+                    self.fail(index, "handshake_deadline".into());
+                    return;
+                }
+                let mut evs = std::mem::take(&mut self.events);
+                self.assocs[index]
+                    .engine
+                    .handle_timeout(now, self.args.server, &mut evs);
+                self.flush(index);
+                for event in evs.drain(..) {
+                    if let Event::Failed { failure, .. } = event {
+                        self.fail(index, failure.label().into());
+                    }
+                }
+                self.events = evs;
+            }
+            _ => {}
+        }
+    }
+
+    /// The reconnect storm: `restart` has just killed and restarted the server; every
+    /// association that was established is dead and reconnects as a tunnel would.
+    fn storm(
+        &mut self,
+        events: &mut [EpollEvent],
+        hard_stop: Instant,
+        sampler: &mut Sampler,
+    ) -> io::Result<Option<Instant>> {
+        let now = Instant::now();
+        let end = (now + Duration::from_secs_f64(self.args.storm_seconds)).min(hard_stop);
+        self.storm_t0 = Some(now);
+        self.storming = true;
+        let mut heap = BinaryHeap::new();
+        let mut devices = 0;
+        for index in 0..self.assocs.len() {
+            let assoc = &mut self.assocs[index];
+            if assoc.state != State::Established {
+                continue;
+            }
+            devices += 1;
+            // The tunnel's first reconnect after a death is immediate; later ones back off.
+            assoc.engine.forget(now, self.args.server);
+            assoc.backoff.reset();
+            let unit = assoc.unit();
+            let _ = assoc.backoff.next_delay(unit);
+            assoc.state = State::Retry { at: now };
+            assoc.back = false;
+            self.arm(&mut heap, index);
+        }
+        let mut all_back = None;
+        let mut next_sample = now;
+        while Instant::now() < end {
+            let now = Instant::now();
+            if now >= next_sample {
+                sampler.sample();
+                next_sample = now + Duration::from_millis(100);
+            }
+            if self.back_ns.len() >= devices {
+                all_back = Some(now);
+                break;
+            }
+            while let Some(&Reverse((due, index))) = heap.peek() {
+                if due > now {
+                    break;
+                }
+                heap.pop();
+                if self.assocs[index].timer != Some(due) {
+                    continue; // superseded
+                }
+                self.assocs[index].timer = None;
+                self.fire(index, now);
+                self.arm(&mut heap, index);
+            }
+            for index in std::mem::take(&mut self.touched) {
+                self.arm(&mut heap, index);
+            }
+            let wake = heap
+                .peek()
+                .map_or(end, |Reverse((due, _))| (*due).min(end))
+                .min(next_sample);
+            self.wait(events, wake)?;
+            for index in std::mem::take(&mut self.touched) {
+                self.arm(&mut heap, index);
+            }
+        }
+        sampler.sample();
+        self.storming = false;
+        Ok(all_back)
     }
 
     /// Opens every association, `inflight` at a time. Returns the elapsed time.
@@ -332,8 +621,19 @@ impl Load<'_> {
                     lost += 1;
                 }
             }
+            if self.args.requests.is_some_and(|n| sent >= n) {
+                if self.outstanding == 0 {
+                    break;
+                }
+                let wake = deadlines.front().map_or(end, |&(due, _, _)| due.min(end));
+                self.wait(events, wake)?;
+                continue;
+            }
             let mut tries = 0;
-            while self.outstanding < self.args.window && tries < ready.len() {
+            while self.outstanding < self.args.window
+                && tries < ready.len()
+                && self.args.requests.is_none_or(|n| sent < n)
+            {
                 let index = ready[cursor % ready.len()];
                 cursor += 1;
                 tries += 1;
@@ -379,6 +679,55 @@ impl Load<'_> {
     }
 }
 
+/// Peaks of the restarted server's RSS and half-open gauge, sampled during the storm.
+struct Sampler {
+    pid: Option<u32>,
+    metrics: Option<SocketAddr>,
+    rss_peak_kib: Option<u64>,
+    half_open_peak: Option<u64>,
+    established_last: Option<u64>,
+}
+
+impl Sampler {
+    fn sample(&mut self) {
+        if let Some(rss) = self.pid.and_then(common::rss_kib) {
+            self.rss_peak_kib = Some(self.rss_peak_kib.map_or(rss, |p| p.max(rss)));
+        }
+        if let Some(text) = self.metrics.and_then(|addr| http_get(addr, "/metrics")) {
+            let gauge = |state: &str| -> Option<u64> {
+                let key = format!("ntp_dtls_associations{{state=\"{state}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key.as_str()))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .map(|v| v as u64)
+            };
+            if let Some(h) = gauge("half_open") {
+                self.half_open_peak = Some(self.half_open_peak.map_or(h, |p| p.max(h)));
+            }
+            self.established_last = gauge("established").or(self.established_last);
+        }
+    }
+}
+
+/// A bounded HTTP/1.0 GET on loopback (the server's metrics endpoint); None on any failure.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_millis(300);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.take(4 << 20).read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// The time by which `q` of `n` devices were back, in seconds; None if fewer came back.
+fn back_by(sorted_ns: &[u64], n: usize, q: f64) -> Option<f64> {
+    let need = ((q * n as f64).ceil() as usize).max(1);
+    sorted_ns.get(need - 1).map(|&ns| ns as f64 / 1e9)
+}
+
 fn reading(pid: Option<u32>) -> ServerReading {
     ServerReading {
         rss_kib: pid.and_then(common::rss_kib),
@@ -396,6 +745,164 @@ fn opt(value: Option<f64>, decimals: usize) -> String {
 
 fn opt_u(value: Option<u64>) -> String {
     value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// Phase 4: kill and restart the server (`command`), then the reconnect storm.
+fn storm_phase(
+    load: &mut Load,
+    events: &mut [EpollEvent],
+    hard_stop: Instant,
+    command: &str,
+    result: &mut String,
+) -> Result<(), String> {
+    let args = load.args;
+    let devices = load
+        .assocs
+        .iter()
+        .filter(|a| a.state == State::Established)
+        .count();
+    let kill = Instant::now();
+    if let Some(legit) = &mut load.legit {
+        // Replies from here on count as after the restart.
+        legit.t0 = Some(kill);
+    }
+    hook(command)?;
+    let pid = args
+        .storm_pid_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let mut sampler = Sampler {
+        pid,
+        metrics: args.metrics,
+        rss_peak_kib: None,
+        half_open_peak: None,
+        established_last: None,
+    };
+    let restarted = Instant::now();
+    let server_before = reading(pid);
+    let own = std::process::id();
+    let client_before = common::cpu_ns(own);
+    let rss_start = pid.and_then(common::rss_kib);
+    let all_back = load
+        .storm(events, hard_stop, &mut sampler)
+        .map_err(|e| e.to_string())?;
+    let server_after = reading(pid);
+    let client_after = common::cpu_ns(own);
+    // Keep polling the legitimate client a little if it has not answered yet.
+    let legit_until = (Instant::now() + Duration::from_secs(5)).min(hard_stop);
+    while load.legit.as_ref().is_some_and(|l| l.first_after.is_none())
+        && Instant::now() < legit_until
+    {
+        load.wait(events, legit_until).map_err(|e| e.to_string())?;
+    }
+    let mut back = load.back_ns.clone();
+    back.sort_unstable();
+    let storm_s = all_back
+        .unwrap_or_else(Instant::now)
+        .duration_since(restarted)
+        .as_secs_f64();
+    let server_cpu = cpu_s(server_before, server_after);
+    let client_cpu = match (client_before, client_after) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e9),
+        _ => None,
+    };
+    // Handshakes completed per second, over each whole second of the storm: the peak.
+    let mut per_second = vec![0u64; storm_s.ceil() as usize + 1];
+    for &ns in &back {
+        if let Some(slot) = per_second.get_mut((ns / 1_000_000_000) as usize) {
+            *slot += 1;
+        }
+    }
+    let timeline: Vec<String> = per_second.iter().map(|n| n.to_string()).collect();
+    let failures: Vec<String> = load
+        .storm_failures
+        .iter()
+        .map(|(reason, n)| format!("{reason}:{n}"))
+        .collect();
+    let since = |t: Option<Instant>, from: Instant| t.map(|t| t.duration_since(from).as_secs_f64());
+    let legit = load.legit.as_ref();
+    let mut line = format!("phase=storm label={}", args.label);
+    for (key, value) in [
+        ("storm_devices", devices.to_string()),
+        ("storm_back", back.len().to_string()),
+        (
+            "storm_restart_s",
+            num(restarted.duration_since(kill).as_secs_f64(), 3),
+        ),
+        ("storm_t50_s", opt(back_by(&back, devices, 0.50), 3)),
+        ("storm_t99_s", opt(back_by(&back, devices, 0.99), 3)),
+        (
+            "storm_t100_s",
+            opt(
+                all_back.map(|t| t.duration_since(restarted).as_secs_f64()),
+                3,
+            ),
+        ),
+        ("storm_attempts", load.attempts.to_string()),
+        (
+            "storm_failures",
+            if failures.is_empty() {
+                "-".into()
+            } else {
+                failures.join(",")
+            },
+        ),
+        ("storm_hs_per_s", num(back.len() as f64 / storm_s, 1)),
+        (
+            "storm_hs_peak_per_s",
+            per_second.iter().max().copied().unwrap_or(0).to_string(),
+        ),
+        ("storm_server_cpu_s", opt(server_cpu, 3)),
+        (
+            "storm_server_cpu_pct",
+            opt(server_cpu.map(|c| 100.0 * c / storm_s), 0),
+        ),
+        ("storm_generator_cpu_s", opt(client_cpu, 3)),
+        ("storm_half_open_peak", opt_u(sampler.half_open_peak)),
+        ("storm_established_gauge", opt_u(sampler.established_last)),
+        ("storm_rss_start_kib", opt_u(rss_start)),
+        ("storm_rss_peak_kib", opt_u(sampler.rss_peak_kib)),
+        (
+            "legit_replies_before",
+            legit.map_or("-".into(), |l| l.replies_before.to_string()),
+        ),
+        (
+            "legit_replies_after",
+            legit.map_or("-".into(), |l| l.replies_after.to_string()),
+        ),
+        (
+            "legit_first_reply_s",
+            opt(legit.and_then(|l| since(l.first_after, restarted)), 3),
+        ),
+        (
+            "legit_first_reply_after_kill_s",
+            opt(legit.and_then(|l| since(l.first_after, kill)), 3),
+        ),
+    ] {
+        kv(&mut line, key, &value);
+        kv(result, key, &value);
+    }
+    println!("{line}");
+    println!(
+        "storm_timeline label={} back_per_second={}",
+        args.label,
+        timeline.join(",")
+    );
+    Ok(())
+}
+
+/// Runs a --before-load / --after-load command and waits for it.
+fn hook(command: &str) -> Result<(), String> {
+    let status = std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .map_err(|e| format!("{command}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command}: {status}"))
+    }
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -439,8 +946,36 @@ fn run(args: &Args) -> Result<(), String> {
             engine,
             state: State::Waiting,
             outstanding: None,
+            backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
+            // A different jitter seed per device, as each tunnel has its own.
+            jitter: (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            timer: None,
+            back: false,
         });
     }
+    let legit = match args.legit {
+        Some(addr) => {
+            let socket = UdpSocket::bind(bind).map_err(|e| format!("legit socket: {e}"))?;
+            socket
+                .connect(addr)
+                .and_then(|()| socket.set_nonblocking(true))
+                .map_err(|e| format!("legit socket: {e}"))?;
+            epoll
+                .add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, LEGIT))
+                .map_err(|e| format!("epoll: {e}"))?;
+            Some(Legit {
+                socket,
+                interval: Duration::from_secs_f64(args.legit_interval),
+                next_send: Instant::now(),
+                outstanding: None,
+                replies_before: 0,
+                replies_after: 0,
+                t0: None,
+                first_after: None,
+            })
+        }
+        None => None,
+    };
     let mut load = Load {
         args,
         epoll,
@@ -460,6 +995,13 @@ fn run(args: &Args) -> Result<(), String> {
         delays_ns: Vec::new(),
         offsets_ns: Vec::new(),
         send_errors: 0,
+        storming: false,
+        storm_t0: None,
+        back_ns: Vec::new(),
+        attempts: 0,
+        storm_failures: BTreeMap::new(),
+        touched: Vec::new(),
+        legit,
     };
     let mut events = vec![EpollEvent::empty(); 1024];
     let k = args.associations;
@@ -510,11 +1052,17 @@ fn run(args: &Args) -> Result<(), String> {
     // Phase 2: requests over every association.
     let mut line = format!("phase=load label={}", args.label);
     let after_load = if args.duration > 0.0 {
+        if let Some(command) = &args.before_load {
+            hook(command)?;
+        }
         let before = reading(args.server_pid);
         let (sent, lost, elapsed) = load
             .load(&mut events, hard_stop)
             .map_err(|e| e.to_string())?;
         let after = reading(args.server_pid);
+        if let Some(command) = &args.after_load {
+            hook(command)?;
+        }
         let cpu = cpu_s(before, after);
         let (d50, d99) = p50_p99(&mut load.delays_ns);
         let (o50, _) = p50_p99(&mut load.offsets_ns);
@@ -571,6 +1119,10 @@ fn run(args: &Args) -> Result<(), String> {
         kv(&mut result, key, &value);
     }
     println!("{line}");
+
+    if let Some(command) = &args.storm_restart {
+        storm_phase(&mut load, &mut events, hard_stop, command, &mut result)?;
+    }
     println!("{result}");
 
     if args.close {

@@ -724,3 +724,4 @@ echo '```'
 bash scripts/bench-attack.sh # the "under attack" section (issue 10)
 echo
 echo "bench: done in ${elapsed} s"
+echo; echo "Reconnect storm and instructions per reply (perf, issue 14):"; echo '```'; { STORM_BUILD=0 STORM_N=$([[ $quick == 1 ]] && echo 2000 || echo 19900) scripts/bench-storm.sh; command -v valgrind >/dev/null && CG_BUILD=0 CG_TOP=0 scripts/callgrind.sh; } 2>&1 | grep -v '^sending command'; echo '```'

@@ -26,7 +26,7 @@ mapping=$(
 openssl_client_interop|s_client -dtls1_2 (CA file, -verify_hostname localhost) to the server relay: DTLSv1.2, ECDHE-ECDSA-AES128-GCM-SHA256, EMS; NTP requests written through it get valid chronyd replies|FCS_DTLSS_EXT.1.1
 socat_client_interop|socat OPENSSL-DTLS-CLIENT in front of the server relay: 5 NTP requests, 5 valid chronyd replies|FCS_DTLSS_EXT.1.1
 socat_server_interop|client relay to socat OPENSSL-DTLS-SERVER in front of chronyd: 5 valid replies over one association|FCS_DTLSC_EXT.1.1
-openssl_server_interop|client relay to s_server -dtls1_2: the only shared suite is ECDHE-ECDSA-AES128-GCM-SHA256 (ECDSA+SHA256); a request arrives as one record, a reply written at s_server reaches the asking client|FCS_DTLSC_EXT.1.1, FCS_DTLSC_EXT.1.4
+openssl_server_interop|client relay to s_server -dtls1_2: the only shared suites are ECDHE-ECDSA-AES128-GCM-SHA256 and ECDHE-RSA-AES128-GCM-SHA256 (ECDSA+SHA256:ECDSA+SHA384:RSA+SHA256:RSA+SHA384); a request arrives as one record, a reply written at s_server reaches the asking client|FCS_DTLSC_EXT.1.1, FCS_DTLSC_EXT.1.4
 mutual_auth_interop|s_client with a client certificate from the trusted CA is accepted under --client-ca, its subject logged, its request answered|FCS_DTLSS_EXT.2.1
 server_refuses_dtls1_0|s_client -dtls1 refused: reason=protocol_version|FCS_DTLSS_EXT.1.2
 server_refuses_cbc_sha|s_client offering only ECDHE-ECDSA-AES128-SHA (CBC) refused: reason=no_shared_cipher|FCS_DTLSS_EXT.1.1
@@ -56,6 +56,16 @@ tampered_record_discarded|one ciphertext bit flipped in an application-data reco
 replayed_record_discarded|an application-data record sent again: no second request at the time server, no second reply|FCS_DTLSS_EXT.1.6
 old_association_record_discarded_after_rekey|after a rekey (a new association from the same address), a record of the old one whose sequence number (4) is ahead of the new one's (1), so only the keys can reject it, is discarded; the old one's close_notify does not end the new one, which carries on|FCS_DTLSS_EXT.1.6
 plain_ntp_creates_no_state|a plain NTP datagram at the DTLS port: no reply, no association, counted as drop_not_client_hello=1|FCS_DTLSS_EXT.1.3
+keys_rsa_server_with_openssl_client|server relay with an RSA-2048 certificate (PKCS#1 key) from an RSA-3072 CA: s_client gets ECDHE-RSA-AES128-GCM-SHA256, RSA signature, its request answered|FCS_DTLSS_EXT.1.1
+keys_rsa_client_against_openssl_server|client relay to s_server with an RSA certificate: ECDHE-RSA-AES128-GCM-SHA256, a request arrives|FCS_DTLSC_EXT.1.1
+keys_rsa_client_certificate_both_ways|RSA client certificates accepted: s_client's by the server relay (--client-ca), the client relay's by s_server -Verify|FCS_DTLSS_EXT.2.1
+keys_sha384_signature_schemes_offered_and_used|-sigalgs ecdsa_secp384r1_sha384 / rsa_pkcs1_sha384 only, both directions: SHA-384 signatures made and accepted; a P-256 server under SHA-384 only refused: reason=no_shared_cipher|FCS_DTLSC_EXT.1.1, FCS_DTLSS_EXT.1.1
+keys_client_offers_the_policy_suites_schemes_and_groups|the client relay's ClientHello as s_server reads it: the two AES-128-GCM suites, four SHA-256/384 schemes, secp256r1:secp384r1|FCS_DTLSC_EXT.1.1, FCS_DTLSC_EXT.1.4
+keys_p384_group_and_groups_mismatch|s_client -groups P-384 gets secp384r1; s_server -groups X25519: the client relay gets no association|FCS_DTLSS_EXT.1.1, FCS_DTLSC_EXT.1.4
+keys_p384_peers_accepted|a P-384 server certificate (P-384 CA, SHA-384) at the client relay, a P-384 client certificate at the server relay|FCS_DTLSC_EXT.1.1, FCS_DTLSS_EXT.2.1
+keys_rsa1024_peers_refused|an RSA-1024 leaf from a trusted CA refused in both roles: reason=key_policy, naming the leaf and its key size|FIA_X509_EXT.1.1, FCS_DTLSC_EXT.1.3, FCS_DTLSS_EXT.2.2
+keys_csr_signed_by_an_openssl_ca|certs --request server/client (RSA-3072): SANs and the role's EKU in the PKCS#10 request; signed by openssl x509 -req -copy_extensions, used in both roles|FIA_X509_EXT.3
+keys_rsa_lab_pki_end_to_end|certs --key-type rsa-3072, ntpdate through both relays to chronyd: a reply over TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256|FCS_DTLSC_EXT.1.1
 EOF
 )
 

@@ -2,11 +2,12 @@
 # Installs the system tools the integration tests drive (chronyd, ntpdate, sntp, socat, stunnel,
 # openssl, systemd-analyze from the systemd package to verify the units, man from man-db, which
 # systemd-analyze verify uses to check the units' Documentation= pages, and promtool from the
-# prometheus package to lint the metrics). Idempotent: does nothing when they are all present.
+# prometheus package to lint the metrics, and ip from iproute2 for the network-namespace tests).
+# Idempotent: does nothing when they are all present.
 # Never leaves a chronyd or prometheus service that the install started running.
 set -euo pipefail
 
-packages=(chrony ntpsec-ntpdate sntp socat stunnel4 openssl systemd man-db prometheus)
+packages=(chrony ntpsec-ntpdate sntp socat stunnel4 openssl systemd man-db prometheus iproute2)
 
 # chronyd and ntpdate live in /usr/sbin, which is not in a non-root PATH on Debian.
 have() {
@@ -14,13 +15,13 @@ have() {
 }
 
 missing=()
-for cmd in chronyd ntpdate sntp socat openssl systemd-analyze man promtool; do
+for cmd in chronyd ntpdate sntp socat openssl systemd-analyze man promtool ip; do
     have "$cmd" || missing+=("$cmd")
 done
 have stunnel4 || have stunnel || missing+=(stunnel4)
 
 if ((${#missing[@]} == 0)); then
-    echo "install-deps: all present (chronyd ntpdate sntp socat stunnel openssl systemd-analyze man promtool); nothing to do"
+    echo "install-deps: all present (chronyd ntpdate sntp socat stunnel openssl systemd-analyze man promtool ip); nothing to do"
     exit 0
 fi
 

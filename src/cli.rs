@@ -10,8 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Carry NTP over DTLS 1.2, one NTP datagram per DTLS record, so unmodified NTP clients \
              and servers exchange time over an authenticated channel.",
-    after_help = "Security policy (fixed, no switch weakens it): DTLS 1.2 only, \
-                  TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 only, extended master secret required, \
+    after_help = "Security policy (fixed, no switch weakens it): DTLS 1.2 only, extended master \
+                  secret required, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 or \
+                  TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, ECDHE over secp256r1/secp384r1, ECDSA \
+                  P-256/P-384 or RSA 2048-4096 certificates with SHA-256/SHA-384 signatures, \
                   cookie exchange, certificate chain and DNS/IP SAN checks.\n\n\
                   Typical use:\n  \
                   ntp-dtls certs --out certs --server-name time.example.net\n  \
@@ -44,7 +46,15 @@ pub enum Command {
     Client(ClientArgs),
     /// Server-side relay: DTLS associations in, plain NTP to the time server (chronyd) out
     Server(ServerArgs),
-    /// Generate a lab PKI: CA, server and client certificates and keys (ECDSA P-256)
+    /// Generate a lab PKI (CA, server and client certificates and keys), or with --request a key
+    /// and a certificate request for your own CA
+    #[command(after_help = "Examples:\n  \
+        ntp-dtls certs --out certs --server-name time.example.net\n  \
+        ntp-dtls certs --out certs --server-name time.example.net --key-type rsa-3072\n  \
+        ntp-dtls certs --out req --request server --server-name time.example.net\n  \
+        openssl x509 -req -in req/server.csr.pem -CA ca.pem -CAkey ca.key -copy_extensions copy \\\n      \
+        -days 365 -out req/server.pem\n  \
+        ntp-dtls certs --out req --request client --client-name device-1")]
     Certs(CertsArgs),
     /// Query an NTP server, plain or over DTLS, and print offset, delay and stratum
     Query(QueryArgs),
@@ -107,9 +117,14 @@ pub struct ClientArgs {
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
 
-    /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
+    /// Private key of --cert (PEM: ECDSA P-256/P-384 as PKCS#8 or SEC1, RSA 2048-4096 as PKCS#8 or PKCS#1)
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+
+    /// Leave NTP replies' receive and transmit timestamps as they arrive instead of correcting
+    /// them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the file
+    #[arg(long)]
+    pub no_timestamp_correction: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -134,7 +149,7 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
 
-    /// Private key of --cert (PEM, PKCS#8 or SEC1, ECDSA P-256)
+    /// Private key of --cert (PEM: ECDSA P-256/P-384 as PKCS#8 or SEC1, RSA 2048-4096 as PKCS#8 or PKCS#1)
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
 
@@ -149,6 +164,12 @@ pub struct ServerArgs {
     /// Worker threads, each with its own SO_REUSEPORT socket [default: the number of cores]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+
+    /// Leave NTP replies' receive and transmit timestamps as the time server sent them instead
+    /// of correcting them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the
+    /// file
+    #[arg(long)]
+    pub no_timestamp_correction: bool,
 }
 
 #[derive(Debug, Args)]
@@ -158,7 +179,11 @@ pub struct CertsArgs {
     pub out: PathBuf,
 
     /// DNS name or IP address for the server certificate (repeat for more; the first is the CN)
-    #[arg(long = "server-name", value_name = "NAME", required = true)]
+    #[arg(
+        long = "server-name",
+        value_name = "NAME",
+        required_unless_present = "request"
+    )]
     pub server_names: Vec<String>,
 
     /// DNS name or IP address for the client certificate [default: ntp-dtls-client]
@@ -172,6 +197,37 @@ pub struct CertsArgs {
     /// Overwrite existing files
     #[arg(long)]
     pub force: bool,
+
+    /// Key type of every key written (RSA keys use TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)
+    #[arg(long = "key-type", value_enum, default_value_t = KeyTypeArg::EcdsaP256)]
+    pub key_type: KeyTypeArg,
+
+    /// Instead of a lab PKI, write a key (0600) and a PKCS#10 request for your own CA: "server"
+    /// (server.key.pem, server.csr.pem: the --server-name SANs, EKU serverAuth) or "client"
+    /// (client.key.pem, client.csr.pem: the --client-name SANs, EKU clientAuth)
+    #[arg(long, value_enum, value_name = "ROLE")]
+    pub request: Option<RequestRole>,
+}
+
+/// `certs --key-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyTypeArg {
+    /// ECDSA on P-256, signatures with SHA-256
+    #[value(name = "ecdsa-p256")]
+    EcdsaP256,
+    /// ECDSA on P-384, signatures with SHA-384
+    #[value(name = "ecdsa-p384")]
+    EcdsaP384,
+    /// RSA with a 3072-bit modulus, PKCS#1 v1.5 signatures with SHA-256
+    #[value(name = "rsa-3072")]
+    Rsa3072,
+}
+
+/// `certs --request`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RequestRole {
+    Server,
+    Client,
 }
 
 #[derive(Debug, Args)]

@@ -73,6 +73,8 @@ pub struct TunnelFiles {
 pub struct ClientConfig {
     pub tunnels: Vec<Tunnel>,
     pub daemon: DaemonSettings,
+    /// Correct NTP replies' timestamps for the residence in this relay (docs/TIMESTAMPS.md).
+    pub timestamp_correction: bool,
     /// The flags it was built from: a reload reads the same file with the same flags.
     pub args: ClientArgs,
 }
@@ -86,6 +88,8 @@ pub struct ClientCandidate {
     pub daemon: DaemonSettings,
     /// The association upkeep every tunnel shares.
     pub policy: HealthPolicy,
+    /// Correct NTP replies' timestamps for the residence in this relay.
+    pub timestamp_correction: bool,
     pub args: ClientArgs,
 }
 
@@ -140,6 +144,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Sockets (and threads) sharing the listen address.
     pub workers: usize,
+    /// Correct forwarded NTP replies' timestamps for the residence in this relay.
+    pub timestamp_correction: bool,
     pub daemon: DaemonSettings,
     /// The flags it was built from: a reload reads the same file with the same flags.
     pub args: ServerArgs,
@@ -157,6 +163,7 @@ impl ServerConfig {
             client_ca_path: self.client_ca_path.clone(),
             limits: self.limits.clone(),
             workers: self.workers,
+            timestamp_correction: self.timestamp_correction,
             daemon: self.daemon.clone(),
             args: self.args.clone(),
         }
@@ -178,6 +185,8 @@ struct ClientFile {
     keepalive_secs: Option<f64>,
     dead_after_unanswered: Option<u32>,
     dead_after_secs: Option<f64>,
+    /// Residence-time correction of NTP replies (default on).
+    timestamp_correction: Option<bool>,
     #[serde(default)]
     tunnel: Vec<TunnelFile>,
 }
@@ -205,6 +214,8 @@ struct ServerFile {
     client_ca: Option<PathBuf>,
     stratum: Option<u8>,
     workers: Option<usize>,
+    /// Residence-time correction of forwarded NTP replies (default on).
+    timestamp_correction: Option<bool>,
     #[serde(default)]
     limits: LimitsFile,
 }
@@ -579,6 +590,7 @@ impl ClientConfig {
         Ok(ClientConfig {
             tunnels,
             daemon,
+            timestamp_correction: candidate.timestamp_correction,
             args: args.clone(),
         })
     }
@@ -637,6 +649,8 @@ impl ClientCandidate {
             tunnels,
             daemon,
             policy,
+            timestamp_correction: !args.no_timestamp_correction
+                && file.timestamp_correction.unwrap_or(true),
             args: args.clone(),
         })
     }
@@ -678,6 +692,7 @@ impl ClientCandidate {
             tunnels: vec![(listen_spec.to_string(), tunnel)],
             daemon,
             policy: HealthPolicy::default(),
+            timestamp_correction: !args.no_timestamp_correction,
             args: args.clone(),
         })
     }
@@ -764,6 +779,8 @@ impl ServerConfig {
                 "workers = {workers}: must be 1 to 256"
             )));
         }
+        let timestamp_correction =
+            !args.no_timestamp_correction && file.timestamp_correction.unwrap_or(true);
         let mut daemon = daemon;
         if let Some(path) = &args.config {
             daemon.files.push(("config".into(), path.clone()));
@@ -778,6 +795,7 @@ impl ServerConfig {
             daemon,
             limits,
             workers,
+            timestamp_correction,
             listen: resolve(&listen_spec, "listen")?,
             upstream,
             settings,
@@ -869,6 +887,9 @@ impl Reloadable for ClientConfig {
     fn reload_plan(&self, new: &ClientConfig) -> ReloadPlan {
         let mut plan = ReloadPlan::default();
         daemon_plan(&mut plan, &self.daemon, &new.daemon);
+        if self.timestamp_correction != new.timestamp_correction {
+            plan.apply("timestamp_correction");
+        }
         if let (Some(old), Some(new)) = (self.tunnels.first(), new.tunnels.first()) {
             let (a, b) = (&old.policy, &new.policy);
             plan.restart_if(
@@ -921,6 +942,9 @@ impl Reloadable for ServerConfig {
             (a, b) => plan.restart_if(a != b, "upstream"),
         }
         plan.restart_if(self.workers != new.workers, "workers");
+        if self.timestamp_correction != new.timestamp_correction {
+            plan.apply("timestamp_correction");
+        }
         let (a, b) = (&self.limits, &new.limits);
         for (changed, key) in [
             (a.max_associations != b.max_associations, "max_associations"),
@@ -1206,8 +1230,8 @@ mod tests {
         assert!(keys.server.contains(&("limits", "idle_timeout_secs")));
         assert!(!keys.server.contains(&("", "limits")));
         assert!(!keys.client.contains(&("", "tunnel")));
-        assert_eq!(keys.client.len(), 16, "{:?}", keys.client);
-        assert_eq!(keys.server.len(), 16, "{:?}", keys.server);
+        assert_eq!(keys.client.len(), 17, "{:?}", keys.client);
+        assert_eq!(keys.server.len(), 17, "{:?}", keys.server);
     }
 
     /// A lab PKI and config files in a temporary directory, parsed as main() would.
@@ -1230,6 +1254,7 @@ mod tests {
                 client_names: vec![],
                 days: 30,
                 force: false,
+                key_type: pki::KeyType::EcdsaP256,
             })
             .expect("lab pki");
             Lab { dir }
@@ -1282,6 +1307,43 @@ mod tests {
 
     const SERVER: &str = "listen = \"127.0.0.1:1123\"\nupstream = \"builtin\"\n\
                           cert = \"DIR/server.pem\"\nkey = \"DIR/server.key.pem\"\nworkers = 2\n";
+
+    #[test]
+    fn timestamp_correction_is_on_by_default_off_by_file_or_flag_and_reloads_live() {
+        let lab = Lab::new();
+        let on = lab.server(SERVER);
+        assert!(on.timestamp_correction);
+        let off = lab.server(&format!("{SERVER}timestamp_correction = false\n"));
+        assert!(!off.timestamp_correction);
+        let plan = reload_plan(&on, &off);
+        assert!(plan.applied.iter().any(|k| k == "timestamp_correction"));
+        assert!(!plan.needs_restart(), "{plan:?}");
+        let path = lab.write("flag.toml", SERVER);
+        let flagged = match crate::cli::Cli::try_parse_from([
+            "ntp-dtls",
+            "server",
+            "--config",
+            &path,
+            "--no-timestamp-correction",
+        ])
+        .expect("args")
+        .command
+        {
+            crate::cli::Command::Server(args) => ServerConfig::from_args(&args).expect("config"),
+            _ => unreachable!("parsed as the server command"),
+        };
+        assert!(!flagged.timestamp_correction);
+
+        let tunnel = "[[tunnel]]\nlisten = \"127.0.0.1:0\"\nserver = \"127.0.0.1:1123\"\n\
+                      server_name = \"localhost\"\nca = \"DIR/ca.pem\"\n";
+        let client_on = lab.client(tunnel);
+        assert!(client_on.timestamp_correction);
+        let client_off = lab.client(&format!("timestamp_correction = false\n{tunnel}"));
+        assert!(!client_off.timestamp_correction);
+        let plan = reload_plan(&client_on, &client_off);
+        assert!(plan.applied.iter().any(|k| k == "timestamp_correction"));
+        assert!(!plan.needs_restart(), "{plan:?}");
+    }
 
     #[test]
     fn a_server_reload_applies_material_and_names_what_needs_a_restart() {

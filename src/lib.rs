@@ -27,13 +27,38 @@ use cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Certs(args) => {
-            let written = pki::generate_lab_pki(&pki::LabPkiRequest {
-                out_dir: args.out.clone(),
-                server_names: args.server_names.clone(),
-                client_names: args.client_names.clone(),
-                days: args.days,
-                force: args.force,
-            })?;
+            let key_type = match args.key_type {
+                cli::KeyTypeArg::EcdsaP256 => pki::KeyType::EcdsaP256,
+                cli::KeyTypeArg::EcdsaP384 => pki::KeyType::EcdsaP384,
+                cli::KeyTypeArg::Rsa3072 => pki::KeyType::Rsa3072,
+            };
+            let written = match args.request {
+                Some(role) => {
+                    let (role, names) = match role {
+                        cli::RequestRole::Server => {
+                            (pki::RequestRole::Server, args.server_names.clone())
+                        }
+                        cli::RequestRole::Client => {
+                            (pki::RequestRole::Client, args.client_names.clone())
+                        }
+                    };
+                    pki::generate_request(&pki::CsrRequest {
+                        out_dir: args.out.clone(),
+                        role,
+                        names,
+                        key_type,
+                        force: args.force,
+                    })?
+                }
+                None => pki::generate_lab_pki(&pki::LabPkiRequest {
+                    out_dir: args.out.clone(),
+                    server_names: args.server_names.clone(),
+                    client_names: args.client_names.clone(),
+                    days: args.days,
+                    force: args.force,
+                    key_type,
+                })?,
+            };
             for path in written {
                 println!("wrote {}", path.display());
             }

@@ -188,7 +188,14 @@ async fn exchange(
                     return Ok(None);
                 };
                 let t4 = SystemTime::now();
-                let len = received.context("receive failed")?;
+                let len = match received {
+                    Ok(len) => len,
+                    // ICMP port unreachable: nothing listened there when the request arrived
+                    // (a client relay still starting). This request is lost; the timeout says
+                    // so and the next query tries again.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(e).context("receive failed"),
+                };
                 if let Some(m) = measure(&mut forward, &mut buf[..len], t1, t4) {
                     return Ok(Some(m));
                 }

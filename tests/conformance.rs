@@ -888,13 +888,18 @@ fn case_openssl_server_interop() {
         .wait_for_line("association established", EVENT_TIMEOUT);
     s_server.wait_for_text(&format!("CIPHER is {OPENSSL_SUITE}"), EVENT_TIMEOUT);
     let report = s_server.text();
-    // Of every suite this OpenSSL offers, the client relay shares exactly one.
+    // Of every suite this OpenSSL offers, the client relay shares exactly the policy's two
+    // (ECDSA and RSA, AES-128-GCM), and its four signature schemes.
     assert!(
-        report.contains(&format!("Shared ciphers:{OPENSSL_SUITE}\n")),
+        report.contains(&format!(
+            "Shared ciphers:{OPENSSL_SUITE}:ECDHE-RSA-AES128-GCM-SHA256\n"
+        )),
         "{report}"
     );
     assert!(
-        report.contains("Shared Signature Algorithms: ECDSA+SHA256\n"),
+        report.contains(
+            "Shared Signature Algorithms: ECDSA+SHA256:ECDSA+SHA384:RSA+SHA256:RSA+SHA384\n"
+        ),
         "{report}"
     );
 
@@ -1713,4 +1718,603 @@ fn case_plain_ntp_creates_no_state() {
     assert!(stopped.contains("drop_not_client_hello=1"), "{stopped}");
     assert!(!stopped.contains("associations_"), "{stopped}");
     assert_eq!(upstream.datagrams(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key types and signature schemes (issue 11, keys): RSA and P-384 identities both ways, the
+// SHA-384 schemes, groups, peers outside the key policy, and a CSR signed by an OpenSSL CA.
+// Certificates here are made by OpenSSL itself (`openssl req`, `openssl x509 -req`), so the
+// other side of each case is independent of our code.
+// ---------------------------------------------------------------------------------------------
+
+/// A CA made by `openssl req -x509`, issuing leaves with `openssl x509 -req`.
+struct OpensslCa {
+    dir: TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    digest: &'static str,
+}
+
+/// `openssl` with `args` in `cwd`, which must succeed; returns its stdout.
+fn openssl_ok(args: &[&str], cwd: &Path) -> String {
+    let mut cmd = openssl();
+    cmd.args(args).current_dir(cwd);
+    let out = run_command(cmd, OPENSSL_TIMEOUT).expect("openssl ran");
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        out.combined()
+    );
+    out.stdout
+}
+
+/// `-newkey` arguments for a key type.
+fn newkey(alg: &str) -> Vec<&str> {
+    match alg {
+        "p256" => vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "p384" => vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+        "rsa1024" => vec!["-newkey", "rsa:1024"],
+        "rsa2048" => vec!["-newkey", "rsa:2048"],
+        "rsa3072" => vec!["-newkey", "rsa:3072"],
+        other => panic!("no key type {other}"),
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+impl OpensslCa {
+    /// A CA with a key of `alg` ("p256", "p384", "rsa3072"), signing with SHA-384 for P-384
+    /// and SHA-256 otherwise.
+    fn new(alg: &str) -> OpensslCa {
+        let dir = TempDir::new();
+        let digest = if alg == "p384" { "-sha384" } else { "-sha256" };
+        // Each CA its own name (chain building matches issuers by name).
+        let tag = dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = format!("/CN=keys CA {alg} {tag}");
+        let mut args = vec![
+            "req", "-x509", "-nodes", digest, "-days", "30", "-subj", &name,
+        ];
+        args.extend(newkey(alg));
+        args.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl_ok(&args, dir.path());
+        OpensslCa {
+            cert: dir.join("ca.pem"),
+            key: dir.join("ca.key"),
+            dir,
+            digest,
+        }
+    }
+
+    /// Signs `csr`, with `ext` (an OpenSSL extension file's lines) or, for None, the request's
+    /// own extensions copied.
+    fn sign(&self, name: &str, csr: &Path, ext: Option<&str>) -> PathBuf {
+        let out = self.dir.join(format!("{name}.pem"));
+        let serial = format!("{}", ntp_now() & 0xffff_ffff);
+        let (csr, ca, ca_key, out_s) = (
+            path_arg(csr),
+            path_arg(&self.cert),
+            path_arg(&self.key),
+            path_arg(&out),
+        );
+        let mut args = vec![
+            "x509",
+            "-req",
+            self.digest,
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-set_serial",
+            &serial,
+            "-days",
+            "30",
+            "-out",
+            &out_s,
+        ];
+        let ext_file;
+        match ext {
+            Some(ext) => {
+                ext_file = path_arg(&self.dir.write(&format!("{name}.ext"), ext));
+                args.extend(["-extfile", &ext_file]);
+            }
+            None => args.extend(["-copy_extensions", "copy"]),
+        }
+        openssl_ok(&args, self.dir.path());
+        out
+    }
+
+    /// A leaf with a fresh `alg` key: "server" (localhost, 127.0.0.1, serverAuth) or "client"
+    /// (keys-client, clientAuth).
+    fn issue(&self, name: &str, alg: &str, role: &str) -> Credential {
+        let key = self.dir.join(format!("{name}.key.pem"));
+        let csr = self.dir.join(format!("{name}.csr"));
+        let subj = format!("/CN={name}");
+        let (key_s, csr_s) = (path_arg(&key), path_arg(&csr));
+        let mut args = vec!["req", "-new", "-nodes", "-subj", &subj];
+        args.extend(newkey(alg));
+        args.extend(["-keyout", &key_s, "-out", &csr_s]);
+        openssl_ok(&args, self.dir.path());
+        let ext = match role {
+            "server" => {
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+            }
+            _ => {
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=clientAuth\nsubjectAltName=DNS:keys-client\n"
+            }
+        };
+        Credential {
+            cert: self.sign(name, &csr, Some(ext)),
+            key,
+            chain: None,
+        }
+    }
+}
+
+/// Our server relay with `identity` (and `server_extra`), an s_client run with `extra` that
+/// must complete, verify our chain and carry one NTP request to the time server; returns
+/// s_client's report.
+fn server_accepts(
+    identity: &Credential,
+    ca: &Path,
+    extra: &[&str],
+    server_extra: &[&str],
+) -> String {
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let mut server = start_server_relay(identity, upstream.addr(), server_extra);
+    let mut args = vec!["-dtls1_2"];
+    args.extend(extra);
+    let (_, text) = s_client_with_request(server.addr, ca, &args, &[]);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    let (associations, _) = stop_relay(&mut server);
+    assert!(
+        associations
+            .first()
+            .is_some_and(|l| l.contains("association established")),
+        "{associations:?}"
+    );
+    eprintln!("audit: {}", associations[0]);
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the request did not reach the time server"
+    );
+    text
+}
+
+/// Our server relay with `identity` (and `server_extra`); one s_client run with `extra`
+/// refused with an alert, one audit line with `reason`, nothing forwarded. Returns the audit
+/// line and s_client's output.
+fn server_refuses_identity(
+    identity: &Credential,
+    ca: &Path,
+    extra: &[&str],
+    server_extra: &[&str],
+    reason: &str,
+) -> (String, String) {
+    let upstream = FakeNtpServer::start(loopback_ip(1), 0.0);
+    let mut server = start_server_relay(identity, upstream.addr(), server_extra);
+    let out = s_client_once(server.addr, ca, extra, &[]);
+    let (associations, _) = stop_relay(&mut server);
+    let audit = assert_one_refusal(&associations, reason);
+    assert_eq!(
+        upstream.datagrams(),
+        0,
+        "a datagram reached the time server"
+    );
+    (audit, out)
+}
+
+/// Our client relay (trusting `ca`, expecting localhost, `identity_args` as its own
+/// certificate) against s_server with `identity` and `extra`: the association comes up and an
+/// NTP request arrives at s_server as one record. Returns s_server's report and the client's
+/// established line.
+fn client_accepts(
+    ca: &Path,
+    identity: &Credential,
+    extra: &[&str],
+    identity_args: &[String],
+) -> (String, String) {
+    let (s_server, addr) = s_server(identity, "-dtls1_2", extra, &[]);
+    let mut args: Vec<String> = vec![
+        "client".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--server".into(),
+        addr.to_string(),
+        "--server-name".into(),
+        "localhost".into(),
+        "--ca".into(),
+        path_arg(ca),
+    ];
+    args.extend(identity_args.iter().cloned());
+    let daemon = spawn_ntp_dtls("client-relay", &args);
+    let client = Relay {
+        addr: daemon.wait_ready(READY_TIMEOUT)[0],
+        daemon,
+    };
+    let line = client
+        .daemon
+        .wait_for_line("association established", EVENT_TIMEOUT);
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let request = ntp_client_request(ntp_now());
+    socket.send_to(&request, client.addr).expect("send");
+    s_server.wait_for("the NTP request", REPLY_TIMEOUT, |out, _| {
+        contains(out, &request).then_some(())
+    });
+    eprintln!("audit: {line}");
+    (s_server.text(), line)
+}
+
+fn cert_args(identity: &Credential) -> Vec<String> {
+    vec![
+        "--cert".into(),
+        path_arg(&identity.cert),
+        "--key".into(),
+        path_arg(&identity.key),
+    ]
+}
+
+#[test]
+fn case_keys_rsa_server_with_openssl_client() {
+    // An RSA-2048 server certificate from an RSA-3072 CA, its key in PKCS#1 ("RSA PRIVATE
+    // KEY", as `openssl rsa -traditional` writes it): TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256.
+    let ca = OpensslCa::new("rsa3072");
+    let identity = ca.issue("rsa-server", "rsa2048", "server");
+    let pkcs1 = ca.dir.join("rsa-server.pkcs1.pem");
+    openssl_ok(
+        &[
+            "rsa",
+            "-traditional",
+            "-in",
+            &path_arg(&identity.key),
+            "-out",
+            &path_arg(&pkcs1),
+        ],
+        ca.dir.path(),
+    );
+    let pem = std::fs::read_to_string(&pkcs1).expect("key");
+    assert!(pem.contains("BEGIN RSA PRIVATE KEY"), "{pem}");
+    let identity = Credential {
+        key: pkcs1,
+        ..identity
+    };
+    let text = server_accepts(&identity, &ca.cert, &[], &[]);
+    assert!(
+        text.contains("Cipher    : ECDHE-RSA-AES128-GCM-SHA256"),
+        "{text}"
+    );
+    assert!(text.contains("Peer signature type: RSA"), "{text}");
+}
+
+#[test]
+fn case_keys_rsa_client_against_openssl_server() {
+    let ca = OpensslCa::new("rsa3072");
+    let server = ca.issue("rsa-server", "rsa2048", "server");
+    let (report, line) = client_accepts(&ca.cert, &server, &[], &[]);
+    assert!(
+        report.contains("CIPHER is ECDHE-RSA-AES128-GCM-SHA256"),
+        "{report}"
+    );
+    assert!(
+        line.contains("cipher=TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+        "{line}"
+    );
+}
+
+#[test]
+fn case_keys_rsa_client_certificate_both_ways() {
+    // Mutual authentication with an RSA client certificate: s_client's against our server
+    // relay, our client relay's against s_server -Verify.
+    let ca = OpensslCa::new("rsa3072");
+    let client = ca.issue("rsa-client", "rsa2048", "client");
+    let ca_arg = path_arg(&ca.cert);
+    server_accepts(
+        &ca.issue("server", "p256", "server"),
+        &ca.cert,
+        &[
+            "-cert",
+            &path_arg(&client.cert),
+            "-key",
+            &path_arg(&client.key),
+        ],
+        &["--client-ca", &ca_arg],
+    );
+    let (report, _) = client_accepts(
+        &ca.cert,
+        &ca.issue("rsa-server", "rsa2048", "server"),
+        &["-Verify", "1", "-verify_return_error", "-CAfile", &ca_arg],
+        &cert_args(&client),
+    );
+    assert!(report.contains("subject=CN = rsa-client"), "{report}");
+}
+
+#[test]
+fn case_keys_sha384_signature_schemes_offered_and_used() {
+    // Server side: s_client accepting only ecdsa_secp384r1_sha384 (a P-384 key) or only
+    // rsa_pkcs1_sha384 (an RSA key).
+    let ec = OpensslCa::new("p384");
+    let text = server_accepts(
+        &ec.issue("p384-server", "p384", "server"),
+        &ec.cert,
+        &["-sigalgs", "ecdsa_secp384r1_sha384"],
+        &[],
+    );
+    assert!(text.contains("Peer signing digest: SHA384"), "{text}");
+    assert!(text.contains("Peer signature type: ECDSA"), "{text}");
+    // A P-256 key signs with SHA-256 only (ring ties an ECDSA key to its curve's hash), so a
+    // client accepting only ecdsa_secp384r1_sha384 is refused cleanly (handshake_failure).
+    let (_, out) = server_refuses_identity(
+        &ec.issue("p256-server", "p256", "server"),
+        &ec.cert,
+        &["-dtls1_2", "-sigalgs", "ecdsa_secp384r1_sha384"],
+        &[],
+        "no_shared_cipher",
+    );
+    assert!(out.contains("SSL alert number 40"), "{out}");
+    let rsa = OpensslCa::new("rsa3072");
+    let text = server_accepts(
+        &rsa.issue("rsa-server", "rsa2048", "server"),
+        &rsa.cert,
+        &["-sigalgs", "rsa_pkcs1_sha384"],
+        &[],
+    );
+    assert!(text.contains("Peer signing digest: SHA384"), "{text}");
+    assert!(text.contains("Peer signature type: RSA"), "{text}");
+
+    // Client side: the client relay offers both SHA-384 schemes; s_server restricted to one of
+    // them still completes, and says which it shared.
+    let (report, _) = client_accepts(
+        &ec.cert,
+        &ec.issue("p384-s", "p384", "server"),
+        &["-sigalgs", "ecdsa_secp384r1_sha384"],
+        &[],
+    );
+    assert!(
+        report.contains("Shared Signature Algorithms: ECDSA+SHA384\n"),
+        "{report}"
+    );
+    let (report, _) = client_accepts(
+        &rsa.cert,
+        &rsa.issue("rsa-s", "rsa2048", "server"),
+        &["-sigalgs", "rsa_pkcs1_sha384"],
+        &[],
+    );
+    assert!(
+        report.contains("Shared Signature Algorithms: RSA+SHA384\n"),
+        "{report}"
+    );
+}
+
+#[test]
+fn case_keys_client_offers_the_policy_suites_schemes_and_groups() {
+    // What the client relay's ClientHello offers, as s_server reads it: the two suites, the
+    // four signature schemes, the two groups, nothing else.
+    let ca = OpensslCa::new("p256");
+    let (report, _) = client_accepts(&ca.cert, &ca.issue("server", "p256", "server"), &[], &[]);
+    for expected in [
+        "Shared ciphers:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256\n",
+        "Signature Algorithms: ECDSA+SHA256:ECDSA+SHA384:RSA+SHA256:RSA+SHA384\n",
+        "Supported groups: secp256r1:secp384r1\n",
+    ] {
+        assert!(report.contains(expected), "{expected:?} missing:\n{report}");
+    }
+}
+
+#[test]
+fn case_keys_p384_group_and_groups_mismatch() {
+    // secp384r1 is in the policy: s_client offering only P-384 gets it (with a P-384
+    // certificate: in TLS 1.2 the client's groups also bound the ECDSA certificate's curve, and
+    // OpenSSL ends the handshake with illegal_parameter if the server's is another). A server
+    // offering only X25519 to the client relay is refused (the server side of the mismatch is
+    // case_server_refuses_x25519_only).
+    let p384 = OpensslCa::new("p384");
+    let text = server_accepts(
+        &p384.issue("server", "p384", "server"),
+        &p384.cert,
+        &["-groups", "P-384"],
+        &[],
+    );
+    assert!(
+        text.contains("Server Temp Key: ECDH, secp384r1, 384 bits"),
+        "{text}"
+    );
+
+    let ca = OpensslCa::new("p256");
+    let (_, text) = client_refuses_with(
+        &ca.cert,
+        &ca.issue("x25519-server", "p256", "server"),
+        Some("localhost"),
+        &["-dtls1_2", "-groups", "X25519"],
+        &[],
+        "peer_alert",
+    );
+    assert!(!text.contains("CIPHER is"), "{text}");
+}
+
+#[test]
+fn case_keys_p384_peers_accepted() {
+    // A P-384 server certificate from a P-384 CA for the client relay, and a P-384 client
+    // certificate for the server relay.
+    let ca = OpensslCa::new("p384");
+    let (report, _) = client_accepts(
+        &ca.cert,
+        &ca.issue("p384-server", "p384", "server"),
+        &[],
+        &[],
+    );
+    assert!(
+        report.contains("CIPHER is ECDHE-ECDSA-AES128-GCM-SHA256"),
+        "{report}"
+    );
+    let client = ca.issue("p384-client", "p384", "client");
+    let ca_arg = path_arg(&ca.cert);
+    server_accepts(
+        &ca.issue("server", "p384", "server"),
+        &ca.cert,
+        &[
+            "-cert",
+            &path_arg(&client.cert),
+            "-key",
+            &path_arg(&client.key),
+        ],
+        &["--client-ca", &ca_arg],
+    );
+}
+
+#[test]
+fn case_keys_rsa1024_peers_refused() {
+    // An RSA-1024 leaf from an RSA-3072 CA: the chain verifies, the key is outside the policy.
+    // OpenSSL's own default (security level 2) refuses RSA-1024 too: level 0 lets it try.
+    let ca = OpensslCa::new("rsa3072");
+    let (audit, _) = client_refuses_with(
+        &ca.cert,
+        &ca.issue("weak-server", "rsa1024", "server"),
+        Some("localhost"),
+        &["-dtls1_2", "-cipher", "DEFAULT@SECLEVEL=0"],
+        &[],
+        "key_policy",
+    );
+    assert!(
+        audit.contains("an RSA key of 1024 bits (2048 to 4096 only)"),
+        "{audit}"
+    );
+
+    // The same as a client certificate, at the server relay.
+    let weak = ca.issue("weak-client", "rsa1024", "client");
+    let ca_arg = path_arg(&ca.cert);
+    let (audit, _) = server_refuses_identity(
+        &ca.issue("server", "rsa2048", "server"),
+        &ca.cert,
+        &[
+            "-dtls1_2",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+            "-cert",
+            &path_arg(&weak.cert),
+            "-key",
+            &path_arg(&weak.key),
+        ],
+        &["--client-ca", &ca_arg],
+        "key_policy",
+    );
+    assert!(audit.contains("an RSA key of 1024 bits"), "{audit}");
+}
+
+#[test]
+fn case_keys_csr_signed_by_an_openssl_ca() {
+    // `ntp-dtls certs --request` for both roles, signed by an RSA CA the operator runs with the
+    // request's extensions copied, then used: the server's by the server relay against
+    // s_client, the client's by the client relay against s_server -Verify.
+    let ca = OpensslCa::new("rsa3072");
+    let out = TempDir::new();
+    for (role, names) in [
+        (
+            "server",
+            ["--server-name", "localhost", "--server-name", "127.0.0.1"].as_slice(),
+        ),
+        ("client", ["--client-name", "keys-device"].as_slice()),
+    ] {
+        let mut cmd = Command::new(ntp_dtls_bin());
+        cmd.args(["certs", "--out"])
+            .arg(out.path())
+            .args(["--request", role, "--key-type", "rsa-3072"])
+            .args(names);
+        let result = run_command(cmd, Duration::from_secs(120)).expect("certs --request ran");
+        assert!(result.status.success(), "{}", result.combined());
+        let key = out.join(format!("{role}.key.pem"));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key).expect("key").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        let csr = path_arg(&out.join(format!("{role}.csr.pem")));
+        let text = openssl_ok(
+            &["req", "-in", &csr, "-noout", "-text", "-verify"],
+            out.path(),
+        );
+        let eku = if role == "server" {
+            "TLS Web Server Authentication"
+        } else {
+            "TLS Web Client Authentication"
+        };
+        assert!(text.contains(eku), "{text}");
+        assert!(text.contains("Public-Key: (3072 bit)"), "{text}");
+        let sans = if role == "server" {
+            "DNS:localhost, IP Address:127.0.0.1"
+        } else {
+            "DNS:keys-device"
+        };
+        assert!(text.contains(sans), "{text}");
+    }
+    let signed = |role: &str| Credential {
+        cert: ca.sign(role, &out.join(format!("{role}.csr.pem")), None),
+        key: out.join(format!("{role}.key.pem")),
+        chain: None,
+    };
+    let text = server_accepts(&signed("server"), &ca.cert, &[], &[]);
+    assert!(
+        text.contains("Cipher    : ECDHE-RSA-AES128-GCM-SHA256"),
+        "{text}"
+    );
+
+    let ca_arg = path_arg(&ca.cert);
+    let (report, _) = client_accepts(
+        &ca.cert,
+        &ca.issue("s-server", "p256", "server"),
+        &["-Verify", "1", "-verify_return_error", "-CAfile", &ca_arg],
+        &cert_args(&signed("client")),
+    );
+    assert!(report.contains("subject=CN = keys-device"), "{report}");
+}
+
+#[test]
+fn case_keys_rsa_lab_pki_end_to_end() {
+    // `ntp-dtls certs --key-type rsa-3072`, then ntpdate through both relays on it.
+    if !is_root() {
+        eprintln!("SKIP case_keys_rsa_lab_pki_end_to_end: ntpdate needs port 123 (run as root)");
+        return;
+    }
+    let chronyd = Chronyd::start(loopback_ip(1));
+    let pki = common::relays::Pki::generate_with(
+        &["localhost", "127.0.0.1"],
+        &["--key-type", "rsa-3072"],
+    );
+    let ca_text = openssl_ok(
+        &["x509", "-in", &path_arg(&pki.ca()), "-noout", "-text"],
+        pki.dir(),
+    );
+    assert!(ca_text.contains("Public-Key: (3072 bit)"), "{ca_text}");
+    let server = common::relays::start_server(&pki, &chronyd.addr().to_string(), &[]);
+    let listen = SocketAddr::new(loopback_ip(22), 123);
+    let client = common::relays::start_client(&pki.ca(), listen, server.addr, &[]);
+    let line = client
+        .daemon
+        .wait_for_line("association established", EVENT_TIMEOUT);
+    assert!(
+        line.contains("cipher=TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+        "{line}"
+    );
+    let result = (0..3)
+        .find_map(|_| ntpdate_query(listen.ip()).ok())
+        .expect("ntpdate got a reply through the chain");
+    assert!(result.offset_s.abs() < 0.1, "{}", result.raw);
 }

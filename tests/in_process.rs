@@ -45,6 +45,7 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
         client_names: vec![],
         days: 1,
         force: false,
+        key_type: Default::default(),
     })
     .expect("lab PKI");
 
@@ -60,6 +61,7 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
         client_ca: None,
         stratum: Some(3),
         workers: Some(1),
+        no_timestamp_correction: false,
     })
     .expect("server config");
     let sockets = server::bind(&server_config).expect("bind");
@@ -90,6 +92,7 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
         ca: Some(dir.join("ca.pem")),
         cert: None,
         key: None,
+        no_timestamp_correction: false,
     })
     .expect("client config");
     let client_obs = Arc::new(Observatory::new("client", 1));

@@ -176,9 +176,15 @@ fn extra_sections(command: &str) -> String {
             see_also(&mut r);
         }
         "certs" => {
-            r.section("FILES").para("Writes ca.pem, ca.key.pem, server.pem, server.key.pem, client.pem and client.key.pem into --out (keys mode 0600). Copy ca.pem to the devices and server.pem with server.key.pem to the server host; keep ca.key.pem off both.");
+            r.section("FILES").para("Writes ca.pem, ca.key.pem, server.pem, server.key.pem, client.pem and client.key.pem into --out (keys mode 0600). Copy ca.pem to the devices and server.pem with server.key.pem to the server host; keep ca.key.pem off both. With --request server, writes server.key.pem (0600) and server.csr.pem; with --request client, client.key.pem and client.csr.pem: a PKCS#10 request with the names as SANs, keyUsage digitalSignature and extendedKeyUsage serverAuth or clientAuth, for your own CA to sign.");
             r.section("EXIT STATUS").para("0 when every file was written; 1 otherwise (an existing file without --force, a bad name).");
-            r.section("EXAMPLES").example(&["ntp-dtls certs --out certs --server-name time.example.net --server-name 192.0.2.10"]);
+            r.section("EXAMPLES").example(&[
+                "ntp-dtls certs --out certs --server-name time.example.net --server-name 192.0.2.10",
+                "ntp-dtls certs --out certs --server-name time.example.net --key-type rsa-3072",
+                "ntp-dtls certs --out req --request server --server-name time.example.net",
+                "openssl x509 -req -in req/server.csr.pem -CA ca.pem -CAkey ca.key \\",
+                "    -copy_extensions copy -days 365 -out req/server.pem",
+            ]);
             see_also(&mut r);
         }
         "query" => {
@@ -250,7 +256,7 @@ pub const CLIENT_KEYS: &[(&str, &str, &str)] = &[
     (
         "",
         "key",
-        "Private key of cert (PEM, PKCS#8 or SEC1, ECDSA P-256).",
+        "Private key of cert (PEM: ECDSA P-256/P-384 as PKCS#8 or SEC1, RSA 2048-4096 as PKCS#8 or PKCS#1).",
     ),
     (
         "",
@@ -286,6 +292,11 @@ pub const CLIENT_KEYS: &[(&str, &str, &str)] = &[
         "",
         "keepalive_secs",
         "Seconds of silence before a keepalive, so the server relay's idle timeout never removes a quiet association. Default 300.",
+    ),
+    (
+        "",
+        "timestamp_correction",
+        "Correct NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
         "tunnel",
@@ -338,7 +349,7 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
     (
         "",
         "key",
-        "Private key of cert (PEM, PKCS#8 or SEC1, ECDSA P-256); required.",
+        "Private key of cert (PEM: ECDSA P-256/P-384 as PKCS#8 or SEC1, RSA 2048-4096 as PKCS#8 or PKCS#1); required.",
     ),
     (
         "",
@@ -354,6 +365,11 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
         "",
         "workers",
         "Sockets and threads sharing the listen address (SO_REUSEPORT), 1 to 256. Default: the number of cores.",
+    ),
+    (
+        "",
+        "timestamp_correction",
+        "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
         "",

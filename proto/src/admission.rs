@@ -6,11 +6,12 @@
 //! shell tells it what arrived and when, and asks it what has expired.
 
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::hash::{KeyedMap, keyed_map};
 use crate::record::{self, Fragment};
 use crate::stats::Counter;
 
@@ -264,9 +265,9 @@ const MAX_TRACKED_SOURCES: usize = 65_536;
 pub struct Admission {
     limits: Limits,
     handshake_limits: HandshakeLimits,
-    peers: HashMap<SocketAddr, Phase>,
+    peers: KeyedMap<SocketAddr, Phase>,
     half_open: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: KeyedMap<IpAddr, Bucket>,
     /// (deadline, peer); entries may be stale and are re-checked when they come due.
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
 }
@@ -276,9 +277,9 @@ impl Admission {
         Admission {
             limits,
             handshake_limits: HandshakeLimits::default(),
-            peers: HashMap::new(),
+            peers: keyed_map(0),
             half_open: 0,
-            buckets: HashMap::new(),
+            buckets: keyed_map(0),
             timers: BinaryHeap::new(),
         }
     }

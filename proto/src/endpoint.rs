@@ -14,10 +14,16 @@
 //! surface (modes 6 and 7) to the network. A keepalive probe from an established peer
 //! ([`crate::ntp::keepalive`]) is answered here, with the same bytes, never forwarded: that is
 //! how a client relay tells "association dead" from "time server down".
+//!
+//! A DTLS association is bound to its 4-tuple. On a socket bound to a wildcard address the
+//! shell says which local address each datagram was sent to ([`Endpoint::handle_datagram_to`]);
+//! the one a peer's ClientHello came to is the association's, and every datagram to that peer
+//! names it ([`Transmit::local`]) so that the shell sends from it: a client's connected socket
+//! drops a reply from any other source.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -69,6 +75,10 @@ pub struct Transmit {
     /// A forwarded NTP request or an NTP reply (the rest is handshake, keepalive and alert
     /// traffic), for the shell's counters.
     pub ntp: bool,
+    /// The source address to send from (to a peer: the local address its association's
+    /// ClientHello was sent to); None when the shell did not say, or to the time server: the
+    /// kernel's choice.
+    pub local: Option<IpAddr>,
 }
 
 /// Whether an event deserves its audit line now: refusals from the open network are capped,
@@ -145,6 +155,9 @@ pub struct Endpoint {
     /// Handshake retransmission deadlines, per peer. Entries may be stale: the engine's own
     /// poll_timeout is checked when one comes due.
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
+    /// The local address each peer's association was opened on, when the shell gave one.
+    /// Entries of peers the engine forgot are swept when the map outgrows the associations.
+    locals: HashMap<SocketAddr, IpAddr>,
     to_time_server: VecDeque<QueuedRequest>,
     to_peers: VecDeque<ToPeer>,
     transmits: VecDeque<Transmit>,
@@ -171,6 +184,7 @@ impl Endpoint {
             upstream: UpstreamHealth::default(),
             stats,
             timers: BinaryHeap::new(),
+            locals: HashMap::new(),
             to_time_server: VecDeque::new(),
             to_peers: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -178,6 +192,17 @@ impl Endpoint {
             scratch: Vec::new(),
             expired: Vec::new(),
         })
+    }
+
+    /// Turns the residence correction of forwarded replies on or off (docs/TIMESTAMPS.md).
+    /// The builtin source always stamps its own receive and transmit times.
+    pub fn set_timestamp_correction(&mut self, on: bool) {
+        self.forward.set_correction(on);
+    }
+
+    /// Where residence times and correction outcomes are reported.
+    pub fn set_timestamp_observer(&mut self, observer: Arc<dyn crate::residence::Observer>) {
+        self.forward.set_observer(observer);
     }
 
     /// New material for handshakes from now on; live associations keep theirs.
@@ -203,12 +228,27 @@ impl Endpoint {
     // Input
     // ----------------------------------------------------------------------------------------
 
-    /// A datagram from `peer`, received at `rx`.
+    /// A datagram from `peer`, received at `rx`, on a socket whose local address is fixed (or
+    /// unknown): the kernel's choice of source address is the right one.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
         rx: SystemTime,
         peer: SocketAddr,
+        datagram: &[u8],
+    ) {
+        self.handle_datagram_to(now, rx, peer, None, datagram)
+    }
+
+    /// A datagram from `peer` to the local address `local` (IP_PKTINFO on a socket bound to a
+    /// wildcard address), received at `rx`. What goes back to the peer leaves from the address
+    /// its ClientHello came to ([`Transmit::local`]).
+    pub fn handle_datagram_to(
+        &mut self,
+        now: Instant,
+        rx: SystemTime,
+        peer: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
     ) {
         if let Err(refusal) = self.admission.admit_datagram(now, peer, datagram) {
@@ -226,6 +266,10 @@ impl Endpoint {
             self.admission.removed(peer);
             self.scratch = events;
             return;
+        }
+        if crate::record::is_client_hello(datagram) {
+            // Before drain_engine: the ServerHello already leaves from this address.
+            self.bind_local(peer, local);
         }
         self.drain_engine(now);
         self.schedule(peer);
@@ -322,19 +366,28 @@ impl Endpoint {
     // Output
     // ----------------------------------------------------------------------------------------
 
+    /// The next request for the time server, if any (what [`Endpoint::poll_transmit`] would
+    /// return first): a shell sends these before it finishes replies, so a reply's transmit
+    /// time is not taken before a system call it then waits behind.
+    pub fn poll_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
+        let request = self.to_time_server.pop_front()?;
+        self.forward.request_sent(now, wall, request.transmit);
+        self.upstream_asked(now);
+        Some(Transmit {
+            destination: Destination::TimeServer,
+            datagram: request.datagram,
+            ntp: true,
+            local: None,
+        })
+    }
+
     /// The next datagram to send. `wall` is read by the shell right before the call: a reply
     /// is finished and encrypted at this moment, and a request's departure noted. Requests to
     /// the time server go first: their replies take longest to come back.
     pub fn poll_transmit(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
         loop {
-            if let Some(request) = self.to_time_server.pop_front() {
-                self.forward.request_sent(now, wall, request.transmit);
-                self.upstream_asked(now);
-                return Some(Transmit {
-                    destination: Destination::TimeServer,
-                    datagram: request.datagram,
-                    ntp: true,
-                });
+            if let Some(request) = self.poll_request(now, wall) {
+                return Some(request);
             }
             if let Some(transmit) = self.transmits.pop_front() {
                 return Some(transmit);
@@ -345,7 +398,7 @@ impl Endpoint {
                     mut datagram,
                     stamp,
                 } => {
-                    self.forward.reply_sent(wall, &mut datagram, &stamp);
+                    self.forward.reply_sent(now, wall, &mut datagram, &stamp);
                     self.send_reply(now, peer, &datagram);
                 }
                 ToPeer::Builtin {
@@ -449,6 +502,7 @@ impl Endpoint {
                 while let Some(transmit) = self.engine.poll_transmit() {
                     self.transmits.push_back(Transmit {
                         destination: Destination::Peer(transmit.peer),
+                        local: self.local_of(transmit.peer),
                         datagram: transmit.datagram,
                         ntp: true,
                     });
@@ -483,10 +537,35 @@ impl Endpoint {
             }
             self.transmits.push_back(Transmit {
                 destination: Destination::Peer(transmit.peer),
+                local: self.local_of(transmit.peer),
                 datagram: transmit.datagram,
                 ntp: false,
             });
         }
+    }
+
+    /// Fixes the local address of `peer`'s association (a ClientHello opens or replaces it).
+    fn bind_local(&mut self, peer: SocketAddr, local: Option<IpAddr>) {
+        match local {
+            Some(local) => {
+                self.locals.insert(peer, local);
+                // Amortised sweep: the map stays within twice the associations held.
+                if self.locals.len() > 2 * self.admission.associations() + 64 {
+                    let engine = &self.engine;
+                    self.locals.retain(|peer, _| engine.knows(*peer));
+                }
+            }
+            None => {
+                self.locals.remove(&peer);
+            }
+        }
+    }
+
+    fn local_of(&self, peer: SocketAddr) -> Option<IpAddr> {
+        if self.locals.is_empty() {
+            return None;
+        }
+        self.locals.get(&peer).copied()
     }
 
     fn schedule(&mut self, peer: SocketAddr) {

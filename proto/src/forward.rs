@@ -10,7 +10,12 @@
 //! - it leaves: [`Forward::request_sent`] notes when, for the round trip and the residence time;
 //! - its reply: NTP checks, then matched by origin to the request and its requester; the round
 //!   trip sampled;
-//! - the reply leaves: [`Forward::reply_sent`], right before it goes on.
+//! - the reply leaves: [`Forward::reply_sent`], right before it goes on: its receive and
+//!   transmit timestamps are corrected for the time the exchange spent in this relay
+//!   ([`crate::residence`]), unless that cannot be done safely.
+//!
+//! A request whose origin is a receive timestamp this relay corrected (chronyd's interleaved
+//! mode) gets the original back before it goes on, so the time server recognises it.
 //!
 //! Every drop lands in exactly one counter (what is sent is counted by the shell that sends it). Nothing here allocates or locks per datagram: the
 //! table's maps are sized up front, the round trip goes into atomics.
@@ -22,6 +27,9 @@ use tracing::debug;
 
 use crate::ntp::{self, ReplyView, RequestView};
 use crate::pending::{Matched, PendingTable};
+use crate::residence::{
+    self, Direction, Observer, Outcome, Residences, Translation, Translations, Unchanged,
+};
 use crate::stats::{Counter, RttGauge, Stats};
 
 /// What a relay keeps with each outstanding request.
@@ -33,6 +41,10 @@ pub struct Exchange {
     pub request_tx: Option<SystemTime>,
     /// Likewise on the monotonic clock, for the round trip.
     sent: Option<Instant>,
+    /// The request's origin was a receive timestamp this relay had corrected (interleaved
+    /// mode) and was translated back: the residence here of the reply that carried it, whose
+    /// transmit time an interleaved reply to this request carries.
+    pub previous_reply: Option<Duration>,
 }
 
 /// Where a reply goes, and what its last step needs.
@@ -55,6 +67,10 @@ pub struct Forward<A> {
     pending: PendingTable<A, Exchange>,
     stats: Arc<Stats>,
     rtt: Arc<RttGauge>,
+    /// Whether replies' timestamps are corrected for the residence here (on by default).
+    correction: bool,
+    translations: Translations,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
@@ -64,7 +80,25 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             pending: PendingTable::new(capacity, ttl),
             stats,
             rtt,
+            correction: true,
+            translations: Translations::default(),
+            observer: None,
         }
+    }
+
+    /// Turns the residence correction of replies on or off. Translations already made still
+    /// apply to the requests that echo them.
+    pub fn set_correction(&mut self, on: bool) {
+        self.correction = on;
+    }
+
+    pub fn correction(&self) -> bool {
+        self.correction
+    }
+
+    /// Where residence times and correction outcomes are reported.
+    pub fn set_observer(&mut self, observer: Arc<dyn Observer>) {
+        self.observer = Some(observer);
     }
 
     /// A request from `from`, received at `rx`: checked and remembered. Returns its view (the
@@ -76,7 +110,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         from: A,
         datagram: &mut [u8],
     ) -> Option<RequestView> {
-        let request = match ntp::check_request(datagram) {
+        let mut request = match ntp::check_request(datagram) {
             Ok(request) => request,
             Err(rejection) => {
                 self.stats.incr(rejection.into());
@@ -84,10 +118,21 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
                 return None;
             }
         };
+        let mut previous_reply = None;
+        // Only a plain header: a MAC or extension field would cover the origin.
+        if datagram.len() == ntp::HEADER_LEN
+            && let Some(translation) = self.translations.get(now, request.origin)
+            && ntp::set_origin(datagram, translation.original)
+        {
+            debug!(?from, "interleaved request: origin translated back");
+            request.origin = translation.original;
+            previous_reply = Some(translation.reply_residence);
+        }
         let exchange = Exchange {
             request_rx: rx,
             request_tx: None,
             sent: None,
+            previous_reply,
         };
         let inserted =
             self.pending
@@ -139,8 +184,71 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         })
     }
 
-    /// The reply leaves now (`wall` read right before it is sent).
-    pub fn reply_sent(&mut self, _wall: SystemTime, _datagram: &mut [u8], _stamp: &ReplyStamp) {}
+    /// The reply leaves now (`wall` read right before it is sent): its receive and transmit
+    /// timestamps are corrected for this relay's residence, or left as they are (see
+    /// [`crate::residence`]). Returns what was done, also reported to the observer.
+    pub fn reply_sent(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        datagram: &mut [u8],
+        stamp: &ReplyStamp,
+    ) -> Outcome {
+        let exchange = &stamp.exchange;
+        let request = exchange
+            .request_tx
+            .map_or(Err(Unchanged::UnknownResidence), |tx| {
+                residence::residence(exchange.request_rx, tx)
+            });
+        let reply = residence::residence(stamp.reply_rx, wall);
+        if let Some(observer) = &self.observer {
+            if let Ok(r) = request {
+                observer.residence(Direction::Request, r.as_secs_f64());
+            }
+            if let Ok(r) = reply {
+                observer.residence(Direction::Reply, r.as_secs_f64());
+            }
+        }
+        let outcome = if self.correction {
+            let residences = Residences {
+                request,
+                reply,
+                interleaved_previous: match stamp.matched {
+                    Matched::Transmit => None,
+                    Matched::Receive => {
+                        Some(exchange.previous_reply.ok_or(Unchanged::UnknownResidence))
+                    }
+                },
+            };
+            match residence::correct(datagram, &residences) {
+                Ok(correction) => {
+                    if let Ok(reply) = reply {
+                        self.translations.insert(
+                            now,
+                            correction.rewritten.receive_after,
+                            Translation {
+                                original: correction.rewritten.receive_before,
+                                reply_residence: reply,
+                            },
+                        );
+                    }
+                    Outcome::Corrected(correction.kind)
+                }
+                Err(why) => Outcome::Unchanged(why),
+            }
+        } else {
+            Outcome::Unchanged(Unchanged::Disabled)
+        };
+        debug!(
+            reason = outcome.reason(),
+            corrected = outcome.is_corrected(),
+            "reply timestamps"
+        );
+        if let Some(observer) = &self.observer {
+            observer.outcome(outcome);
+        }
+        outcome
+    }
 
     /// Forgets requests whose reply is overdue; returns how many (counted).
     pub fn expire(&mut self, now: Instant) -> usize {

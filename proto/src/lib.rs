@@ -7,12 +7,16 @@
 //!
 //! - [`ntp`]: NTP packet checks and construction.
 //! - [`pending`]: outstanding requests, so each reply goes back to whoever asked.
+//! - [`residence`]: the relays' residence-time correction of NTP timestamps (a transparent
+//!   clock), and the interleaved-mode translation it needs.
 //! - [`record`]: the DTLS record pre-parser that decides what may reach the engine.
 //! - [`admission`]: who may hold state on the server relay, how much and how long.
 //! - [`engine`]: the DTLS engine interface and its rtc-dtls implementation, with our policy.
 //! - [`health`], [`backoff`]: the client's view of an association, and its retry schedule.
 //! - [`stats`]: the counters every datagram lands in.
+//! - [`hash`]: the keyed hash of the per-datagram tables (peer addresses, NTP timestamps).
 //! - [`identity`], [`x509`]: keys and certificates, as the engine and audit lines need them.
+//! - [`policy`]: the declared DTLS policy (suites, groups, key types, signature schemes).
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -20,11 +24,14 @@ pub mod backoff;
 pub mod endpoint;
 pub mod engine;
 pub mod forward;
+pub mod hash;
 pub mod health;
 pub mod identity;
 pub mod ntp;
 pub mod pending;
+pub mod policy;
 pub mod record;
+pub mod residence;
 pub mod stats;
 pub mod tunnel;
 pub mod x509;

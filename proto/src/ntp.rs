@@ -213,6 +213,9 @@ impl std::error::Error for Rejection {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestView {
     pub version: u8,
+    /// Zero from most clients; in chronyd's interleaved mode the receive timestamp of the
+    /// previous reply, which the time server recognises (docs/TIMESTAMPS.md).
+    pub origin: NtpTimestamp,
     /// Primary routing key: a normal reply echoes it as its origin.
     pub transmit: NtpTimestamp,
     /// Secondary routing key: an interleaved reply echoes it as its origin.
@@ -272,6 +275,7 @@ pub fn check_request(buf: &[u8]) -> Result<RequestView, Rejection> {
     let header = checked_header(buf, MODE_CLIENT)?;
     Ok(RequestView {
         version: version_of(header),
+        origin: read_ts::<OFF_ORIGIN_TS>(header),
         transmit: read_ts::<OFF_TRANSMIT_TS>(header),
         receive: read_ts::<OFF_RECEIVE_TS>(header),
     })
@@ -289,6 +293,130 @@ pub fn check_reply(buf: &[u8]) -> Result<ReplyView, Rejection> {
         receive: read_ts::<OFF_RECEIVE_TS>(header),
         transmit: read_ts::<OFF_TRANSMIT_TS>(header),
     })
+}
+
+/// Why a server reply's timestamps may not be rewritten (see [`rewritable_reply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRewritable {
+    /// Something follows the header that is not a chain of extension fields: a MAC (symmetric
+    /// key), whose digest covers the timestamps.
+    Mac,
+    /// Extension fields follow the header (NTS, chrony's experimental fields), possibly with a
+    /// MAC: authenticated or not, they are the endpoints' business.
+    ExtensionFields,
+    /// Not a plain NTPv3/v4 server reply with both timestamps set: another version, a
+    /// kiss-o'-death, a zero receive or transmit timestamp.
+    NotPlain,
+}
+
+/// Smallest extension field (RFC 7822: 16 bytes, a multiple of 4).
+const MIN_EXTENSION_FIELD: usize = 16;
+
+/// Whether the bytes after the header are one or more well-formed extension fields (RFC 7822
+/// §7.5), possibly followed by a MAC of 20 or 24 bytes (key ID + MD5/AES-CMAC or SHA-1).
+fn is_extension_chain(mut rest: &[u8]) -> bool {
+    let mut fields = 0;
+    while rest.len() >= MIN_EXTENSION_FIELD {
+        let length = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+        if length < MIN_EXTENSION_FIELD || length % 4 != 0 || length > rest.len() {
+            break;
+        }
+        rest = &rest[length..];
+        fields += 1;
+    }
+    fields > 0 && matches!(rest.len(), 0 | 20 | 24)
+}
+
+/// Whether a server reply (already through [`check_reply`]) is one whose receive and transmit
+/// timestamps the relay may correct: exactly the 48-byte header (nothing a MAC or an extension
+/// field could cover), version 3 or 4, not a kiss-o'-death, both timestamps set.
+pub fn rewritable_reply(buf: &[u8]) -> Result<(), NotRewritable> {
+    let header: &[u8; HEADER_LEN] = match buf.first_chunk::<HEADER_LEN>() {
+        Some(header) => header,
+        None => return Err(NotRewritable::NotPlain),
+    };
+    if buf.len() > HEADER_LEN {
+        return Err(if is_extension_chain(&buf[HEADER_LEN..]) {
+            NotRewritable::ExtensionFields
+        } else {
+            NotRewritable::Mac
+        });
+    }
+    let plain = matches!(version_of(header), 3 | 4)
+        && header[0] & 0x07 == MODE_SERVER
+        && header[1] != 0
+        && !read_ts::<OFF_RECEIVE_TS>(header).is_zero()
+        && !read_ts::<OFF_TRANSMIT_TS>(header).is_zero();
+    if plain {
+        Ok(())
+    } else {
+        Err(NotRewritable::NotPlain)
+    }
+}
+
+/// A duration in NTP units (2^-32 s), rounded to the nearest; saturates far beyond any
+/// residence the relay accepts.
+pub fn ntp_units(d: Duration) -> u64 {
+    let nanos = u128::from(d.subsec_nanos());
+    let fraction = ((nanos << 32) + u128::from(NANOS_PER_SEC / 2)) / u128::from(NANOS_PER_SEC);
+    d.as_secs()
+        .checked_mul(1 << 32)
+        .and_then(|whole| whole.checked_add(fraction as u64))
+        .unwrap_or(u64::MAX)
+}
+
+/// `t` moved by `delta` NTP units (later when `later`), modulo 2^64 as RFC 5905 arithmetic is,
+/// so an era boundary in between is no special case. The lowest bit stays as it was: chronyd
+/// flags its receive timestamps with it (1) and its transmit timestamps (0), and looks for the
+/// flag in an interleaved request's origin.
+fn shifted(t: u64, delta: u64, later: bool) -> u64 {
+    let moved = if later {
+        t.wrapping_add(delta)
+    } else {
+        t.wrapping_sub(delta)
+    };
+    (moved & !1) | (t & 1)
+}
+
+/// A server reply's timestamps as they were and as rewritten by [`correct_reply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    pub receive_before: NtpTimestamp,
+    pub receive_after: NtpTimestamp,
+    pub transmit_before: NtpTimestamp,
+    pub transmit_after: NtpTimestamp,
+}
+
+/// The transparent-clock rewrite of a server reply's header: receive := receive - `earlier`
+/// (the request's residence), transmit := transmit + `later` (the reply's residence).
+/// The caller has checked the reply with [`rewritable_reply`]; a buffer shorter than the
+/// header is left alone (None).
+pub fn correct_reply(buf: &mut [u8], earlier: Duration, later: Duration) -> Option<Rewritten> {
+    let header: &mut [u8; HEADER_LEN] = buf.first_chunk_mut::<HEADER_LEN>()?;
+    let receive_before = read_ts::<OFF_RECEIVE_TS>(header);
+    let transmit_before = read_ts::<OFF_TRANSMIT_TS>(header);
+    let receive_after = NtpTimestamp(shifted(receive_before.0, ntp_units(earlier), false));
+    let transmit_after = NtpTimestamp(shifted(transmit_before.0, ntp_units(later), true));
+    write_at::<OFF_RECEIVE_TS, 8>(header, receive_after.0.to_be_bytes());
+    write_at::<OFF_TRANSMIT_TS, 8>(header, transmit_after.0.to_be_bytes());
+    Some(Rewritten {
+        receive_before,
+        receive_after,
+        transmit_before,
+        transmit_after,
+    })
+}
+
+/// Sets a request's origin timestamp (the interleaved translation back to what the time
+/// server sent). False when the buffer is shorter than the header.
+pub fn set_origin(buf: &mut [u8], origin: NtpTimestamp) -> bool {
+    match buf.first_chunk_mut::<HEADER_LEN>() {
+        Some(header) => {
+            write_at::<OFF_ORIGIN_TS, 8>(header, origin.0.to_be_bytes());
+            true
+        }
+        None => false,
+    }
 }
 
 /// The client relay's keepalive: one NTP-sized record the server relay answers itself, with

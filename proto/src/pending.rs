@@ -11,9 +11,11 @@
 //! Sans-I/O: the caller passes `now` and drives expiry from its own timer
 //! using [`PendingTable::next_deadline`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use crate::hash::{KeyedMap, keyed_map};
 
 /// Longest ttl honoured. NTP replies arrive within seconds; the cap keeps
 /// `now + ttl` far from the end of `Instant`'s range.
@@ -82,11 +84,10 @@ struct Slot {
 /// `queue`; the queue is in deadline order and its front, if any, is current.
 #[derive(Debug, Clone)]
 pub struct PendingTable<A, T = ()> {
-    // std's HashMap uses randomly keyed SipHash, which matters here because
-    // the keys are chosen by remote parties.
-    entries: HashMap<u64, Entry<A, T>>,
+    // The keys are chosen by remote parties: a keyed hash (crate::hash), never an unkeyed one.
+    entries: KeyedMap<u64, Entry<A, T>>,
     /// receive key -> transmit key of the owning entry.
-    by_receive: HashMap<u64, u64>,
+    by_receive: KeyedMap<u64, u64>,
     queue: VecDeque<Slot>,
     capacity: usize,
     ttl: Duration,
@@ -137,8 +138,8 @@ impl<A: Copy + Eq, T> PendingTable<A, T> {
         let capacity = capacity.max(1);
         let prealloc = capacity.min(PREALLOC_LIMIT);
         PendingTable {
-            entries: HashMap::with_capacity(prealloc),
-            by_receive: HashMap::with_capacity(prealloc),
+            entries: keyed_map(prealloc),
+            by_receive: keyed_map(prealloc),
             queue: VecDeque::with_capacity(prealloc.saturating_mul(2)),
             capacity,
             ttl: ttl.min(MAX_TTL),

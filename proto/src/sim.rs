@@ -26,6 +26,12 @@ pub const SERVER_V6: SocketAddr = SocketAddr::new(
     std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
     1123,
 );
+/// A second address of the server relay's host, on the same port: a relay bound to the
+/// wildcard address answers on both (see `Sim::listening`).
+pub const SERVER_ALT: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2)),
+    1123,
+);
 const TIME_SERVER_DELAY: Duration = Duration::from_micros(20);
 
 #[derive(Debug)]
@@ -248,11 +254,14 @@ impl Sim {
                     self.to_time_server += 1;
                 }
                 match transmit.destination {
+                    // From the address the endpoint names, else the route's choice: SERVER.
                     Destination::Peer(peer) => {
                         let sent = self.sent_to.entry(peer).or_default();
                         sent.0 += transmit.datagram.len();
                         sent.1 += 1;
-                        self.send(SERVER, peer, transmit.datagram.to_vec())
+                        let from =
+                            SocketAddr::new(transmit.local.unwrap_or(SERVER.ip()), SERVER.port());
+                        self.send(from, peer, transmit.datagram.to_vec())
                     }
                     Destination::TimeServer
                         if self
@@ -331,9 +340,13 @@ impl Sim {
             Arrival::Packet(packet) if packet.to.port() == SERVER.port() => {
                 let listening = self.listening.contains(&packet.to);
                 match self.endpoint.as_mut() {
-                    Some(endpoint) if listening => {
-                        endpoint.handle_datagram(now, wall, packet.from, &packet.data)
-                    }
+                    Some(endpoint) if listening => endpoint.handle_datagram_to(
+                        now,
+                        wall,
+                        packet.from,
+                        Some(packet.to.ip()),
+                        &packet.data,
+                    ),
                     _ => {
                         let at = self.now + self.latency;
                         self.schedule(
@@ -347,7 +360,14 @@ impl Sim {
             }
             Arrival::Packet(packet) => {
                 if let Some(&(tunnel, id)) = self.sockets.get(&packet.to) {
-                    self.tunnels[tunnel].handle_datagram(now, wall, id, &packet.data);
+                    // Association sockets are connected: the kernel drops a datagram from any
+                    // address but the peer's.
+                    if self
+                        .peer_of(tunnel, id)
+                        .is_none_or(|peer| peer == packet.from)
+                    {
+                        self.tunnels[tunnel].handle_datagram(now, wall, id, &packet.data);
+                    }
                 }
             }
             Arrival::Unreachable { socket } => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::endpoint::EndpointEvent;
 use crate::health::{DeathCause, HealthPolicy};
 use crate::ntp;
-use crate::sim::{SERVER, SERVER_V6, Sim, local};
+use crate::sim::{SERVER, SERVER_ALT, SERVER_V6, Sim, local};
 use crate::stats::Counter;
 use crate::tunnel::{CloseReason, TunnelEvent, TunnelState};
 
@@ -377,6 +377,37 @@ fn two_devices_behind_one_server_relay_each_get_their_replies() {
             .association_counts(),
         (2, 0)
     );
+}
+
+#[test]
+fn a_multi_homed_server_relay_answers_each_tunnel_from_the_address_it_chose() {
+    // One endpoint on both addresses (a wildcard bind); the route's choice of source is
+    // SERVER, and a tunnel's connected socket drops anything not from its peer.
+    let mut sim = Sim::new();
+    sim.listening = vec![SERVER, SERVER_ALT];
+    sim.add_tunnel(Some(SERVER_ALT), HealthPolicy::default());
+    sim.add_tunnel(Some(SERVER), HealthPolicy::default());
+    sim.run(SECOND);
+    for tunnel in 0..2 {
+        assert_eq!(
+            sim.tunnels[tunnel].state(),
+            TunnelState::Up,
+            "tunnel {tunnel}"
+        );
+    }
+    for _ in 0..10 {
+        sim.request(0, local(5000));
+        sim.request(1, local(5001));
+        sim.run(ms(100));
+    }
+    sim.run(SECOND);
+    for (client, seen) in &sim.clients {
+        assert_eq!(
+            (seen.sent, seen.answered, seen.wrong),
+            (10, 10, 0),
+            "{client}"
+        );
+    }
 }
 
 // ---- attacks from unauthenticated senders (issue 10) ----------------------------------------

@@ -1,17 +1,60 @@
 //! An in-memory lab PKI for the protocol core's tests: a CA, server and client leaves, as
 //! `ntp-dtls certs` makes them (ECDSA P-256, CA:TRUE with keyCertSign and cRLSign, leaves
-//! CA:FALSE with digitalSignature and the one EKU of their role). No file is written.
+//! CA:FALSE with digitalSignature and the one EKU of their role). No file is written. CAs and
+//! leaves can also be ECDSA P-384 or RSA ([`TestKey`]); RSA keys are fixed ones from
+//! `testdata/` (ring generates no RSA keys), RSA-3072 for CAs and RSA-2048 for leaves.
 //!
 //! Compiled for this crate's tests, and for other crates' tests with the `test-pki` feature.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
+    PKCS_RSA_SHA256, SanType,
 };
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use crate::engine::{ClientSettings, ServerSettings};
 use crate::identity::{Identity, KeyKind, PrivateKey};
+
+/// The key type of a test CA or leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestKey {
+    EcdsaP256,
+    EcdsaP384,
+    Rsa,
+}
+
+const RSA_CA_KEY: &[u8] = include_bytes!("testdata/rsa3072.pk8.der");
+const RSA_LEAF_KEY: &[u8] = include_bytes!("testdata/rsa2048.pk8.der");
+
+impl TestKey {
+    fn generate(self, ca: bool) -> (KeyPair, KeyKind) {
+        match self {
+            TestKey::EcdsaP256 => (
+                KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("P-256 key"),
+                KeyKind::EcdsaP256,
+            ),
+            TestKey::EcdsaP384 => (
+                KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).expect("P-384 key"),
+                KeyKind::EcdsaP384,
+            ),
+            TestKey::Rsa => {
+                let (der, bits) = if ca {
+                    (RSA_CA_KEY, 3072)
+                } else {
+                    (RSA_LEAF_KEY, 2048)
+                };
+                let key = KeyPair::from_pkcs8_der_and_sign_algo(
+                    &PrivatePkcs8KeyDer::from(der),
+                    &PKCS_RSA_SHA256,
+                )
+                .expect("RSA test key");
+                (key, KeyKind::Rsa { bits })
+            }
+        }
+    }
+}
 
 /// One CA and what it issues.
 pub struct TestPki {
@@ -22,7 +65,12 @@ pub struct TestPki {
 
 impl TestPki {
     pub fn new(ca_name: &str) -> TestPki {
-        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("CA key");
+        Self::with_key(ca_name, TestKey::EcdsaP256)
+    }
+
+    /// A CA whose own key is `key`.
+    pub fn with_key(ca_name: &str, key: TestKey) -> TestPki {
+        let (ca_key, _) = key.generate(true);
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, ca_name);
@@ -39,7 +87,17 @@ impl TestPki {
 
     /// A leaf for `names` (DNS names or IP addresses; the first is also the CN).
     pub fn leaf(&self, names: &[&str], eku: ExtendedKeyUsagePurpose) -> Identity {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
+        self.leaf_with(names, eku, TestKey::EcdsaP256)
+    }
+
+    /// A leaf whose key is `key`.
+    pub fn leaf_with(
+        &self,
+        names: &[&str],
+        eku: ExtendedKeyUsagePurpose,
+        key: TestKey,
+    ) -> Identity {
+        let (key, kind) = key.generate(false);
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
@@ -58,7 +116,7 @@ impl TestPki {
         let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
         Identity {
             chain: vec![cert.der().clone()],
-            key: PrivateKey::from_pkcs8(KeyKind::EcdsaP256, key.serialize_der()),
+            key: PrivateKey::from_pkcs8(kind, key.serialize_der()),
         }
     }
 

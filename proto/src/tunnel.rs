@@ -328,6 +328,16 @@ impl Tunnel {
         tunnel
     }
 
+    /// Turns the residence correction of replies on or off (docs/TIMESTAMPS.md).
+    pub fn set_timestamp_correction(&mut self, on: bool) {
+        self.forward.set_correction(on);
+    }
+
+    /// Where residence times and correction outcomes are reported.
+    pub fn set_timestamp_observer(&mut self, observer: Arc<dyn crate::residence::Observer>) {
+        self.forward.set_observer(observer);
+    }
+
     pub fn name(&self) -> &str {
         &self.config.name
     }
@@ -618,7 +628,7 @@ impl Tunnel {
             }
             let mut reply = self.replies.pop_front()?;
             self.forward
-                .reply_sent(wall, &mut reply.datagram, &reply.stamp);
+                .reply_sent(now, wall, &mut reply.datagram, &reply.stamp);
             return Some(Action::Deliver {
                 to: reply.to,
                 datagram: reply.datagram,

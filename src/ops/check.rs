@@ -166,6 +166,7 @@ pub fn check_client(args: &ClientArgs) -> anyhow::Result<Report> {
         p.rekey_after.as_secs_f64(),
         p.keepalive_after.as_secs_f64()
     ));
+    report.line(timestamp_line(candidate.timestamp_correction));
     if let Some(path) = &args.config {
         files.insert(0, ("config".into(), path.clone()));
     }
@@ -225,8 +226,27 @@ pub fn check_server(args: &ServerArgs) -> anyhow::Result<Report> {
         l.max_handshake_bytes,
         l.idle_timeout.as_secs_f64()
     ));
+    report.line(match (config.timestamp_correction, config.upstream) {
+        (_, Upstream::Builtin { .. }) => {
+            "timestamp correction: n/a (the builtin source stamps receive and transmit at its \
+             socket)"
+                .to_string()
+        }
+        (on, Upstream::Udp(_)) => timestamp_line(on),
+    });
     daemon(&mut report, &config.daemon, &config.daemon.files);
     Ok(report)
+}
+
+/// What `--check` says of the residence-time correction (docs/TIMESTAMPS.md).
+fn timestamp_line(on: bool) -> String {
+    if on {
+        "timestamp correction: on (NTP replies' receive and transmit timestamps are corrected \
+         for the time spent in this relay)"
+            .to_string()
+    } else {
+        "timestamp correction: off (NTP replies pass as they arrive)".to_string()
+    }
 }
 
 /// Metrics, user and file permissions: what both daemons share.

@@ -9,7 +9,7 @@
 //! label and by the scrape.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
@@ -61,6 +61,9 @@ pub struct Observatory {
     /// One per [`Direction`], in [`Direction::ALL`] order.
     residence: [Histogram; 2],
     timestamps: Mutex<Vec<(TimestampResult, String, Arc<AtomicU64>)>>,
+    /// Whether the relay corrects NTP replies for its residence time: set at start and by a
+    /// reload, read by every loop before each batch.
+    timestamp_correction: AtomicBool,
     /// Woken whenever a state the systemd status line shows changes.
     changed: Arc<Notify>,
 }
@@ -93,6 +96,7 @@ impl Observatory {
                 Histogram::new(RESIDENCE_BUCKETS),
             ],
             timestamps: Mutex::new(Vec::new()),
+            timestamp_correction: AtomicBool::new(true),
             changed: Arc::new(Notify::new()),
         }
     }
@@ -190,6 +194,17 @@ impl Observatory {
     /// [`UpstreamHealth::report`] (takes a lock). Some(new state) when the gauge changed.
     pub fn set_upstream_up(&self, upstream: &str, up: bool) -> Option<bool> {
         self.upstream_health(upstream, 1).report(0, up)
+    }
+
+    /// Turns the residence-time correction on or off for every loop of this relay.
+    pub fn set_timestamp_correction(&self, on: bool) {
+        self.timestamp_correction.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the relay corrects NTP replies for its residence time (on unless configured
+    /// off). Lock-free.
+    pub fn timestamp_correction(&self) -> bool {
+        self.timestamp_correction.load(Ordering::Relaxed)
     }
 
     /// One datagram's time inside the relay, in seconds. Lock-free.

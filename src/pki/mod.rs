@@ -3,8 +3,10 @@
 //! Three jobs live here:
 //!
 //! * `ntp-dtls certs`: [`generate_lab_pki`] mints a throw-away CA plus one
-//!   server and one client leaf, all ECDSA P-256, so a lab can run the relay
-//!   without touching OpenSSL.
+//!   server and one client leaf (ECDSA P-256 by default, or P-384 or RSA-3072,
+//!   [`KeyType`]), so a lab can run the relay without touching OpenSSL;
+//!   [`generate_request`] writes a key and a PKCS#10 request for an
+//!   operator's own CA (`keys.rs`).
 //! * Start-up loading: [`load_certificates`], [`load_ca_roots`] and
 //!   [`load_private_key`] read PEM files and reject anything the DTLS stack
 //!   could not use *now*, with the file path in the message, instead of
@@ -12,9 +14,15 @@
 //! * Audit: [`summarize`] turns a certificate into the few fields an operator
 //!   looks at (names, validity, serial).
 //!
-//! The relay only offers TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, so the
-//! only private key we accept is ECDSA on P-256; everything else is refused
-//! at load time with a message that says so.
+//! The relay signs its handshakes with ECDSA P-256 or P-384 keys
+//! (TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256) or RSA keys of 2048-4096 bits
+//! (TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256); everything else is refused at load
+//! time with a message that says so.
+
+mod keys;
+pub use keys::{
+    CLIENT_CSR_FILE, CsrRequest, KeyType, RequestRole, SERVER_CSR_FILE, generate_request,
+};
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -25,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -58,7 +66,7 @@ const LAB_ORGANIZATION: &str = "ntp-dtls lab";
 /// the kind of thing that runs on hosts whose clocks are not yet right.
 const CLOCK_SLACK: Duration = Duration::from_secs(3600);
 
-const SUITE: &str = "ntp-dtls uses ECDSA P-256 (TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)";
+const SUITE: &str = "ntp-dtls uses ECDSA P-256, ECDSA P-384 or RSA 2048-4096 bit keys";
 
 /// Everything that can go wrong in this module.
 ///
@@ -193,6 +201,8 @@ pub struct LabPkiRequest {
     pub days: u32,
     /// Overwrite existing files instead of refusing.
     pub force: bool,
+    /// The type of every key (CA, server, client).
+    pub key_type: KeyType,
 }
 
 /// Writes a lab CA, a server leaf and a client leaf (certificate + key each)
@@ -242,7 +252,7 @@ pub fn generate_lab_pki(req: &LabPkiRequest) -> Result<Vec<PathBuf>, PkiError> {
 
     // Generate everything before touching the disk, so a bad name (e.g. a
     // non-ASCII DNS name) leaves no half-written PKI behind.
-    let ca_key = new_key("CA key")?;
+    let ca_key = req.key_type.generate("CA key")?;
     let ca_params = ca_params(validity, &ca_key);
     let ca_cert = ca_params
         .self_signed(&ca_key)
@@ -252,7 +262,7 @@ pub fn generate_lab_pki(req: &LabPkiRequest) -> Result<Vec<PathBuf>, PkiError> {
         })?;
     let ca = Issuer::new(ca_params, &ca_key);
 
-    let server_key = new_key("server key")?;
+    let server_key = req.key_type.generate("server key")?;
     let server_cert = leaf_params(
         &req.server_names,
         ExtendedKeyUsagePurpose::ServerAuth,
@@ -264,7 +274,7 @@ pub fn generate_lab_pki(req: &LabPkiRequest) -> Result<Vec<PathBuf>, PkiError> {
         detail: e.to_string(),
     })?;
 
-    let client_key = new_key("client key")?;
+    let client_key = req.key_type.generate("client key")?;
     let client_cert = leaf_params(&client_names, ExtendedKeyUsagePurpose::ClientAuth, validity)?
         .signed_by(&client_key, &ca)
         .map_err(|e| PkiError::Generate {
@@ -401,23 +411,18 @@ impl Validity {
     }
 }
 
-fn new_key(what: &'static str) -> Result<KeyPair, PkiError> {
-    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| PkiError::Generate {
-        what,
-        detail: e.to_string(),
-    })
-}
-
 fn ca_params(validity: Validity, key: &KeyPair) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     // Each lab CA gets its own name: chain building matches issuers by name, so two labs'
     // CAs with one name would make a foreign chain fail as "bad signature" instead of the
-    // accurate "unknown issuer". The suffix is the start of the CA's public key.
-    let tag: String = key
-        .public_key_raw()
+    // accurate "unknown issuer". The suffix is the start of the CA's public key (of the EC
+    // point's x, or of the RSA modulus past its DER header).
+    let raw = key.public_key_raw();
+    let skip = if raw.first() == Some(&0x30) { 9 } else { 1 };
+    let tag: String = raw
         .iter()
-        .skip(1)
+        .skip(skip)
         .take(4)
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -436,6 +441,16 @@ fn leaf_params(
     names: &[String],
     eku: ExtendedKeyUsagePurpose,
     validity: Validity,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = leaf_params_for(names, eku)?;
+    validity.apply(&mut params);
+    Ok(params)
+}
+
+/// A leaf's names and extensions, without validity (a request carries none).
+fn leaf_params_for(
+    names: &[String],
+    eku: ExtendedKeyUsagePurpose,
 ) -> Result<CertificateParams, PkiError> {
     let mut sans = Vec::with_capacity(names.len());
     for name in names {
@@ -467,11 +482,10 @@ fn leaf_params(
     // Explicit CA:FALSE rather than omitting basicConstraints, so no
     // verifier can be talked into treating a leaf as an issuer.
     params.is_ca = IsCa::ExplicitNoCa;
-    // ECDHE-ECDSA: the leaf key only signs the handshake.
+    // ECDHE with ECDSA or RSA signatures: the leaf key only signs the handshake.
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![eku];
     params.use_authority_key_identifier_extension = true;
-    validity.apply(&mut params);
     Ok(params)
 }
 
@@ -567,10 +581,11 @@ fn is_self_signed(cert: &X509Certificate<'_>) -> bool {
     }
 }
 
-/// Reads the one private key in `path` (PKCS#8 "PRIVATE KEY" or SEC1
-/// "EC PRIVATE KEY"; other PEM blocks such as certificates or
-/// "EC PARAMETERS" are ignored) and checks it is an ECDSA P-256 key the
-/// crypto library accepts. SEC1 keys are converted to PKCS#8.
+/// Reads the one private key in `path` (PKCS#8 "PRIVATE KEY", SEC1
+/// "EC PRIVATE KEY" or PKCS#1 "RSA PRIVATE KEY"; other PEM blocks such as
+/// certificates or "EC PARAMETERS" are ignored) and checks it is an ECDSA
+/// P-256/P-384 or RSA 2048-4096 key the crypto library accepts. SEC1 and
+/// PKCS#1 keys are converted to PKCS#8.
 pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
     let bytes = SecretBytes(read_file(path)?);
     // Before the PEM parser: legacy encrypted PEM ("Proc-Type: 4,ENCRYPTED"
@@ -595,7 +610,7 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
         0 => {
             return Err(PkiError::NoPemBlock {
                 path: path.to_path_buf(),
-                expected: "private key (PEM block \"PRIVATE KEY\" or \"EC PRIVATE KEY\")",
+                expected: "private key (PEM block \"PRIVATE KEY\", \"EC PRIVATE KEY\" or \"RSA PRIVATE KEY\")",
                 found: describe_contents(&bytes.0, Expected::Key),
             });
         }
@@ -608,36 +623,16 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
         }
     };
 
-    let mut pkcs8 = match kind {
+    let (kind, pkcs8) = match kind {
         SectionKind::PrivateKey => {
-            check_pkcs8(&der.0).map_err(|p| p.into_error(path))?;
-            der
+            let kind = check_pkcs8(&der.0).map_err(|p| p.into_error(path))?;
+            (kind, der)
         }
         SectionKind::EcPrivateKey => sec1_to_pkcs8(&der.0).map_err(|p| p.into_error(path))?,
         // Only RsaPrivateKey is left (filtered above).
-        _ => {
-            return Err(KeyProblem::Unsupported("RSA keys".into()).into_error(path));
-        }
+        _ => keys::pkcs1_to_pkcs8(&der.0).map_err(|p| p.into_error(path))?,
     };
-
-    // The structural checks above give precise messages; ring then checks
-    // what only it can (scalar range, public key consistent with private),
-    // so a broken key fails here and not during the first handshake.
-    KeyPair::from_pkcs8_der_and_sign_algo(
-        &PrivatePkcs8KeyDer::from(pkcs8.0.as_slice()),
-        &PKCS_ECDSA_P256_SHA256,
-    )
-    .map_err(|e| PkiError::MalformedKey {
-        path: path.to_path_buf(),
-        detail: format!("not a usable ECDSA P-256 key: {e}"),
-    })?;
-
-    // Move the bytes out (the wrapper is left empty), rather than clone:
-    // one fewer copy of the key to wipe.
-    Ok(PrivateKey::from_pkcs8(
-        KeyKind::EcdsaP256,
-        std::mem::take(&mut pkcs8.0),
-    ))
+    keys::usable_key(path, kind, pkcs8)
 }
 
 /// Whether `cert`'s public key is the public half of `key`, i.e. whether the
@@ -647,7 +642,7 @@ pub fn public_key_matches(cert: &CertificateDer<'_>, key: &PrivateKey) -> Result
     let parsed = parse_cert(cert).map_err(PkiError::InvalidCertificate)?;
     let pair = KeyPair::from_pkcs8_der_and_sign_algo(
         &PrivatePkcs8KeyDer::from(key.pkcs8_der()),
-        &PKCS_ECDSA_P256_SHA256,
+        keys::rcgen_algorithm(key.kind()),
     )
     .map_err(|e| PkiError::KeyRejected(e.to_string()))?;
     let cert_key: &[u8] = &parsed.public_key().subject_public_key.data;
@@ -817,15 +812,16 @@ fn curve_name(curve: &[u8]) -> String {
 
 /// Checks an EC curve given as the TLV of ECParameters (named curve OID,
 /// explicit parameters, or implicitCA NULL).
-fn check_curve_tlv(tag: u8, contents: &[u8]) -> Result<(), KeyProblem> {
+fn check_curve_tlv(tag: u8, contents: &[u8]) -> Result<KeyKind, KeyProblem> {
     match tag {
-        der::OID if contents == oid::PRIME256V1 => Ok(()),
+        der::OID if contents == oid::PRIME256V1 => Ok(KeyKind::EcdsaP256),
+        der::OID if contents == oid::SECP384R1 => Ok(KeyKind::EcdsaP384),
         der::OID => Err(KeyProblem::Unsupported(format!(
             "EC keys on curve {}",
             curve_name(contents)
         ))),
         der::SEQUENCE => Err(KeyProblem::Unsupported(
-            "EC keys with explicit curve parameters (openssl -param_enc explicit) instead of the named curve prime256v1"
+            "EC keys with explicit curve parameters (openssl -param_enc explicit) instead of the named curve prime256v1 or secp384r1"
                 .into(),
         )),
         _ => Err(KeyProblem::Malformed(
@@ -891,9 +887,10 @@ fn parse_sec1(input: &[u8]) -> Result<Sec1Info<'_>, KeyProblem> {
     Ok(info)
 }
 
-/// Checks a PKCS#8 PrivateKeyInfo is ecPublicKey on prime256v1 with an
-/// embedded public key, naming the key type when it is something else.
-fn check_pkcs8(input: &[u8]) -> Result<(), KeyProblem> {
+/// Checks a PKCS#8 PrivateKeyInfo is ecPublicKey on prime256v1 or secp384r1
+/// with an embedded public key, or rsaEncryption of 2048-4096 bits, naming the
+/// key type when it is something else.
+fn check_pkcs8(input: &[u8]) -> Result<KeyKind, KeyProblem> {
     let mut outer = der::Reader::new(input);
     let seq = outer.expect(der::SEQUENCE, "PrivateKeyInfo SEQUENCE")?;
     if !outer.is_empty() {
@@ -918,8 +915,14 @@ fn check_pkcs8(input: &[u8]) -> Result<(), KeyProblem> {
     };
     match alg_oid {
         oid::EC_PUBLIC_KEY => {}
-        oid::RSA_ENCRYPTION | oid::RSASSA_PSS => {
-            return Err(KeyProblem::Unsupported("RSA keys".into()));
+        oid::RSA_ENCRYPTION => {
+            let pkcs1 = r.expect(der::OCTET_STRING, "PrivateKeyInfo privateKey")?;
+            return keys::rsa_kind(pkcs1);
+        }
+        oid::RSASSA_PSS => {
+            return Err(KeyProblem::Unsupported(
+                "RSASSA-PSS keys (rsassaPss; use an rsaEncryption RSA key)".into(),
+            ));
         }
         oid::ED25519 => return Err(KeyProblem::Unsupported("Ed25519 keys".into())),
         oid::ED448 => return Err(KeyProblem::Unsupported("Ed448 keys".into())),
@@ -937,9 +940,9 @@ fn check_pkcs8(input: &[u8]) -> Result<(), KeyProblem> {
     let sec1 = parse_sec1(private_key)?;
     // The curve normally sits in the AlgorithmIdentifier; the inner [0] is
     // optional there but, if present, must agree.
-    match (params, sec1.curve) {
+    let kind = match (params, sec1.curve) {
         (Some((tag, c)), inner) => {
-            check_curve_tlv(tag, c)?;
+            let kind = check_curve_tlv(tag, c)?;
             if let Some((itag, ic)) = inner {
                 if (itag, ic) != (tag, c) {
                     return Err(KeyProblem::Malformed(
@@ -947,6 +950,7 @@ fn check_pkcs8(input: &[u8]) -> Result<(), KeyProblem> {
                     ));
                 }
             }
+            kind
         }
         (None, Some((tag, c))) => {
             check_curve_tlv(tag, c)?;
@@ -959,41 +963,41 @@ fn check_pkcs8(input: &[u8]) -> Result<(), KeyProblem> {
                 "the key does not name its curve".into(),
             ));
         }
-    }
+    };
     if !sec1.has_public_key {
         return Err(KeyProblem::NoPublicKey);
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// Wraps a SEC1 ECPrivateKey into PKCS#8 PrivateKeyInfo:
 /// SEQUENCE { INTEGER 0, SEQUENCE { ecPublicKey, namedCurve }, OCTET STRING sec1 }.
-fn sec1_to_pkcs8(sec1: &[u8]) -> Result<SecretBytes, KeyProblem> {
+fn sec1_to_pkcs8(sec1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
     let info = parse_sec1(sec1)?;
-    match info.curve {
-        Some((tag, c)) => check_curve_tlv(tag, c)?,
+    let (kind, curve) = match info.curve {
+        Some((tag, c)) => (check_curve_tlv(tag, c)?, c),
         None => {
             return Err(KeyProblem::Malformed(
                 "the EC PRIVATE KEY does not name its curve (no [0] parameters)".into(),
             ));
         }
-    }
+    };
     if !info.has_public_key {
         return Err(KeyProblem::NoPublicKey);
     }
 
-    let alg_len = der::tlv_len(oid::EC_PUBLIC_KEY.len()) + der::tlv_len(oid::PRIME256V1.len());
+    let alg_len = der::tlv_len(oid::EC_PUBLIC_KEY.len()) + der::tlv_len(curve.len());
     let body_len = der::tlv_len(1) + der::tlv_len(alg_len) + der::tlv_len(sec1.len());
     // Exact capacities: no reallocation leaves a stray copy of the key behind.
     let mut body = SecretBytes(Vec::with_capacity(body_len));
     der::push_tlv(&mut body.0, der::INTEGER, &[0])?;
     der::push_header(&mut body.0, der::SEQUENCE, alg_len)?;
     der::push_tlv(&mut body.0, der::OID, oid::EC_PUBLIC_KEY)?;
-    der::push_tlv(&mut body.0, der::OID, oid::PRIME256V1)?;
+    der::push_tlv(&mut body.0, der::OID, curve)?;
     der::push_tlv(&mut body.0, der::OCTET_STRING, sec1)?;
     let mut out = SecretBytes(Vec::with_capacity(der::tlv_len(body.0.len())));
     der::push_tlv(&mut out.0, der::SEQUENCE, &body.0)?;
-    Ok(out)
+    Ok((kind, out))
 }
 
 /// A minimal DER reader/writer: single-byte tags, definite lengths of up to
@@ -1004,6 +1008,7 @@ mod der {
     pub const INTEGER: u8 = 0x02;
     pub const BIT_STRING: u8 = 0x03;
     pub const OCTET_STRING: u8 = 0x04;
+    pub const NULL: u8 = 0x05;
     pub const OID: u8 = 0x06;
     pub const SEQUENCE: u8 = 0x30;
     pub const CONTEXT_0: u8 = 0xa0;
@@ -1160,6 +1165,7 @@ pub fn summarize(cert_der: &[u8]) -> Result<CertSummary, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::PKCS_ECDSA_P256_SHA256;
     use std::os::unix::fs::{PermissionsExt, symlink};
     use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -1206,6 +1212,7 @@ mod tests {
             client_names: vec![],
             days: 30,
             force: false,
+            key_type: KeyType::EcdsaP256,
         }
     }
 
@@ -1286,7 +1293,7 @@ mod tests {
     }
 
     const SUITE_MSG: &str =
-        "are not supported: ntp-dtls uses ECDSA P-256 (TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)";
+        "are not supported: ntp-dtls uses ECDSA P-256, ECDSA P-384 or RSA 2048-4096 bit keys";
 
     // ---- generation ------------------------------------------------------
 
@@ -1652,7 +1659,7 @@ mod tests {
         let key = load_private_key(&tmp.join("k.pem")).unwrap();
         let pair = KeyPair::try_from(key.pkcs8_der()).unwrap();
         assert!(pair.is_compatible(&PKCS_ECDSA_P256_SHA256));
-        assert_eq!(check_pkcs8(key.pkcs8_der()), Ok(()));
+        assert_eq!(check_pkcs8(key.pkcs8_der()), Ok(KeyKind::EcdsaP256));
 
         // Same key via OpenSSL's own PKCS#8 conversion: same public key.
         openssl_ok(
@@ -1770,10 +1777,10 @@ mod tests {
     }
 
     #[test]
-    fn other_key_types_are_refused_with_a_clear_message() {
-        let tmp = TempDir::new("refuse");
+    fn p384_and_rsa_keys_load_in_every_pem_form() {
+        let tmp = TempDir::new("p384-rsa");
         let dir = &tmp.0;
-
+        // P-384: SEC1 ("EC PRIVATE KEY") and PKCS#8.
         openssl_ok(
             dir,
             &[
@@ -1786,7 +1793,6 @@ mod tests {
                 "p384.pem",
             ],
         );
-        assert_unsupported(&tmp.join("p384.pem"), "secp384r1 (P-384)");
         openssl_ok(
             dir,
             &[
@@ -1799,7 +1805,106 @@ mod tests {
                 "p384-8.pem",
             ],
         );
-        assert_unsupported(&tmp.join("p384-8.pem"), "secp384r1 (P-384)");
+        openssl_ok(
+            dir,
+            &[
+                "req", "-x509", "-key", "p384.pem", "-subj", "/CN=p384", "-out", "p384.crt",
+            ],
+        );
+        for f in ["p384.pem", "p384-8.pem"] {
+            let key = load_private_key(&tmp.join(f)).unwrap();
+            assert_eq!(key.kind(), KeyKind::EcdsaP384, "{f}");
+            assert!(public_key_matches(&cert_der(&tmp.join("p384.crt")), &key).unwrap());
+        }
+        // RSA: OpenSSL 3's genrsa writes PKCS#8 ("PRIVATE KEY" + rsaEncryption);
+        // -traditional gives the PKCS#1 "RSA PRIVATE KEY" form.
+        openssl_ok(dir, &["genrsa", "-out", "rsa.pem", "2048"]);
+        openssl_ok(
+            dir,
+            &["rsa", "-traditional", "-in", "rsa.pem", "-out", "rsa1.pem"],
+        );
+        assert!(
+            fs::read_to_string(tmp.join("rsa1.pem"))
+                .unwrap()
+                .starts_with("-----BEGIN RSA PRIVATE KEY-----")
+        );
+        openssl_ok(
+            dir,
+            &[
+                "req", "-x509", "-key", "rsa.pem", "-subj", "/CN=rsa", "-out", "rsa.crt",
+            ],
+        );
+        for f in ["rsa.pem", "rsa1.pem"] {
+            let key = load_private_key(&tmp.join(f)).unwrap();
+            assert_eq!(key.kind(), KeyKind::Rsa { bits: 2048 }, "{f}");
+            assert!(public_key_matches(&cert_der(&tmp.join("rsa.crt")), &key).unwrap());
+            // And the PKCS#8 the loader hands on is what ring signs with.
+            KeyPair::from_pkcs8_der_and_sign_algo(
+                &PrivatePkcs8KeyDer::from(key.pkcs8_der()),
+                &rcgen::PKCS_RSA_SHA256,
+            )
+            .unwrap();
+        }
+        // A P-256 certificate does not match an RSA key.
+        openssl_ok(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "p256.pem",
+            ],
+        );
+        openssl_ok(
+            dir,
+            &[
+                "req", "-x509", "-key", "p256.pem", "-subj", "/CN=p256", "-out", "p256.crt",
+            ],
+        );
+        let rsa = load_private_key(&tmp.join("rsa.pem")).unwrap();
+        assert!(!public_key_matches(&cert_der(&tmp.join("p256.crt")), &rsa).unwrap());
+    }
+
+    #[test]
+    fn other_key_types_are_refused_with_a_clear_message() {
+        let tmp = TempDir::new("refuse");
+        let dir = &tmp.0;
+
+        // RSA outside 2048-4096 bits, in both forms.
+        openssl_ok(dir, &["genrsa", "-out", "rsa1024.pem", "1024"]);
+        openssl_ok(
+            dir,
+            &[
+                "rsa",
+                "-traditional",
+                "-in",
+                "rsa1024.pem",
+                "-out",
+                "rsa1024-1.pem",
+            ],
+        );
+        for f in ["rsa1024.pem", "rsa1024-1.pem"] {
+            assert_unsupported(
+                &tmp.join(f),
+                "RSA keys of 1024 bits (the policy allows 2048 to 4096) are not supported",
+            );
+        }
+        openssl_ok(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA-PSS",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                "pss.pem",
+            ],
+        );
+        assert_unsupported(&tmp.join("pss.pem"), "RSASSA-PSS keys");
 
         openssl_ok(
             dir,
@@ -1814,27 +1919,6 @@ mod tests {
             ],
         );
         assert_unsupported(&tmp.join("k1.pem"), "secp256k1");
-
-        // OpenSSL 3's genrsa writes PKCS#8 ("PRIVATE KEY" + rsaEncryption);
-        // -traditional gives the PKCS#1 "RSA PRIVATE KEY" form.
-        openssl_ok(dir, &["genrsa", "-out", "rsa.pem", "2048"]);
-        openssl_ok(dir, &["genrsa", "-traditional", "-out", "rsa1.pem", "2048"]);
-        assert!(
-            fs::read_to_string(tmp.join("rsa1.pem"))
-                .unwrap()
-                .starts_with("-----BEGIN RSA PRIVATE KEY-----")
-        );
-        for f in ["rsa.pem", "rsa1.pem"] {
-            let path = tmp.join(f);
-            let msg = load_private_key(&path).unwrap_err().to_string();
-            assert_eq!(
-                msg,
-                format!(
-                    "{}: RSA keys are not supported: ntp-dtls uses ECDSA P-256 (TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)",
-                    path.display()
-                )
-            );
-        }
 
         openssl_ok(dir, &["genpkey", "-algorithm", "ed25519", "-out", "ed.pem"]);
         assert_unsupported(&tmp.join("ed.pem"), "Ed25519 keys");
@@ -2133,7 +2217,7 @@ mod tests {
     fn key_parsers_never_panic_on_mangled_input() {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let pkcs8 = key.serialized_der().to_vec();
-        assert_eq!(check_pkcs8(&pkcs8), Ok(()));
+        assert_eq!(check_pkcs8(&pkcs8), Ok(KeyKind::EcdsaP256));
         // Pull the SEC1 structure out of the PKCS#8 and re-add the curve, so
         // we also have a realistic SEC1 input.
         let mut r = der::Reader::new(&pkcs8);
@@ -2160,8 +2244,8 @@ mod tests {
         let mut sec1 = Vec::new();
         der::push_tlv(&mut sec1, der::SEQUENCE, &sec1_body).unwrap();
         let converted = sec1_to_pkcs8(&sec1).unwrap();
-        assert_eq!(check_pkcs8(&converted.0), Ok(()));
-        let pair = KeyPair::try_from(converted.0.as_slice()).unwrap();
+        assert_eq!(check_pkcs8(&converted.1.0), Ok(KeyKind::EcdsaP256));
+        let pair = KeyPair::try_from(converted.1.0.as_slice()).unwrap();
         assert_eq!(pair.public_key_raw(), key.public_key_raw());
 
         for input in [&pkcs8, &sec1] {

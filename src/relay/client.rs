@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use ntp_dtls_proto::engine::{CIPHER_SUITE, ClientSettings};
+use ntp_dtls_proto::engine::ClientSettings;
 use ntp_dtls_proto::stats::Counter;
 use ntp_dtls_proto::tunnel::{
     Action, AssociationId, CloseReason, Tunnel, TunnelConfig, TunnelEvent, TunnelState,
@@ -27,7 +27,8 @@ use crate::config::{ClientConfig, Tunnel as TunnelSettings};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::timestamps::TimestampMetrics;
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// A tunnel's local socket, bound before anything else starts (a start-up error when the
 /// address is taken), and its settings.
@@ -47,6 +48,7 @@ pub async fn run(
     tokio::task::LocalSet::new()
         .run_until(async move {
             let obs = Arc::new(Observatory::new("client", config.tunnels.len()));
+            obs.set_timestamp_correction(config.timestamp_correction);
             record_client_certificates(&obs, &config.tunnels);
             let mut bound = Vec::with_capacity(config.tunnels.len());
             for settings in config.tunnels {
@@ -161,6 +163,7 @@ async fn reload_on_signal(
         };
         let outcome = outcome.map(|(new, plan)| {
             record_client_certificates(&obs, &new.tunnels);
+            obs.set_timestamp_correction(new.timestamp_correction);
             // Each tunnel that still exists takes its new material; a tunnel added or removed
             // waits for a restart (and the plan says so).
             let _ = reloads.send(new.tunnels.iter().map(|t| t.settings.clone()).collect());
@@ -210,9 +213,12 @@ impl TunnelTask {
             policy: s.policy,
         };
         let seed = jitter_seed(index);
+        let mut tunnel = Tunnel::new(config, Instant::now(), obs.stats.clone(), rtt, seed);
+        tunnel.set_timestamp_observer(TimestampMetrics::new(obs.clone()));
+        tunnel.set_timestamp_correction(obs.timestamp_correction());
         TunnelTask {
             index,
-            tunnel: Tunnel::new(config, Instant::now(), obs.stats.clone(), rtt, seed),
+            tunnel,
             local: bound.local,
             to_local: SendQueue::default(),
             sockets: Vec::with_capacity(3),
@@ -236,10 +242,13 @@ impl TunnelTask {
                 received = self.local.recv_batch(&mut from_local) => match received {
                     Ok(_) => {
                         let now = Instant::now();
-                        let rx = SystemTime::now();
-                        for (from, datagram) in from_local.iter() {
+                        // The clock read right after recvmmsg, for a datagram the kernel gave
+                        // no receive timestamp.
+                        let read = SystemTime::now();
+                        for Received { from, data, kernel_rx, .. } in from_local.iter() {
                             if let Some(from) = from {
-                                self.tunnel.handle_request(now, rx, from, datagram);
+                                let rx = kernel_rx.unwrap_or(read);
+                                self.tunnel.handle_request(now, rx, from, data);
                             }
                         }
                     }
@@ -247,12 +256,13 @@ impl TunnelTask {
                 },
                 (slot, received) = recv_any(&self.sockets, &mut from_upstream) => {
                     let now = Instant::now();
-                    let rx = SystemTime::now();
+                    let read = SystemTime::now();
                     if let Some(id) = self.sockets.get(slot).map(|s| s.id) {
                         match received {
                             Ok(_) => {
-                                for (_, datagram) in from_upstream[slot].iter() {
-                                    self.tunnel.handle_datagram(now, rx, id, datagram);
+                                for Received { data, kernel_rx, .. } in from_upstream[slot].iter() {
+                                    let rx = kernel_rx.unwrap_or(read);
+                                    self.tunnel.handle_datagram(now, rx, id, data);
                                 }
                             }
                             // ICMP port unreachable (or a forgery of one): the tunnel checks.
@@ -278,6 +288,9 @@ impl TunnelTask {
 
     /// Does what the tunnel asks, sends what it queued, and reports what happened.
     fn execute(&mut self) {
+        // A reload may have turned the residence correction on or off.
+        self.tunnel
+            .set_timestamp_correction(self.obs.timestamp_correction());
         // Twice at most: a send that reports an ICMP error makes the tunnel queue a keepalive.
         for _ in 0..2 {
             self.execute_actions();
@@ -302,6 +315,8 @@ impl TunnelTask {
     /// Does what the tunnel asks; the sends are queued for [`Self::flush`].
     fn execute_actions(&mut self) {
         loop {
+            // Read right before the datagram is finished: a reply's transmit timestamp is
+            // corrected with it, and it is sent in this same pass.
             let Some(action) = self.tunnel.poll_action(Instant::now(), SystemTime::now()) else {
                 break;
             };
@@ -422,7 +437,7 @@ impl TunnelTask {
                 rekey,
             } => {
                 self.report_first_outcome(true);
-                info!(%tunnel, server = %peer, subject = %identity, cipher = %CIPHER_SUITE, rekey,
+                info!(%tunnel, server = %peer, subject = %identity, cipher = %identity.cipher_suite, rekey,
                     "association established");
             }
             TunnelEvent::Refused {

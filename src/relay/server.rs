@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use ntp_dtls_proto::endpoint::{Audit, Destination, Endpoint, EndpointEvent, TimeSource, Transmit};
-use ntp_dtls_proto::engine::{CIPHER_SUITE, ServerSettings};
+use ntp_dtls_proto::engine::ServerSettings;
 use ntp_dtls_proto::ntp::BuiltinSource;
 use ntp_dtls_proto::stats::Counter;
 use tokio::sync::watch;
@@ -21,7 +21,8 @@ use crate::config::{ServerConfig, Upstream};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
-use crate::relay::udp::{DatagramSocket, RecvBatch, SendQueue};
+use crate::relay::timestamps::TimestampMetrics;
+use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
 /// Runs the server relay until shutdown: `config.workers` sockets bound to the listen address
 /// with SO_REUSEPORT, one thread each. The kernel keeps a client's address and port on one
@@ -78,6 +79,7 @@ async fn run_workers(
     limits.max_half_open = limits.max_half_open.div_ceil(workers);
 
     record_server_certificates(&obs, &config.settings);
+    obs.set_timestamp_correction(config.timestamp_correction);
     let metrics = start_services(&config.daemon, &obs, &shutdown).await?;
     // New certificate material reaches every worker; live associations keep theirs.
     let (settings_tx, settings_rx) = watch::channel(None::<Arc<ServerSettings>>);
@@ -138,7 +140,7 @@ async fn run_workers(
         metrics = %metrics_label,
         workers,
         mutual_auth = config.settings.client_roots.is_some(),
-        cipher = %ntp_dtls_proto::engine::CIPHER_SUITE,
+        cipher = %config.settings.identity.key.kind().cipher_suite(),
         "ready"
     );
     notify_ready(&format!("listening on {listen} with {workers} workers"));
@@ -153,6 +155,7 @@ async fn run_workers(
                 // new handshakes; a changed key only a restart applies is named.
                 let outcome = current.reload().map(|(new, plan)| {
                     record_server_certificates(&obs, &new.settings);
+                    obs.set_timestamp_correction(new.timestamp_correction);
                     let _ = settings_tx.send(Some(Arc::new(new.settings.clone())));
                     current = new;
                     plan
@@ -243,6 +246,9 @@ struct Worker {
     /// Which worker this is, for the association gauges.
     index: usize,
     socket: DatagramSocket,
+    /// Bound to 0.0.0.0 or ::: replies must name their source address (the one each peer sent
+    /// to), or a multi-homed host answers from the route's choice and the peer drops it.
+    wildcard: bool,
     /// The socket to the time server; None for the builtin source.
     time_server: Option<DatagramSocket>,
     endpoint: Endpoint,
@@ -268,6 +274,11 @@ impl Worker {
         settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
         let socket = DatagramSocket::from_std(socket).context("cannot register the socket")?;
+        let wildcard = socket
+            .local_addr()
+            .context("cannot read the socket's address")?
+            .ip()
+            .is_unspecified();
         let (time_server, source, upstream_label) = match config.upstream {
             Upstream::Udp(addr) => {
                 let bind: IpAddr = if addr.is_ipv4() {
@@ -293,12 +304,15 @@ impl Worker {
         };
         let rtt = obs.rtt_gauge(&upstream_label);
         let upstream_health = obs.upstream_health(&upstream_label, config.workers.max(1));
-        let endpoint = Endpoint::new(&config.settings, limits, source, obs.stats.clone(), rtt)
+        let mut endpoint = Endpoint::new(&config.settings, limits, source, obs.stats.clone(), rtt)
             .context("DTLS server configuration")?;
+        endpoint.set_timestamp_observer(TimestampMetrics::new(obs.clone()));
+        endpoint.set_timestamp_correction(obs.timestamp_correction());
         Ok(Worker {
             settings,
             index,
             socket,
+            wildcard,
             time_server,
             endpoint,
             obs,
@@ -320,23 +334,28 @@ impl Worker {
                 _ = shutdown.wait() => break,
                 received = self.socket.recv_batch(&mut from_peers) => match received {
                     Ok(_) => {
-                        let rx = SystemTime::now();
+                        // The clock read right after recvmmsg, for a datagram the kernel gave
+                        // no receive timestamp.
+                        let read = SystemTime::now();
                         let now = Instant::now();
-                        for (peer, datagram) in from_peers.iter() {
-                            if let Some(peer) = peer {
-                                self.endpoint.handle_datagram(now, rx, peer, datagram);
+                        for Received { from, data, kernel_rx, local } in from_peers.iter() {
+                            if let Some(peer) = from {
+                                let rx = kernel_rx.unwrap_or(read);
+                                let local = local.filter(|_| self.wildcard);
+                                self.endpoint.handle_datagram_to(now, rx, peer, local, data);
                             }
                         }
                     }
                     Err(e) => debug!(error = %e, "receive error"),
                 },
                 received = recv_time_server(self.time_server.as_ref(), &mut from_source) => {
-                    let rx = SystemTime::now();
+                    let read = SystemTime::now();
                     let now = Instant::now();
                     match received {
                         Ok(_) => {
-                            for (_, datagram) in from_source.iter() {
-                                self.endpoint.handle_time_server_reply(now, rx, datagram);
+                            for Received { data, kernel_rx, .. } in from_source.iter() {
+                                let rx = kernel_rx.unwrap_or(read);
+                                self.endpoint.handle_time_server_reply(now, rx, data);
                             }
                         }
                         // chronyd not running: ICMP port unreachable comes back as an error.
@@ -362,31 +381,37 @@ impl Worker {
     /// Sends what the endpoint queued (requests to the time server first: their replies take
     /// longest), and reports what happened.
     fn execute(&mut self) {
+        // A reload may have turned the residence correction on or off.
+        self.endpoint
+            .set_timestamp_correction(self.obs.timestamp_correction());
+        // Requests first, sent at once, so that a reply finished below is not held behind
+        // their system call: its transmit timestamp is corrected with the clock read for it.
+        while let Some(request) = self
+            .endpoint
+            .poll_request(Instant::now(), SystemTime::now())
+        {
+            self.to_time_server
+                .push_tagged(None, request.datagram, request.ntp);
+        }
+        self.flush_time_server();
+        // Read right before each datagram is finished (a reply stamped and encrypted).
         while let Some(Transmit {
             destination,
             datagram,
             ntp,
+            local,
         }) = self
             .endpoint
             .poll_transmit(Instant::now(), SystemTime::now())
         {
             match destination {
                 Destination::TimeServer => self.to_time_server.push_tagged(None, datagram, ntp),
-                Destination::Peer(peer) => self.to_peers.push_tagged(Some(peer), datagram, ntp),
-            }
-        }
-        let stats = &self.obs.stats;
-        if let Some(socket) = &self.time_server {
-            if !self.to_time_server.is_empty() {
-                let (flushed, error) = self.to_time_server.flush(socket);
-                stats.add(Counter::RequestsForwarded, flushed.tagged as u64);
-                if let Some(e) = error {
-                    // A datagram we cannot send now is better dropped than delayed.
-                    stats.add(Counter::DropUpstreamError, flushed.failed as u64);
-                    debug!(error = %e, failed = flushed.failed, "requests not forwarded");
+                Destination::Peer(peer) => {
+                    self.to_peers.push_from(Some(peer), local, datagram, ntp)
                 }
             }
         }
+        let stats = &self.obs.stats;
         if !self.to_peers.is_empty() {
             let (flushed, error) = self.to_peers.flush(&self.socket);
             stats.add(Counter::RepliesDelivered, flushed.tagged as u64);
@@ -395,6 +420,7 @@ impl Worker {
                 debug!(error = %e, failed = flushed.failed, "send failed");
             }
         }
+        self.flush_time_server();
         while let Some(event) = self.endpoint.poll_event() {
             self.log(event);
         }
@@ -411,11 +437,26 @@ impl Worker {
         }
     }
 
+    fn flush_time_server(&mut self) {
+        let stats = &self.obs.stats;
+        if let Some(socket) = &self.time_server {
+            if !self.to_time_server.is_empty() {
+                let (flushed, error) = self.to_time_server.flush(socket);
+                stats.add(Counter::RequestsForwarded, flushed.tagged as u64);
+                if let Some(e) = error {
+                    // A datagram we cannot send now is better dropped than delayed.
+                    stats.add(Counter::DropUpstreamError, flushed.failed as u64);
+                    debug!(error = %e, failed = flushed.failed, "requests not forwarded");
+                }
+            }
+        }
+    }
+
     /// One line per association set up, refused or torn down: what an evaluator reads.
     fn log(&self, event: EndpointEvent) {
         match event {
             EndpointEvent::Established { peer, identity } => {
-                info!(%peer, subject = %identity, cipher = %CIPHER_SUITE, "association established")
+                info!(%peer, subject = %identity, cipher = %identity.cipher_suite, "association established")
             }
             EndpointEvent::Refused {
                 peer,

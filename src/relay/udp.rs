@@ -19,13 +19,26 @@
 //! Buffers are allocated once per socket; nothing here allocates per datagram. nix's message
 //! headers hold raw pointers and so are not `Send`; they live in thread-local scratch space,
 //! which keeps the types here `Send` and lets a relay's loop run as a plain tokio task.
+//!
+//! Every socket made here also asks the kernel for two control messages with each datagram
+//! (see [`Received`]): its receive timestamp (SO_TIMESTAMPNS: the wall clock when the datagram
+//! came in, not when the relay got round to reading it), and the address it was sent to
+//! (IP_PKTINFO, IPV6_RECVPKTINFO: which of a multi-homed host's addresses the peer used). A
+//! queued datagram may name its source address ([`SendQueue::push_from`]), sent as an
+//! IP_PKTINFO / IPV6_PKTINFO control message: a socket bound to a wildcard address answers
+//! from the address the peer sent to, as chronyd does.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, SystemTime};
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
+    sendmmsg, setsockopt, sockopt,
+};
+use nix::sys::time::TimeSpec;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -47,10 +60,12 @@ pub struct DatagramSocket {
 }
 
 impl DatagramSocket {
-    /// Takes over a bound socket (made non-blocking here). Must run inside the runtime.
+    /// Takes over a bound socket (made non-blocking here, and asked for receive timestamps and
+    /// destination addresses). Must run inside the runtime.
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let ipv6 = socket.local_addr()?.is_ipv6();
+        enable_control_messages(&socket, ipv6)?;
         // Room for bursts: 256 clients answered at once overflowed the kernel's default
         // (208 KiB) between the relays. The kernel caps it at net.core.rmem_max.
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
@@ -113,27 +128,77 @@ impl DatagramSocket {
     }
 }
 
-/// Up to [`BATCH`] received datagrams and their senders.
+/// Asks the kernel for the control messages [`Received`] carries: SO_TIMESTAMPNS, and
+/// IP_PKTINFO on an IPv4 socket or IPV6_RECVPKTINFO on an IPv6 one. On a dual-stack IPv6 socket
+/// the kernel reports an IPv4 datagram's destination as an IPv4-mapped IPV6_PKTINFO, so one
+/// option covers both families (and every datagram's control data has one size, see
+/// [`RecvBatch::fill`]).
+fn enable_control_messages(socket: &std::net::UdpSocket, ipv6: bool) -> io::Result<()> {
+    setsockopt(socket, sockopt::ReceiveTimestampns, &true)?;
+    if ipv6 {
+        setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)?;
+    } else {
+        setsockopt(socket, sockopt::Ipv4PacketInfo, &true)?;
+    }
+    Ok(())
+}
+
+/// One datagram of a [`RecvBatch`], with what the kernel said about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received<'a> {
+    /// The sender; None for one that is not an IP address (never on our sockets). On a
+    /// dual-stack IPv6 socket an IPv4 sender is IPv4-mapped, as the kernel gives it.
+    pub from: Option<SocketAddr>,
+    pub data: &'a [u8],
+    /// When the kernel took the datagram in (SO_TIMESTAMPNS, the system's wall clock): earlier
+    /// than any clock read after the receive call by however long the datagram waited in the
+    /// socket's queue. None if the kernel gave none (a control message cut short).
+    pub kernel_rx: Option<SystemTime>,
+    /// The address the datagram was sent to (IP_PKTINFO / IPV6_PKTINFO): on a socket bound to
+    /// a wildcard, which of the host's addresses the peer used. An IPv4-mapped address (an
+    /// IPv4 datagram on a dual-stack socket) is given as the IPv4 address. None if the kernel
+    /// gave none.
+    pub local: Option<IpAddr>,
+}
+
+/// Up to [`BATCH`] received datagrams, their senders and control data.
 pub struct RecvBatch {
     buffers: Box<[[u8; MAX_DATAGRAM]; BATCH]>,
     lengths: [usize; BATCH],
-    /// None for a sender that is not an IP address (never on our sockets).
     senders: [Option<SocketAddr>; BATCH],
+    kernel_rx: [Option<SystemTime>; BATCH],
+    locals: [Option<IpAddr>; BATCH],
     count: usize,
+}
+
+/// Room for one datagram's control messages: a receive timestamp (SO_TIMESTAMPNS, or the three
+/// of SO_TIMESTAMPING) and a destination address of either family.
+fn control_space() -> Vec<u8> {
+    nix::cmsg_space!([TimeSpec; 3], nix::libc::in_pktinfo, nix::libc::in6_pktinfo)
+}
+
+fn receive_headers() -> MultiHeaders<SockaddrStorage> {
+    MultiHeaders::preallocate(BATCH, Some(control_space()))
 }
 
 thread_local! {
     /// Scratch headers for recvmmsg on IPv4 sockets, one set per thread. One set per address
     /// family, because the kernel writes each message's address length back into its header
     /// and nix's recvmmsg does not reset it: after an IPv4 receive (16 bytes), an IPv6 one
-    /// through the same headers would get its sender truncated to 16 of its 28 bytes.
+    /// through the same headers would get its sender truncated to 16 of its 28 bytes. The same
+    /// holds for the control data's length, see [`RecvBatch::fill`].
     static RECV_HEADERS_V4: RefCell<MultiHeaders<SockaddrStorage>> =
-        RefCell::new(MultiHeaders::preallocate(BATCH, None));
+        RefCell::new(receive_headers());
     static RECV_HEADERS_V6: RefCell<MultiHeaders<SockaddrStorage>> =
-        RefCell::new(MultiHeaders::preallocate(BATCH, None));
+        RefCell::new(receive_headers());
     /// Scratch headers for sendmmsg (nix sets every field it reads before each call).
     static SEND_HEADERS: RefCell<MultiHeaders<SockaddrStorage>> =
         RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    /// Likewise, with room for one IP_PKTINFO or IPV6_PKTINFO (a chosen source address).
+    static SEND_HEADERS_PKTINFO_V4: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::libc::in_pktinfo))));
+    static SEND_HEADERS_PKTINFO_V6: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::libc::in6_pktinfo))));
 }
 
 impl Default for RecvBatch {
@@ -142,6 +207,8 @@ impl Default for RecvBatch {
             buffers: Box::new([[0; MAX_DATAGRAM]; BATCH]),
             lengths: [0; BATCH],
             senders: [None; BATCH],
+            kernel_rx: [None; BATCH],
+            locals: [None; BATCH],
             count: 0,
         }
     }
@@ -149,6 +216,13 @@ impl Default for RecvBatch {
 
 impl RecvBatch {
     /// One recvmmsg on a non-blocking socket: what is queued, up to [`BATCH`] datagrams.
+    ///
+    /// The kernel writes back into each header how much control data it used, and nix's
+    /// recvmmsg does not restore the room before the next call. Our sockets all get the same
+    /// control messages for every datagram (a timestamp and one pktinfo of the socket's family),
+    /// so the room left is exactly what the next datagram needs. Should a datagram come without
+    /// either (a socket without the options, or control data cut short), the headers are made
+    /// anew for the next call, so that one odd datagram costs no other its control data.
     fn fill(&mut self, socket: &std::net::UdpSocket, ipv6: bool) -> io::Result<usize> {
         self.count = 0;
         let fd = socket.as_raw_fd();
@@ -156,6 +230,8 @@ impl RecvBatch {
             buffers,
             lengths,
             senders,
+            kernel_rx,
+            locals,
             ..
         } = self;
         let headers = if ipv6 {
@@ -168,12 +244,40 @@ impl RecvBatch {
             let messages = recvmmsg(fd, headers, slices.iter_mut(), MsgFlags::empty(), None)
                 .map_err(io::Error::from)?;
             let mut count = 0;
-            for (message, (length, sender)) in
-                messages.zip(lengths.iter_mut().zip(senders.iter_mut()))
-            {
+            let mut renew = false;
+            for (message, (((length, sender), rx), local)) in messages.zip(
+                lengths
+                    .iter_mut()
+                    .zip(senders.iter_mut())
+                    .zip(kernel_rx.iter_mut())
+                    .zip(locals.iter_mut()),
+            ) {
                 *length = message.bytes;
                 *sender = message.address.as_ref().and_then(socket_addr);
+                (*rx, *local) = (None, None);
+                // An error here is control data cut short (MSG_CTRUNC): none of it is read.
+                if let Ok(cmsgs) = message.cmsgs() {
+                    for cmsg in cmsgs {
+                        match cmsg {
+                            ControlMessageOwned::ScmTimestampns(ts) => *rx = wall_time(ts),
+                            ControlMessageOwned::ScmTimestampsns(ts) => *rx = wall_time(ts.system),
+                            ControlMessageOwned::Ipv4PacketInfo(info) => {
+                                *local = Some(IpAddr::V4(u32::from_be(info.ipi_addr.s_addr).into()))
+                            }
+                            ControlMessageOwned::Ipv6PacketInfo(info) => {
+                                *local = Some(
+                                    std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr).to_canonical(),
+                                )
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                renew |= rx.is_none() || local.is_none();
                 count += 1;
+            }
+            if renew {
+                *headers = receive_headers();
             }
             Ok::<_, io::Error>(count)
         })?;
@@ -182,18 +286,35 @@ impl RecvBatch {
     }
 
     /// The datagrams of the last receive, in arrival order.
-    pub fn iter(&self) -> impl Iterator<Item = (Option<SocketAddr>, &[u8])> {
-        self.buffers
-            .iter()
-            .zip(self.lengths.iter().zip(self.senders.iter()))
-            .take(self.count)
-            .map(|(buffer, (length, sender))| (*sender, &buffer[..(*length).min(MAX_DATAGRAM)]))
+    pub fn iter(&self) -> impl Iterator<Item = Received<'_>> {
+        (0..self.count).filter_map(|index| self.get(index))
     }
 
     /// One datagram of the last receive.
-    pub fn get(&self, index: usize) -> Option<(Option<SocketAddr>, &[u8])> {
-        self.iter().nth(index)
+    pub fn get(&self, index: usize) -> Option<Received<'_>> {
+        if index >= self.count.min(BATCH) {
+            return None;
+        }
+        Some(Received {
+            from: self.senders[index],
+            data: &self.buffers[index][..self.lengths[index].min(MAX_DATAGRAM)],
+            kernel_rx: self.kernel_rx[index],
+            local: self.locals[index],
+        })
     }
+}
+
+/// A kernel timestamp (CLOCK_REALTIME) as a SystemTime; None for one before 1970 or zero (the
+/// kernel's "no timestamp").
+fn wall_time(ts: TimeSpec) -> Option<SystemTime> {
+    let (seconds, nanos) = (
+        u64::try_from(ts.tv_sec()).ok()?,
+        u32::try_from(ts.tv_nsec()).ok()?,
+    );
+    if seconds == 0 && nanos == 0 {
+        return None;
+    }
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
 }
 
 fn socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
@@ -212,6 +333,9 @@ pub struct SendQueue {
     /// Which of them are tagged (NTP datagrams, as opposed to handshake and keepalive
     /// records), so that what was really sent can be counted by kind.
     tagged: Vec<bool>,
+    /// The source address each is sent from (IP_PKTINFO / IPV6_PKTINFO); None: the kernel's
+    /// choice (the bound address, or on a wildcard socket the route's preferred source).
+    sources: Vec<Option<IpAddr>>,
 }
 
 impl Default for SendQueue {
@@ -219,6 +343,7 @@ impl Default for SendQueue {
         SendQueue {
             queued: Vec::with_capacity(BATCH),
             tagged: Vec::with_capacity(BATCH),
+            sources: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -248,8 +373,22 @@ impl SendQueue {
         datagram: bytes::BytesMut,
         tagged: bool,
     ) {
+        self.push_from(destination, None, datagram, tagged);
+    }
+
+    /// Queues a datagram to leave from the local address `source`: on a socket bound to a
+    /// wildcard address, the address the peer sent to, so that its connected socket takes the
+    /// reply (chronyd answers the same way). None leaves the choice to the kernel.
+    pub fn push_from(
+        &mut self,
+        destination: Option<SocketAddr>,
+        source: Option<IpAddr>,
+        datagram: bytes::BytesMut,
+        tagged: bool,
+    ) {
         self.queued.push((destination, datagram));
         self.tagged.push(tagged);
+        self.sources.push(source);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -267,8 +406,15 @@ impl SendQueue {
         // (position, retries) of the datagram a pending ICMP error held back.
         let mut retried = (usize::MAX, 0u8);
         while start < self.queued.len() {
-            let end = (start + BATCH).min(self.queued.len());
-            match send_chunk(socket, &self.queued[start..end]) {
+            // One system call sends from one source address: a run of equal ones.
+            let source = self.sources[start];
+            let run = self.sources[start..]
+                .iter()
+                .take(BATCH)
+                .take_while(|s| **s == source)
+                .count();
+            let end = start + run;
+            match send_chunk(socket, &self.queued[start..end], source) {
                 Ok(sent) if sent > 0 => {
                     flushed.sent += sent;
                     flushed.tagged += self.tagged[start..start + sent]
@@ -308,6 +454,7 @@ impl SendQueue {
         }
         self.queued.clear();
         self.tagged.clear();
+        self.sources.clear();
         (flushed, last_error)
     }
 }
@@ -315,12 +462,56 @@ impl SendQueue {
 /// Times one datagram is sent again after sends that only reported a pending ICMP error.
 const MAX_ICMP_RETRIES: u8 = 4;
 
+/// The control message that makes a datagram leave from `source` on this socket's family: an
+/// IPv4 source on a dual-stack IPv6 socket goes IPv4-mapped (the kernel takes it so). None for
+/// an IPv6 source on an IPv4 socket, which cannot be.
+enum SourceInfo {
+    V4(nix::libc::in_pktinfo),
+    V6(nix::libc::in6_pktinfo),
+}
+
+impl SourceInfo {
+    fn new(source: IpAddr, ipv6_socket: bool) -> Option<SourceInfo> {
+        match (source, ipv6_socket) {
+            (IpAddr::V4(v4), false) => Some(SourceInfo::V4(nix::libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: nix::libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                ipi_addr: nix::libc::in_addr { s_addr: 0 },
+            })),
+            (IpAddr::V6(_), false) => None,
+            (source, true) => {
+                let v6 = match source {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                Some(SourceInfo::V6(nix::libc::in6_pktinfo {
+                    ipi6_addr: nix::libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                }))
+            }
+        }
+    }
+
+    fn message(&self) -> ControlMessage<'_> {
+        match self {
+            SourceInfo::V4(info) => ControlMessage::Ipv4PacketInfo(info),
+            SourceInfo::V6(info) => ControlMessage::Ipv6PacketInfo(info),
+        }
+    }
+}
+
 fn send_chunk(
     socket: &DatagramSocket,
     chunk: &[(Option<SocketAddr>, bytes::BytesMut)],
+    source: Option<IpAddr>,
 ) -> io::Result<usize> {
     let fd = socket.io.get_ref().as_raw_fd();
-    if let [(destination, datagram)] = chunk {
+    let info = source.and_then(|source| SourceInfo::new(source, socket.ipv6));
+    if let ([(destination, datagram)], None) = (chunk, &info) {
         // One datagram: the plain call is cheaper than building a batch header.
         return match destination {
             Some(destination) => socket.send_to(datagram, *destination),
@@ -339,13 +530,21 @@ fn send_chunk(
             .and_then(|(destination, _)| *destination)
             .map(SockaddrStorage::from)
     });
-    SEND_HEADERS.with_borrow_mut(|headers| {
+    // Each header set's control room is exactly one message's (the kernel rejects room left
+    // unfilled), so each kind of source has its own.
+    let headers = match info {
+        None => &SEND_HEADERS,
+        Some(SourceInfo::V4(_)) => &SEND_HEADERS_PKTINFO_V4,
+        Some(SourceInfo::V6(_)) => &SEND_HEADERS_PKTINFO_V6,
+    };
+    let control: Option<[ControlMessage; 1]> = info.as_ref().map(|info| [info.message()]);
+    headers.with_borrow_mut(|headers| {
         let sent = sendmmsg(
             fd,
             headers,
             slices.iter().take(chunk.len()),
             &addresses[..chunk.len()],
-            [],
+            control.as_ref().map_or(&[][..], |c| &c[..]),
             MsgFlags::empty(),
         )
         .map_err(io::Error::from)?;
@@ -381,9 +580,9 @@ mod tests {
         let mut batch = RecvBatch::default();
         // Loopback delivers synchronously: all five are queued by now.
         assert_eq!(recv(&rx, &mut batch).await, 5);
-        for (i, (from, datagram)) in batch.iter().enumerate() {
-            assert_eq!(from, Some(addr(&tx)));
-            assert_eq!(datagram, &[i as u8; 48][..]);
+        for (i, received) in batch.iter().enumerate() {
+            assert_eq!(received.from, Some(addr(&tx)));
+            assert_eq!(received.data, &[i as u8; 48][..]);
         }
         // Short batch: readiness cleared, so nothing is ready until the next datagram.
         let idle = tokio::time::timeout(
@@ -393,7 +592,7 @@ mod tests {
         assert!(idle.await.is_err(), "no datagram is queued");
         tx.send_to(b"two", addr(&rx)).expect("send");
         assert_eq!(recv(&rx, &mut batch).await, 1);
-        assert_eq!(batch.get(0).map(|(_, d)| d), Some(&b"two"[..]));
+        assert_eq!(batch.get(0).map(|r| r.data), Some(&b"two"[..]));
     }
 
     #[tokio::test]
@@ -446,14 +645,14 @@ mod tests {
             tx4.send_to(b"v4", addr(&rx4)).expect("send");
             assert_eq!(recv(&rx4, &mut batch).await, 1);
             assert_eq!(
-                batch.get(0).and_then(|(from, _)| from),
+                batch.get(0).and_then(|r| r.from),
                 Some(addr(&tx4)),
                 "round {round}"
             );
             tx6.send_to(b"v6", addr(&rx6)).expect("send");
             assert_eq!(recv(&rx6, &mut batch).await, 1);
             assert_eq!(
-                batch.get(0).and_then(|(from, _)| from),
+                batch.get(0).and_then(|r| r.from),
                 Some(addr(&tx6)),
                 "round {round}"
             );
@@ -472,7 +671,7 @@ mod tests {
         let mut seen = Vec::new();
         while seen.len() < total {
             recv(&rx, &mut batch).await;
-            seen.extend(batch.iter().map(|(_, d)| d.to_vec()));
+            seen.extend(batch.iter().map(|r| r.data.to_vec()));
         }
         let expected: Vec<Vec<u8>> = (0..total)
             .map(|i| (i as u32).to_be_bytes().to_vec())
@@ -520,7 +719,7 @@ mod tests {
         let mut batch = RecvBatch::default();
         for (socket, first) in [(&a, 0u8), (&b, 1u8)] {
             recv(socket, &mut batch).await;
-            let got: Vec<u8> = batch.iter().map(|(_, d)| d[0]).collect();
+            let got: Vec<u8> = batch.iter().map(|r| r.data[0]).collect();
             let want: Vec<u8> = (0..total as u8).filter(|i| i % 2 == first).collect();
             assert_eq!(got, want);
         }
@@ -550,6 +749,274 @@ mod tests {
         assert!(error.is_some());
         let mut batch = RecvBatch::default();
         assert_eq!(recv(&rx, &mut batch).await, 2);
+    }
+
+    /// The kernel's timestamps and the local addresses of one received datagram.
+    async fn receive_one(rx: &DatagramSocket) -> (SystemTime, Option<SystemTime>, Option<IpAddr>) {
+        let mut batch = RecvBatch::default();
+        assert_eq!(recv(rx, &mut batch).await, 1);
+        let read = SystemTime::now();
+        let received = batch.get(0).expect("one datagram");
+        (read, received.kernel_rx, received.local)
+    }
+
+    #[tokio::test]
+    async fn a_datagram_carries_the_kernel_receive_time_not_the_read_time() {
+        let (rx, tx) = (socket(), socket());
+        let sent = SystemTime::now();
+        tx.send_to(b"when?", addr(&rx)).expect("send");
+        // Left in the queue on purpose: the timestamp must be the arrival, not the read.
+        let queued = Duration::from_millis(100);
+        tokio::time::sleep(queued).await;
+        let (read, kernel_rx, _) = receive_one(&rx).await;
+        let kernel_rx = kernel_rx.expect("SO_TIMESTAMPNS gives a timestamp");
+        let slack = Duration::from_millis(2);
+        assert!(
+            kernel_rx + slack >= sent,
+            "stamped {:?} before it was sent",
+            sent.duration_since(kernel_rx)
+        );
+        let waited = read
+            .duration_since(kernel_rx)
+            .expect("stamped before it was read");
+        assert!(
+            waited >= queued,
+            "stamped {waited:?} before the read, it waited {queued:?} in the queue"
+        );
+        // And it is the wall clock (CLOCK_REALTIME), within a few ms of the send.
+        let after_send = kernel_rx.duration_since(sent).unwrap_or_default();
+        assert!(
+            after_send < Duration::from_millis(50),
+            "stamped {after_send:?} after the send"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_datagram_carries_the_address_it_was_sent_to() {
+        // Bound to the wildcard; all of 127/8 is local on Linux.
+        let rx = DatagramSocket::bind("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let tx = socket();
+        let port = addr(&rx).port();
+        for to in ["127.0.0.2", "127.0.0.1", "127.3.4.5"] {
+            let to: IpAddr = to.parse().expect("addr");
+            let before = SystemTime::now();
+            tx.send_to(b"to whom?", SocketAddr::new(to, port))
+                .expect("send");
+            let (read, kernel_rx, local) = receive_one(&rx).await;
+            assert_eq!(local, Some(to));
+            let kernel_rx = kernel_rx.expect("a timestamp");
+            assert!(kernel_rx + Duration::from_millis(2) >= before && kernel_rx <= read);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_datagram_carries_the_address_it_was_sent_to() {
+        let rx = DatagramSocket::bind("[::]:0".parse().expect("addr")).expect("bind ::");
+        let tx = DatagramSocket::bind("[::1]:0".parse().expect("addr")).expect("bind ::1");
+        let to = SocketAddr::new("::1".parse().expect("addr"), addr(&rx).port());
+        tx.send_to(b"v6", to).expect("send");
+        let (_, kernel_rx, local) = receive_one(&rx).await;
+        assert_eq!(local, Some(to.ip()));
+        assert!(kernel_rx.is_some(), "a timestamp");
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_socket_gives_an_ipv4_destination_as_ipv4() {
+        let dual = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("socket");
+        dual.set_only_v6(false).expect("dual-stack");
+        let any: SocketAddr = "[::]:0".parse().expect("addr");
+        dual.bind(&any.into()).expect("bind");
+        let rx = DatagramSocket::from_std(dual.into()).expect("register");
+        let (tx4, tx6) = (
+            socket(),
+            DatagramSocket::bind("[::1]:0".parse().expect("addr")).expect("bind ::1"),
+        );
+        let port = addr(&rx).port();
+        // Both families through the same socket and scratch headers, alternately.
+        for round in 0..3 {
+            tx4.send_to(
+                b"v4",
+                SocketAddr::new("127.0.0.2".parse().expect("addr"), port),
+            )
+            .expect("send");
+            let mut batch = RecvBatch::default();
+            assert_eq!(recv(&rx, &mut batch).await, 1);
+            let got = batch.get(0).expect("one");
+            assert_eq!(
+                got.local,
+                Some("127.0.0.2".parse().expect("addr")),
+                "round {round}"
+            );
+            assert_eq!(
+                got.from,
+                Some(SocketAddr::new(
+                    std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
+                    addr(&tx4).port()
+                ))
+            );
+            assert!(got.kernel_rx.is_some(), "round {round}");
+            tx6.send_to(b"v6", SocketAddr::new("::1".parse().expect("addr"), port))
+                .expect("send");
+            assert_eq!(recv(&rx, &mut batch).await, 1);
+            let got = batch.get(0).expect("one");
+            assert_eq!(
+                got.local,
+                Some("::1".parse().expect("addr")),
+                "round {round}"
+            );
+            assert!(got.kernel_rx.is_some(), "round {round}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_without_control_messages_costs_the_next_one_none() {
+        // The kernel shrinks each header's control room to what it used; a datagram with none
+        // leaves none. The headers are renewed, so the next socket's datagram still has both.
+        let (bare, tx) = (socket(), socket());
+        setsockopt(bare.io.get_ref(), sockopt::ReceiveTimestampns, &false).expect("off");
+        setsockopt(bare.io.get_ref(), sockopt::Ipv4PacketInfo, &false).expect("off");
+        for _ in 0..BATCH {
+            tx.send_to(b"bare", addr(&bare)).expect("send");
+        }
+        let mut batch = RecvBatch::default();
+        assert_eq!(recv(&bare, &mut batch).await, BATCH);
+        assert!(
+            batch
+                .iter()
+                .all(|r| r.kernel_rx.is_none() && r.local.is_none())
+        );
+        let rx = socket();
+        for _ in 0..BATCH {
+            tx.send_to(b"full", addr(&rx)).expect("send");
+        }
+        assert_eq!(recv(&rx, &mut batch).await, BATCH);
+        for (index, received) in batch.iter().enumerate() {
+            assert!(
+                received.kernel_rx.is_some(),
+                "datagram {index} has no timestamp"
+            );
+            assert_eq!(received.local, Some(addr(&rx).ip()), "datagram {index}");
+        }
+    }
+
+    /// A socket on 0.0.0.0 (or a dual-stack ::), and `count` clients each connected to one of
+    /// `to` (as a client relay's association socket is), one datagram from each received.
+    async fn wildcard_and_connected_clients(
+        wildcard: DatagramSocket,
+        to: &[IpAddr],
+    ) -> (
+        DatagramSocket,
+        Vec<DatagramSocket>,
+        Vec<(SocketAddr, IpAddr)>,
+    ) {
+        let port = addr(&wildcard).port();
+        let mut clients = Vec::new();
+        for ip in to {
+            let client = socket();
+            client.connect(SocketAddr::new(*ip, port)).expect("connect");
+            client.send(b"hello").expect("send");
+            clients.push(client);
+        }
+        let mut batch = RecvBatch::default();
+        let mut seen = Vec::new();
+        while seen.len() < to.len() {
+            recv(&wildcard, &mut batch).await;
+            seen.extend(
+                batch
+                    .iter()
+                    .map(|r| (r.from.expect("sender"), r.local.expect("destination"))),
+            );
+        }
+        (wildcard, clients, seen)
+    }
+
+    #[tokio::test]
+    async fn replies_leave_from_the_address_each_peer_sent_to() {
+        let wildcard = DatagramSocket::bind("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let to: Vec<IpAddr> = ["127.0.0.2", "127.0.0.1", "127.0.0.3", "127.0.0.3"]
+            .map(|a| a.parse().expect("addr"))
+            .to_vec();
+        let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
+        // Two rounds: a batch whose sources change (several runs), then one datagram alone.
+        for round in 0..2 {
+            let mut queue = SendQueue::default();
+            for (peer, local) in seen.iter().take(if round == 0 { 4 } else { 1 }) {
+                queue.push_from(
+                    Some(*peer),
+                    Some(*local),
+                    bytes::BytesMut::from(&b"back"[..]),
+                    true,
+                );
+            }
+            let (flushed, error) = queue.flush(&wildcard);
+            assert!(error.is_none(), "{error:?}");
+            assert_eq!(flushed.failed, 0);
+            for (client, local) in clients.iter().zip(&to).take(flushed.sent) {
+                let mut batch = RecvBatch::default();
+                // The client's socket is connected: it takes only what comes from `local`.
+                assert_eq!(recv(client, &mut batch).await, 1, "round {round}");
+                assert_eq!(
+                    batch.get(0).and_then(|r| r.from).map(|a| a.ip()),
+                    Some(*local)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_source_a_connected_peer_never_sees_the_reply() {
+        // The bug the source address fixes: the route's choice is 127.0.0.1, not 127.0.0.2.
+        let wildcard = DatagramSocket::bind("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let to = ["127.0.0.2".parse().expect("addr")];
+        let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
+        let mut queue = SendQueue::default();
+        queue.push(Some(seen[0].0), bytes::BytesMut::from(&b"lost"[..]));
+        assert_eq!(queue.flush(&wildcard).0.sent, 1);
+        let mut batch = RecvBatch::default();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            clients[0].recv_batch(&mut batch),
+        );
+        assert!(
+            waited.await.is_err(),
+            "a reply from 127.0.0.1 reached a socket connected to 127.0.0.2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_socket_replies_to_ipv4_from_the_ipv4_address_sent_to() {
+        let dual = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("socket");
+        dual.set_only_v6(false).expect("dual-stack");
+        let any: SocketAddr = "[::]:0".parse().expect("addr");
+        dual.bind(&any.into()).expect("bind");
+        let wildcard = DatagramSocket::from_std(dual.into()).expect("register");
+        let to = ["127.0.0.2".parse().expect("addr")];
+        let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
+        let mut queue = SendQueue::default();
+        queue.push_from(
+            Some(seen[0].0),
+            Some(seen[0].1),
+            bytes::BytesMut::from(&b"back"[..]),
+            true,
+        );
+        let (flushed, error) = queue.flush(&wildcard);
+        assert_eq!((flushed.sent, error.map(|e| e.to_string())), (1, None));
+        let mut batch = RecvBatch::default();
+        assert_eq!(recv(&clients[0], &mut batch).await, 1);
+        assert_eq!(
+            batch.get(0).and_then(|r| r.from).map(|a| a.ip()),
+            Some(to[0])
+        );
     }
 
     #[tokio::test]

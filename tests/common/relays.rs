@@ -19,13 +19,19 @@ pub struct Pki {
 impl Pki {
     /// `ntp-dtls certs` with these server names (and the default client name).
     pub fn generate(server_names: &[&str]) -> Pki {
+        Pki::generate_with(server_names, &[])
+    }
+
+    /// `ntp-dtls certs` with these server names and `extra` arguments (`--key-type rsa-3072`).
+    pub fn generate_with(server_names: &[&str], extra: &[&str]) -> Pki {
         let dir = TempDir::new();
         let mut cmd = Command::new(ntp_dtls_bin());
-        cmd.args(["certs", "--out"]).arg(dir.path());
+        cmd.args(["certs", "--out"]).arg(dir.path()).args(extra);
         for name in server_names {
             cmd.args(["--server-name", name]);
         }
-        let out = run_command(cmd, Duration::from_secs(30)).expect("ntp-dtls certs ran");
+        // RSA-3072 keys take a few seconds each to generate on a loaded machine.
+        let out = run_command(cmd, Duration::from_secs(120)).expect("ntp-dtls certs ran");
         assert!(
             out.status.success(),
             "ntp-dtls certs failed: {}",

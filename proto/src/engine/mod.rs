@@ -24,9 +24,11 @@ pub use rtc::RtcEngine;
 /// The engine the relays use.
 pub type Engine = RtcEngine;
 
-/// The one cipher suite both sides offer and accept. NDcPP allows others; we allow this one so
-/// there is nothing to misconfigure: ECDHE for forward secrecy, ECDSA P-256, AES-128-GCM.
-pub const CIPHER_SUITE: &str = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256";
+/// The cipher suites both sides offer and accept (the server uses the one its key signs):
+/// ECDHE for forward secrecy, ECDSA or RSA certificates, AES-128-GCM. The whole policy, with
+/// groups, key sizes and signature schemes, is [`crate::policy`].
+pub const CIPHER_SUITE: &str =
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 or TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256";
 
 /// What a client-role engine needs: whom it trusts, whom it expects, and what it shows.
 #[derive(Clone)]
@@ -50,7 +52,9 @@ pub struct ServerSettings {
 /// Why an engine could not be built from settings.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("the private key is not a usable ECDSA P-256 key: {0}")]
+    /// The key or our own certificate cannot be used under the policy
+    /// (ECDSA P-256, ECDSA P-384, RSA 2048-4096 bits).
+    #[error("the private key cannot be used: {0}")]
     Key(String),
     #[error("no trust anchor could be used: {0}")]
     Roots(String),
@@ -84,6 +88,10 @@ pub enum Failure {
     WrongUsage(String),
     /// Some other certificate problem (bad signature, unsupported algorithm, ...).
     BadCertificate(String),
+    /// A certificate the peer presented (or its handshake signature) is outside the declared
+    /// key policy: another key type or curve, an RSA modulus outside 2048-4096 bits, a
+    /// signature algorithm other than ECDSA/RSA-PKCS#1 with SHA-256/384. Says which and why.
+    KeyPolicy(String),
     /// Mutual authentication is on and the client sent no certificate.
     NoClientCertificate,
     /// The peer offered no cipher suite or curve we accept.
@@ -109,6 +117,7 @@ impl Failure {
             Failure::NotYetValid(_) => "not_yet_valid",
             Failure::WrongUsage(_) => "wrong_usage",
             Failure::BadCertificate(_) => "bad_certificate",
+            Failure::KeyPolicy(_) => "key_policy",
             Failure::NoClientCertificate => "no_client_certificate",
             Failure::NoSharedCipher => "no_shared_cipher",
             Failure::NoExtendedMasterSecret => "no_extended_master_secret",
@@ -129,8 +138,13 @@ impl fmt::Display for Failure {
             Failure::NotYetValid(d) => write!(f, "certificate not yet valid ({d})"),
             Failure::WrongUsage(d) => write!(f, "certificate not valid for this purpose ({d})"),
             Failure::BadCertificate(d) => write!(f, "bad certificate ({d})"),
+            Failure::KeyPolicy(d) => write!(f, "certificate outside the key policy ({d})"),
             Failure::NoClientCertificate => write!(f, "client presented no certificate"),
-            Failure::NoSharedCipher => write!(f, "no shared cipher suite ({CIPHER_SUITE} only)"),
+            Failure::NoSharedCipher => write!(
+                f,
+                "no shared cipher suite, group or signature scheme ({})",
+                crate::policy::SUMMARY
+            ),
             Failure::NoExtendedMasterSecret => {
                 write!(f, "peer does not support the extended master secret")
             }
@@ -147,6 +161,8 @@ impl fmt::Display for Failure {
 pub struct PeerIdentity {
     /// Subject of the peer's leaf certificate; None when it presented none.
     pub subject: Option<String>,
+    /// The cipher suite the association uses (the one the server's key signs).
+    pub cipher_suite: &'static str,
 }
 
 impl fmt::Display for PeerIdentity {

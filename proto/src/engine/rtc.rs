@@ -1,17 +1,18 @@
 //! The rtc-dtls engine: the only file that names rtc_dtls types.
 //!
 //! rtc-dtls's `Endpoint` already multiplexes associations by address and is sans-I/O. What this
-//! wrapper adds is policy it lacks: one cipher suite, one signature scheme, the extended master
-//! secret required, failures classified into [`Failure`] and the failed association removed
-//! (rtc-dtls leaves it in its table, stuck), and an established association kept alive through
-//! unauthenticated garbage.
+//! wrapper adds is policy it lacks: the declared policy of [`crate::policy`] (two AES-128-GCM
+//! suites, two NIST groups, four SHA-256/384 signature schemes, the extended master secret
+//! required, peer keys and chains checked), our own signing keys (ring: ECDSA P-256 and P-384,
+//! RSA, each with SHA-256 and SHA-384, which rtc-crypto's keys cannot all do), failures
+//! classified into [`Failure`] and the failed association removed (rtc-dtls leaves it in its
+//! table, stuck), and an established association kept alive through unauthenticated garbage.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
 use rtc_dtls::cipher_suite::CipherSuiteId;
 use rtc_dtls::config::{ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig};
 use rtc_dtls::crypto::Certificate;
@@ -27,7 +28,9 @@ use rtc_shared::TransportProtocol;
 use rtc_shared::error::Error as RtcError;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::record;
+use crate::hash::{KeyedMap, KeyedState, keyed_map};
+use crate::identity::KeyKind;
+use crate::{policy, record};
 
 use super::{
     ClientSettings, DtlsEngine, Event, Failure, Identity, PeerIdentity, SendError, ServerSettings,
@@ -40,13 +43,15 @@ pub struct RtcEngine {
     /// on serving: rtc-dtls keys associations by address alone, and takes a ClientHello from an
     /// address it knows for a retransmission. A replacement handshake runs in the other slot and
     /// takes over only when it completes, so a spoofed ClientHello never ends a live association.
-    slots: [Endpoint; 2],
-    peers: HashMap<SocketAddr, Peer>,
+    slots: [Endpoint<KeyedState>; 2],
+    peers: KeyedMap<SocketAddr, Peer>,
     /// Present in the client role: the config each `connect` uses.
     client_config: Option<Arc<HandshakeConfig>>,
     /// Drained from the endpoints after every call, so that the close_notify rtc-dtls queues
     /// when we drop a failed association can be told apart and discarded.
     transmits: VecDeque<Transmit>,
+    /// In the server role, the suite our key signs (the only one the server can choose).
+    server_suite: &'static str,
 }
 
 /// Where a peer's associations live.
@@ -154,38 +159,246 @@ impl RTCCrypto for NistCurvesOnly {
         message: &[u8],
         signature: &[u8],
     ) -> Result<(), CryptoError> {
-        self.inner
-            .crypto()
-            .verify_signature(scheme, public_key, message, signature)
+        verify_in_policy(scheme, public_key, message, signature)
     }
 }
 
-/// The policy both roles share. No switch weakens any of it.
-fn policy(provider: Arc<dyn RTCCryptoProvider>) -> ConfigBuilder {
+/// Verifies a handshake signature (ServerKeyExchange, CertificateVerify) by the peer's leaf key,
+/// within the policy: ECDSA P-256 or P-384 keys with SHA-256 or SHA-384, RSA keys of 2048-4096
+/// bits with PKCS#1 v1.5 and SHA-256 or SHA-384; anything else is refused with the reason.
+///
+/// rtc-dtls names a TLS 1.2 (ecdsa, sha384) pair `EcdsaP384Sha384` whatever the curve, and
+/// rtc-crypto then verifies with P-384: a P-256 key signing with SHA-384 (which TLS 1.2
+/// allows, and OpenSSL does when the client lists only ecdsa_secp384r1_sha384) would fail.
+/// Here the curve comes from the key, the hash from the scheme.
+fn verify_in_policy(
+    scheme: KeyScheme,
+    public_key: PublicKey<'_>,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), CryptoError> {
+    use ring::signature as sig;
+    use rtc_dtls::crypto_provider::PublicKeyEncoding;
+    let refuse = |reason: String| {
+        Err(CryptoError::Provider(format!(
+            "{}the peer's leaf has {reason}",
+            policy::VIOLATION_MARKER
+        )))
+    };
+    let algorithm: &dyn sig::VerificationAlgorithm = match public_key.encoding {
+        PublicKeyEncoding::EcUncompressedPoint => {
+            let p384 = match public_key.bytes.len() {
+                65 => false,
+                97 => true,
+                n => {
+                    return refuse(format!("an ECDSA key of {n} bytes (P-256 or P-384 only)"));
+                }
+            };
+            match (scheme, p384) {
+                (KeyScheme::EcdsaP256Sha256 | KeyScheme::EcdsaP384Sha256, false) => {
+                    &sig::ECDSA_P256_SHA256_ASN1
+                }
+                (KeyScheme::EcdsaP384Sha384, false) => &sig::ECDSA_P256_SHA384_ASN1,
+                (KeyScheme::EcdsaP256Sha256 | KeyScheme::EcdsaP384Sha256, true) => {
+                    &sig::ECDSA_P384_SHA256_ASN1
+                }
+                (KeyScheme::EcdsaP384Sha384, true) => &sig::ECDSA_P384_SHA384_ASN1,
+                (other, _) => return refuse(format!("signed with {other:?}")),
+            }
+        }
+        PublicKeyEncoding::RsaPkcs1Der => {
+            let bits = policy::rsa_public_key_bits(public_key.bytes).unwrap_or(0);
+            if let Err(reason) = policy::rsa_kind(bits) {
+                return refuse(reason);
+            }
+            match scheme {
+                KeyScheme::RsaPkcs1Sha256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+                KeyScheme::RsaPkcs1Sha384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+                other => return refuse(format!("signed with {other:?}")),
+            }
+        }
+        other => return refuse(format!("a key of type {other:?}")),
+    };
+    sig::UnparsedPublicKey::new(algorithm, public_key.bytes)
+        .verify(message, signature)
+        .map_err(|_| CryptoError::InvalidSignature)
+}
+
+/// Our private key as rtc-dtls signs with it, through ring. rtc-crypto's own keys sign RSA with
+/// SHA-256 only and cannot import P-384. ring signs with ECDSA P-256 over SHA-256 and P-384 over
+/// SHA-384 only (its key pairs are tied to one curve-hash pair), so a P-256 key cannot answer a
+/// peer that accepts only ecdsa_secp384r1_sha384, and the reverse: the handshake then fails
+/// with handshake_failure (patch h), which is TLS 1.3's curve-bound reading of these names.
+struct PolicySigningKey {
+    signer: Signer,
+    public_key: Vec<u8>,
+    encoding: rtc_dtls::crypto_provider::PublicKeyEncoding,
+}
+
+enum Signer {
+    /// The scheme (in rtc-crypto's naming: the hash) the key pair signs with.
+    Ecdsa(ring::signature::EcdsaKeyPair, KeyScheme),
+    Rsa(ring::signature::RsaKeyPair),
+}
+
+impl PolicySigningKey {
+    fn new(kind: KeyKind, pkcs8: &[u8]) -> Result<Self, String> {
+        use ring::signature::{self as sig, KeyPair};
+        use rtc_dtls::crypto_provider::PublicKeyEncoding;
+        let rng = ring::rand::SystemRandom::new();
+        let ecdsa = |algorithm, scheme| -> Result<Self, String> {
+            let key = sig::EcdsaKeyPair::from_pkcs8(algorithm, pkcs8, &rng)
+                .map_err(|e| format!("not a usable {kind} key: {e}"))?;
+            Ok(PolicySigningKey {
+                public_key: key.public_key().as_ref().to_vec(),
+                encoding: PublicKeyEncoding::EcUncompressedPoint,
+                signer: Signer::Ecdsa(key, scheme),
+            })
+        };
+        match kind {
+            KeyKind::EcdsaP256 => ecdsa(
+                &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
+                KeyScheme::EcdsaP256Sha256,
+            ),
+            KeyKind::EcdsaP384 => ecdsa(
+                &sig::ECDSA_P384_SHA384_ASN1_SIGNING,
+                KeyScheme::EcdsaP384Sha384,
+            ),
+            KeyKind::Rsa { .. } => {
+                let key = sig::RsaKeyPair::from_pkcs8(pkcs8)
+                    .map_err(|e| format!("not a usable RSA key: {e}"))?;
+                let bits = key.public().modulus_len() * 8;
+                policy::rsa_kind(bits).map_err(|reason| format!("the key is {reason}"))?;
+                Ok(PolicySigningKey {
+                    public_key: key.public().as_ref().to_vec(),
+                    encoding: PublicKeyEncoding::RsaPkcs1Der,
+                    signer: Signer::Rsa(key),
+                })
+            }
+        }
+    }
+}
+
+impl SigningKey for PolicySigningKey {
+    fn supports(&self, scheme: KeyScheme) -> bool {
+        // rtc-dtls maps (ecdsa, sha256) to EcdsaP256Sha256 and (ecdsa, sha384) to
+        // EcdsaP384Sha384 whatever the curve of the key: the names mean the hash here.
+        match self.signer {
+            Signer::Ecdsa(_, own) => scheme == own,
+            Signer::Rsa(_) => matches!(
+                scheme,
+                KeyScheme::RsaPkcs1Sha256 | KeyScheme::RsaPkcs1Sha384
+            ),
+        }
+    }
+
+    fn public_key(&self) -> PublicKey<'_> {
+        PublicKey {
+            encoding: self.encoding,
+            bytes: &self.public_key,
+        }
+    }
+
+    fn sign(&self, scheme: KeyScheme, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let rng = ring::rand::SystemRandom::new();
+        let failed = |_| CryptoError::Provider("signature generation failed".into());
+        match (&self.signer, scheme) {
+            (Signer::Ecdsa(key, own), _) if scheme == *own => key
+                .sign(&rng, message)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(failed),
+            (Signer::Rsa(key), KeyScheme::RsaPkcs1Sha256 | KeyScheme::RsaPkcs1Sha384) => {
+                let padding = if scheme == KeyScheme::RsaPkcs1Sha256 {
+                    &ring::signature::RSA_PKCS1_SHA256
+                } else {
+                    &ring::signature::RSA_PKCS1_SHA384
+                };
+                let mut signature = vec![0; key.public().modulus_len()];
+                key.sign(padding, &rng, message, &mut signature)
+                    .map_err(failed)?;
+                Ok(signature)
+            }
+            _ => Err(CryptoError::UnsupportedAlgorithm(
+                CryptoAlgorithm::Signature(scheme),
+            )),
+        }
+    }
+}
+
+/// The policy both roles share ([`crate::policy`]). No switch weakens any of it.
+///
+/// The signature schemes are in the order the server prefers them for its key (patch h: the
+/// server takes the first of its own schemes the client lists and its key can make); the
+/// client sends them all. A P-384 key prefers SHA-384, every other key SHA-256.
+fn policy(provider: Arc<dyn RTCCryptoProvider>, own_key: Option<KeyKind>) -> ConfigBuilder {
+    let mut schemes = vec![
+        SignatureScheme::EcdsaWithP256AndSha256,
+        SignatureScheme::EcdsaWithP384AndSha384,
+        SignatureScheme::Pkcs1WithSha256,
+        SignatureScheme::Pkcs1WithSha384,
+    ];
+    if own_key == Some(KeyKind::EcdsaP384) {
+        schemes.swap(0, 1);
+    }
     ConfigBuilder::default()
         .with_crypto_provider(provider)
-        .with_cipher_suites(vec![CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256])
-        .with_signature_schemes(vec![SignatureScheme::EcdsaWithP256AndSha256])
+        .with_cipher_suites(vec![
+            CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256,
+            CipherSuiteId::Tls_Ecdhe_Rsa_With_Aes_128_Gcm_Sha256,
+        ])
+        .with_signature_schemes(schemes)
         .with_extended_master_secret(ExtendedMasterSecretType::Require)
         .with_insecure_skip_verify(false)
         .with_insecure_hashes(false)
         .with_insecure_verification(false)
+        .with_verify_peer_certificate(Some(Arc::new(
+            |presented: &[Vec<u8>], _: &[CertificateDer<'static>]| {
+                policy::check_chain(presented).map_err(policy_refusal)
+            },
+        )))
 }
 
-fn certificate(
-    identity: &Identity,
-    provider: &Arc<dyn RTCCryptoProvider>,
-) -> Result<Certificate, SettingsError> {
-    let key = provider
-        .crypto()
-        .import_signing_key(KeyScheme::EcdsaP256Sha256, identity.key.pkcs8_der())
-        .map_err(|e| SettingsError::Key(e.to_string()))?;
-    Ok(Certificate::from_signing_key(identity.chain.clone(), key))
+/// The error a policy refusal travels back through rtc-dtls as.
+fn policy_refusal(reason: String) -> RtcError {
+    RtcError::Other(format!(
+        "peer certificate {}{reason}",
+        policy::VIOLATION_MARKER
+    ))
+}
+
+fn certificate(identity: &Identity) -> Result<Certificate, SettingsError> {
+    let kind = identity.key.kind();
+    let key = PolicySigningKey::new(kind, identity.key.pkcs8_der()).map_err(SettingsError::Key)?;
+    // Our own leaf must be in the policy too, or every conforming peer would refuse it.
+    if let Some(leaf) = identity.chain.first() {
+        policy::check_chain(std::slice::from_ref(leaf)).map_err(|reason| {
+            SettingsError::Key(format!(
+                "our certificate is {}{reason}",
+                policy::VIOLATION_MARKER
+            ))
+        })?;
+    }
+    Ok(Certificate::from_signing_key(
+        identity.chain.clone(),
+        Arc::new(key),
+    ))
 }
 
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<rustls::RootCertStore, SettingsError> {
     let mut store = rustls::RootCertStore::empty();
-    for root in roots {
+    for (i, root) in roots.iter().enumerate() {
+        // A trust anchor's key signs what it issues: one outside the policy could only sign
+        // certificates the policy refuses, so say so now rather than at every handshake.
+        let (_, cert) = x509_parser::parse_x509_certificate(root)
+            .map_err(|e| SettingsError::Roots(format!("CA certificate {}: {e}", i + 1)))?;
+        policy::check_public_key(cert.public_key()).map_err(|reason| {
+            SettingsError::Roots(format!(
+                "CA certificate {} (\"{}\") is {}{reason}",
+                i + 1,
+                cert.subject(),
+                policy::VIOLATION_MARKER
+            ))
+        })?;
         store
             .add(root.clone())
             .map_err(|e| SettingsError::Roots(e.to_string()))?;
@@ -206,11 +419,12 @@ fn client_config(settings: &ClientSettings) -> Result<HandshakeConfig, SettingsE
         reason: e.to_string(),
     })?;
     let provider = provider()?;
-    let mut builder = policy(provider.clone())
+    let own_key = settings.identity.as_ref().map(|i| i.key.kind());
+    let mut builder = policy(provider, own_key)
         .with_roots_cas(root_store(&settings.roots)?)
         .with_server_name(settings.server_name.clone());
     if let Some(identity) = &settings.identity {
-        builder = builder.with_certificates(vec![certificate(identity, &provider)?]);
+        builder = builder.with_certificates(vec![certificate(identity)?]);
     }
     builder
         .build(true, None)
@@ -219,8 +433,8 @@ fn client_config(settings: &ClientSettings) -> Result<HandshakeConfig, SettingsE
 
 fn server_config(settings: &ServerSettings) -> Result<HandshakeConfig, SettingsError> {
     let provider = provider()?;
-    let mut builder = policy(provider.clone())
-        .with_certificates(vec![certificate(&settings.identity, &provider)?]);
+    let mut builder = policy(provider, Some(settings.identity.key.kind()))
+        .with_certificates(vec![certificate(&settings.identity)?]);
     if let Some(roots) = &settings.client_roots {
         builder = builder
             .with_client_auth(ClientAuthType::RequireAndVerifyClientCert)
@@ -237,9 +451,10 @@ fn classify(err: &RtcError) -> Failure {
         RtcError::ErrClientCertificateRequired | RtcError::ErrInvalidCertificate => {
             Failure::NoClientCertificate
         }
-        RtcError::ErrCipherSuiteNoIntersection | RtcError::ErrNoSupportedEllipticCurves => {
-            Failure::NoSharedCipher
-        }
+        // No suite, no group, or no signature scheme in common (patch h refuses the last).
+        RtcError::ErrCipherSuiteNoIntersection
+        | RtcError::ErrNoSupportedEllipticCurves
+        | RtcError::ErrNoAvailableSignatureSchemes => Failure::NoSharedCipher,
         RtcError::ErrClientRequiredButNoServerEms | RtcError::ErrServerRequiredButNoClientEms => {
             Failure::NoExtendedMasterSecret
         }
@@ -249,7 +464,7 @@ fn classify(err: &RtcError) -> Failure {
         RtcError::ErrAlertFatalOrClose => {
             Failure::PeerAlert("the peer ended the handshake with a fatal alert".into())
         }
-        RtcError::Other(message) => classify_message(message),
+        RtcError::Other(message) | RtcError::Crypto(message) => classify_message(message),
         other => Failure::Other(other.to_string()),
     }
 }
@@ -261,6 +476,9 @@ fn classify_message(message: &str) -> Failure {
         .to_string();
     if let Some(alert) = message.strip_prefix("Error of Alert ") {
         return Failure::PeerAlert(alert.to_string());
+    }
+    if let Some(at) = message.find(policy::VIOLATION_MARKER) {
+        return Failure::KeyPolicy(message[at + policy::VIOLATION_MARKER.len()..].to_string());
     }
     let m = message;
     // EndEntityUsedAsCa: an issuer in the chain is not a CA (CA:FALSE or no basicConstraints),
@@ -345,12 +563,13 @@ impl RtcEngine {
         let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         RtcEngine {
             slots: [
-                Endpoint::new(local, TransportProtocol::UDP, server.clone()),
-                Endpoint::new(local, TransportProtocol::UDP, server),
+                Endpoint::with_hasher(local, TransportProtocol::UDP, server.clone(), KeyedState),
+                Endpoint::with_hasher(local, TransportProtocol::UDP, server, KeyedState),
             ],
-            peers: HashMap::new(),
+            peers: keyed_map(0),
             client_config: client,
             transmits: VecDeque::new(),
+            server_suite: "",
         }
     }
 
@@ -361,7 +580,9 @@ impl RtcEngine {
 
     /// An engine that accepts clients.
     pub fn server(settings: &ServerSettings) -> Result<Self, SettingsError> {
-        Ok(Self::new(Some(Arc::new(server_config(settings)?)), None))
+        let mut engine = Self::new(Some(Arc::new(server_config(settings)?)), None);
+        engine.server_suite = settings.identity.key.kind().cipher_suite();
+        Ok(engine)
     }
 
     /// New material for handshakes from now on; live associations keep theirs.
@@ -373,6 +594,7 @@ impl RtcEngine {
         for slot in &mut self.slots {
             slot.set_server_config(Some(config.clone()));
         }
+        self.server_suite = settings.identity.key.kind().cipher_suite();
         Ok(())
     }
 
@@ -400,12 +622,30 @@ impl RtcEngine {
     }
 
     fn identity_of(&self, slot: usize, peer: SocketAddr) -> PeerIdentity {
-        let subject = self.slots[slot]
+        let leaf = self.slots[slot]
             .get_connection_state(peer)
-            .and_then(|state| state.peer_certificates.first())
+            .and_then(|state| state.peer_certificates.first());
+        let subject = leaf
             .and_then(|der| crate::x509::summarize(der).ok())
             .map(|summary| summary.subject);
-        PeerIdentity { subject }
+        // The suite follows the server's key: ours as a server, the peer's leaf as a client.
+        let cipher_suite = if self.is_server() {
+            self.server_suite
+        } else {
+            leaf.and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+                .and_then(|(_, cert)| policy::check_public_key(cert.public_key()).ok())
+                .map_or("", KeyKind::cipher_suite)
+        };
+        PeerIdentity {
+            subject,
+            cipher_suite,
+        }
+    }
+
+    /// Why the certificates `peer` presented on `slot` are outside the policy, if they are.
+    fn presented_violation(&self, slot: usize, peer: SocketAddr) -> Option<String> {
+        let state = self.slots[slot].get_connection_state(peer)?;
+        policy::check_chain(&state.peer_certificates).err()
     }
 
     /// Which slot a datagram from a known peer belongs to.
@@ -500,6 +740,10 @@ impl RtcEngine {
                 }
             }
             Err(err) => {
+                // A peer whose certificates are outside the policy is refused for that, whatever
+                // step noticed first (rtc-dtls checks an RSA signature's length, and the
+                // signature itself, before the chain): the reason names the certificate.
+                let violation = self.presented_violation(slot, peer);
                 // rtc-dtls leaves a failed handshake stuck in its table: remove it. A failed
                 // replacement leaves the live association as it was.
                 self.drop_slot(now, slot, peer);
@@ -512,7 +756,10 @@ impl RtcEngine {
                 }
                 let failure = match (&err, datagram.and_then(plaintext_alert)) {
                     (RtcError::ErrAlertFatalOrClose, Some(alert)) => Failure::PeerAlert(alert),
-                    _ => classify(&err),
+                    _ => match violation {
+                        Some(reason) => Failure::KeyPolicy(reason),
+                        None => classify(&err),
+                    },
                 };
                 events.push(Event::Failed { peer, failure });
             }
@@ -563,7 +810,7 @@ impl DtlsEngine for RtcEngine {
             );
         }
         let slot = self.route(peer, datagram);
-        let result = self.slots[slot].read(now, peer, None, BytesMut::from(datagram));
+        let result = self.slots[slot].read_slice(now, peer, None, datagram);
         self.drain();
         self.on_slot_events(now, slot, peer, result, Some(datagram), events);
         // The first ClientHello may have been refused before rtc-dtls kept any state. (Only a
@@ -597,6 +844,12 @@ impl DtlsEngine for RtcEngine {
 
     fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant> {
         let state = self.peers.get(&peer)?;
+        if state.established && state.replacement.is_none() {
+            // An established association retransmits nothing: rtc-dtls may still hold the timer
+            // of its last flight, but its handle_timeout does nothing once the handshake is
+            // complete. Skipping the look-up saves a hash on every datagram.
+            return None;
+        }
         let own = self.slots[state.slot].poll_timeout(&peer);
         let replacement = state
             .replacement
@@ -780,7 +1033,13 @@ mod tests {
             established(&c).and_then(|i| i.subject),
             Some("CN=localhost".to_string())
         );
-        assert_eq!(established(&s), Some(PeerIdentity { subject: None }));
+        assert_eq!(
+            established(&s),
+            Some(PeerIdentity {
+                subject: None,
+                cipher_suite: "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+            })
+        );
 
         let request = [0x23u8; 48];
         client.send(now, SERVER, &request).expect("send");
@@ -1013,6 +1272,237 @@ mod tests {
         server.send(now, CLIENT, &[0x24; 48]).expect("reply");
         let (c, _) = pump(&mut client, &mut server, now);
         assert!(matches!(&c[..], [Event::Data { .. }]), "{c:?}");
+    }
+
+    // ---- the declared key policy (crate::policy) ----
+
+    use crate::testpki::TestKey;
+    use rcgen::ExtendedKeyUsagePurpose as Eku;
+
+    /// A mutually authenticated handshake between leaves of `ca` with the given key types.
+    fn mutual_with(ca: &TestPki, server: TestKey, client: TestKey) -> (Vec<Event>, Vec<Event>) {
+        let now = Instant::now();
+        let mut client_engine = RtcEngine::client(&ClientSettings {
+            roots: vec![ca.ca.clone()],
+            server_name: "localhost".into(),
+            identity: Some(ca.leaf_with(&["device-1"], Eku::ClientAuth, client)),
+        })
+        .expect("client engine");
+        let mut server_engine = RtcEngine::server(&ServerSettings {
+            identity: ca.leaf_with(&["localhost"], Eku::ServerAuth, server),
+            client_roots: Some(vec![ca.ca.clone()]),
+        })
+        .expect("server engine");
+        client_engine.connect(now, SERVER).expect("connect");
+        pump(&mut client_engine, &mut server_engine, now)
+    }
+
+    fn suite_of(events: &[Event]) -> Option<&'static str> {
+        established(events).map(|identity| identity.cipher_suite)
+    }
+
+    #[test]
+    fn rsa_identities_handshake_both_ways_with_the_rsa_suite() {
+        let ca = TestPki::with_key("RSA CA", TestKey::Rsa);
+        let (c, s) = mutual_with(&ca, TestKey::Rsa, TestKey::Rsa);
+        assert_eq!(
+            suite_of(&c),
+            Some("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+            "{c:?}"
+        );
+        assert_eq!(
+            suite_of(&s),
+            Some("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+            "{s:?}"
+        );
+        assert_eq!(
+            established(&s).and_then(|i| i.subject),
+            Some("CN=device-1".to_string())
+        );
+    }
+
+    #[test]
+    fn p384_identities_handshake_both_ways() {
+        let ca = TestPki::with_key("P-384 CA", TestKey::EcdsaP384);
+        let (c, s) = mutual_with(&ca, TestKey::EcdsaP384, TestKey::EcdsaP384);
+        assert_eq!(
+            suite_of(&c),
+            Some("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+            "{c:?}"
+        );
+        assert!(established(&s).is_some(), "{s:?}");
+    }
+
+    #[test]
+    fn key_types_mix_within_one_pki() {
+        // An RSA CA issuing ECDSA leaves, an ECDSA server with an RSA client, and the reverse.
+        let rsa_ca = TestPki::with_key("RSA CA mixed", TestKey::Rsa);
+        let (c, s) = mutual_with(&rsa_ca, TestKey::EcdsaP256, TestKey::EcdsaP384);
+        assert_eq!(
+            suite_of(&c),
+            Some("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+            "{c:?}"
+        );
+        assert!(established(&s).is_some(), "{s:?}");
+        let ec_ca = TestPki::with_key("P-256 CA mixed", TestKey::EcdsaP256);
+        let (c, s) = mutual_with(&ec_ca, TestKey::Rsa, TestKey::EcdsaP256);
+        assert_eq!(
+            suite_of(&c),
+            Some("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"),
+            "{c:?}"
+        );
+        assert!(established(&s).is_some(), "{s:?}");
+        let (c, s) = mutual_with(&ec_ca, TestKey::EcdsaP384, TestKey::Rsa);
+        assert!(established(&c).is_some(), "{c:?}");
+        assert!(established(&s).is_some(), "{s:?}");
+    }
+
+    #[test]
+    fn a_chain_certificate_outside_the_policy_is_refused_with_the_reason() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_RSA_SHA512};
+        use rustls_pki_types::PrivatePkcs8KeyDer;
+        // A root whose RSA key signs with SHA-512 (rustls-webpki accepts it) issues an ECDSA
+        // intermediate, which issues the server's leaf. Only the policy refuses the chain.
+        let root_key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(&include_bytes!("../testdata/rsa3072.pk8.der")[..]),
+            &PKCS_RSA_SHA512,
+        )
+        .expect("RSA root key");
+        let mut root_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "SHA-512 root");
+        let root = root_params.self_signed(&root_key).expect("root");
+        let mid_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut mid_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        mid_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        mid_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "intermediate");
+        let mid = mid_params
+            .signed_by(&mid_key, &Issuer::from_params(&root_params, &root_key))
+            .expect("intermediate");
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut leaf_params = CertificateParams::new(vec!["localhost".into()]).expect("params");
+        leaf_params.extended_key_usages = vec![Eku::ServerAuth];
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &Issuer::from_params(&mid_params, &mid_key))
+            .expect("leaf");
+        let now = Instant::now();
+        let mut server = RtcEngine::server(&ServerSettings {
+            identity: Identity {
+                chain: vec![leaf.der().clone(), mid.der().clone()],
+                key: crate::identity::PrivateKey::from_pkcs8(
+                    KeyKind::EcdsaP256,
+                    leaf_key.serialize_der(),
+                ),
+            },
+            client_roots: None,
+        })
+        .expect("server engine: its own leaf is in the policy");
+        let mut client = RtcEngine::client(&ClientSettings {
+            roots: vec![root.der().clone()],
+            server_name: "localhost".into(),
+            identity: None,
+        })
+        .expect("client engine: the root's key is RSA-3072, in the policy");
+        client.connect(now, SERVER).expect("connect");
+        let (c, _) = pump(&mut client, &mut server, now);
+        assert_eq!(
+            failure_of(&c),
+            Some(Failure::KeyPolicy(
+                "chain certificate 2 \"CN=intermediate\": signed with sha512WithRSAEncryption (SHA-512) (ECDSA or RSA PKCS#1 with SHA-256 or SHA-384 only)".into()
+            )),
+            "{c:?}"
+        );
+        assert_eq!(failure_of(&c).map(|f| f.label()), Some("key_policy"));
+    }
+
+    #[test]
+    fn trust_anchors_and_own_certificates_outside_the_policy_are_refused_at_start() {
+        let p521 = CertificateDer::from(include_bytes!("../testdata/p521.cert.der").to_vec());
+        let err = RtcEngine::client(&ClientSettings {
+            roots: vec![p521],
+            server_name: "localhost".into(),
+            identity: None,
+        })
+        .err()
+        .expect("a P-521 root is refused");
+        assert_eq!(
+            err.to_string(),
+            "no trust anchor could be used: CA certificate 1 (\"CN=p521\") is outside the key policy: an ECDSA key on curve secp521r1 (P-521) (P-256 or P-384 only)"
+        );
+        // Our own leaf: an RSA-1024 certificate (with some RSA-2048 key) is refused too.
+        let rsa1024 = CertificateDer::from(include_bytes!("../testdata/rsa1024.cert.der").to_vec());
+        let err = RtcEngine::server(&ServerSettings {
+            identity: Identity {
+                chain: vec![rsa1024],
+                key: crate::identity::PrivateKey::from_pkcs8(
+                    KeyKind::Rsa { bits: 2048 },
+                    include_bytes!("../testdata/rsa2048.pk8.der").to_vec(),
+                ),
+            },
+            client_roots: None,
+        })
+        .err()
+        .expect("an RSA-1024 certificate is refused");
+        assert!(
+            err.to_string()
+                .contains("outside the key policy: leaf \"CN=rsa1024\": an RSA key of 1024 bits"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn handshake_signatures_are_checked_within_the_policy() {
+        use rtc_dtls::crypto_provider::PublicKeyEncoding;
+        let message = b"client random, server random, ECDHE parameters";
+        for (alg, kind, scheme) in [
+            (
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+                KeyKind::EcdsaP256,
+                KeyScheme::EcdsaP256Sha256,
+            ),
+            (
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+                KeyKind::EcdsaP384,
+                KeyScheme::EcdsaP384Sha384,
+            ),
+        ] {
+            let pair = rcgen::KeyPair::generate_for(alg).expect("key");
+            let ours = PolicySigningKey::new(kind, &pair.serialize_der()).expect("key");
+            assert!(ours.supports(scheme));
+            let signature = ours.sign(scheme, message).expect("sign");
+            verify_in_policy(scheme, ours.public_key(), message, &signature).expect("verify");
+        }
+        let rsa = PolicySigningKey::new(
+            KeyKind::Rsa { bits: 2048 },
+            include_bytes!("../testdata/rsa2048.pk8.der"),
+        )
+        .expect("RSA key");
+        for scheme in [KeyScheme::RsaPkcs1Sha256, KeyScheme::RsaPkcs1Sha384] {
+            let signature = rsa.sign(scheme, message).expect("sign");
+            verify_in_policy(scheme, rsa.public_key(), message, &signature).expect("verify");
+        }
+        assert!(matches!(
+            verify_in_policy(KeyScheme::RsaPkcs1Sha1, rsa.public_key(), message, &[0; 256]),
+            Err(CryptoError::Provider(m)) if m.contains("outside the key policy")
+        ));
+        // An RSA-1024 leaf's key, as the signature check sees it.
+        let der = include_bytes!("../testdata/rsa1024.cert.der");
+        let (_, cert) = x509_parser::parse_x509_certificate(der).expect("parse");
+        let key = PublicKey {
+            encoding: PublicKeyEncoding::RsaPkcs1Der,
+            bytes: &cert.public_key().subject_public_key.data,
+        };
+        match verify_in_policy(KeyScheme::RsaPkcs1Sha256, key, message, &[0; 128]) {
+            Err(CryptoError::Provider(m)) => assert_eq!(
+                m,
+                "outside the key policy: the peer's leaf has an RSA key of 1024 bits (2048 to 4096 only)"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub const FAILURE_REASONS: &[&str] = &[
     "not_yet_valid",
     "wrong_usage",
     "bad_certificate",
+    "key_policy",
     "no_client_certificate",
     "no_shared_cipher",
     "no_extended_master_secret",
@@ -355,6 +356,7 @@ mod tests {
             Failure::NotYetValid(String::new()),
             Failure::WrongUsage(String::new()),
             Failure::BadCertificate(String::new()),
+            Failure::KeyPolicy(String::new()),
             Failure::NoClientCertificate,
             Failure::NoSharedCipher,
             Failure::NoExtendedMasterSecret,
@@ -372,7 +374,7 @@ mod tests {
         counts.incr("not_a_reason");
         assert_eq!(counts.get("unknown_ca"), 1);
         assert_eq!(counts.get("other"), 2);
-        assert_eq!(counts.total(), 14);
+        assert_eq!(counts.total(), 15);
         let snapshot = counts.snapshot();
         assert_eq!(snapshot.len(), FAILURE_REASONS.len());
         assert_eq!(snapshot[0], NamedCount::new("unknown_ca", 1));

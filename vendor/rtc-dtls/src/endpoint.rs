@@ -16,7 +16,12 @@ use crate::config::HandshakeConfig;
 use crate::state::State;
 use bytes::BytesMut;
 use std::collections::hash_map::Keys;
-use std::collections::{HashMap, VecDeque, hash_map::Entry::Vacant};
+use std::collections::{
+    HashMap, VecDeque,
+    hash_map::Entry::{Occupied, Vacant},
+    hash_map::RandomState,
+};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,11 +44,14 @@ pub enum EndpointEvent {
 /// This object performs no I/O whatsoever. Instead, it generates a stream of packets to send via
 /// `poll_transmit`, and consumes incoming packets and connections-generated events via `handle` and
 /// `handle_event`.
-pub struct Endpoint {
+///
+/// ntp-dtls patch p3: generic over the hasher of its connection map (`S`, std's SipHash by
+/// default), so that a caller with a cheaper keyed hash can use it: every datagram costs a lookup.
+pub struct Endpoint<S = RandomState> {
     local_addr: SocketAddr,
     transport_protocol: TransportProtocol,
     transmits: VecDeque<TransportMessage<BytesMut>>,
-    connections: HashMap<SocketAddr, DTLSConn>,
+    connections: HashMap<SocketAddr, DTLSConn, S>,
     server_config: Option<Arc<HandshakeConfig>>,
 }
 
@@ -56,11 +64,23 @@ impl Endpoint {
         protocol: TransportProtocol,
         server_config: Option<Arc<HandshakeConfig>>,
     ) -> Self {
+        Self::with_hasher(local_addr, protocol, server_config, RandomState::new())
+    }
+}
+
+impl<S: BuildHasher> Endpoint<S> {
+    /// [`Endpoint::new`] with `hasher` for its connection map (ntp-dtls patch p3).
+    pub fn with_hasher(
+        local_addr: SocketAddr,
+        protocol: TransportProtocol,
+        server_config: Option<Arc<HandshakeConfig>>,
+        hasher: S,
+    ) -> Self {
         Self {
             local_addr,
             transport_protocol: protocol,
             transmits: VecDeque::new(),
-            connections: HashMap::new(),
+            connections: HashMap::with_hasher(hasher),
             server_config,
         }
     }
@@ -224,20 +244,34 @@ impl Endpoint {
         ecn: Option<EcnCodepoint>,
         data: BytesMut,
     ) -> Result<Vec<EndpointEvent>> {
-        if let Vacant(e) = self.connections.entry(remote) {
-            if let Some(server_config) = &self.server_config {
-                let handshake_config = server_config.clone();
-                let conn = DTLSConn::new(handshake_config, false, None);
-                e.insert(conn);
-            } else {
-                return Err(Error::NoServerConfig);
+        self.read_slice(now, remote, ecn, &data)
+    }
+
+    /// [`Self::read`] from a borrowed datagram (ntp-dtls patch p1: the datagram is only read,
+    /// so the caller need not copy it into a `BytesMut`; and one map lookup instead of two).
+    pub fn read_slice(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) -> Result<Vec<EndpointEvent>> {
+        let conn = match self.connections.entry(remote) {
+            Occupied(e) => e.into_mut(),
+            Vacant(e) => {
+                if let Some(server_config) = &self.server_config {
+                    let handshake_config = server_config.clone();
+                    e.insert(DTLSConn::new(handshake_config, false, None))
+                } else {
+                    return Err(Error::NoServerConfig);
+                }
             }
-        }
+        };
 
         // Handle packet on existing association, if any
         let mut messages = vec![];
-        if let Some(conn) = self.connections.get_mut(&remote) {
-            let result = Self::read_into(conn, now, &data, &mut messages);
+        {
+            let result = Self::read_into(conn, now, data, &mut messages);
             // Whatever the outcome, deliver the data that arrived and send what the connection
             // queued: an alert in reply to the peer's (its close_notify, or a fatal alert) has to
             // go out even though this read is ending in an error.

@@ -28,6 +28,7 @@ use crate::handshaker::*;
 use crate::record_layer::record_layer_header::*;
 use crate::record_layer::*;
 use crate::state::*;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use shared::{error::*, replay_detector::*};
@@ -224,6 +225,15 @@ impl DTLSConn {
         };
 
         if self.is_handshake_completed() {
+            if self.outgoing_packets.is_empty() && self.outgoing_queued_packets.is_empty() {
+                // ntp-dtls patch p2: an application data record with nothing queued before it
+                // goes straight to the outgoing datagrams, one record each (as compacting it
+                // alone would make it), without the packet queue and its per-record vectors.
+                let raw = self.process_packet(pkt)?;
+                self.outgoing_compacted_raw_packets
+                    .push_back(BytesMut::from(bytes::Bytes::from(raw)));
+                return Ok(());
+            }
             self.write_packets(vec![pkt]);
         } else {
             self.outgoing_queued_packets.push_back(pkt);
@@ -355,8 +365,9 @@ impl DTLSConn {
         p.record.record_layer_header.sequence_number = seq;
 
         // Marshal straight into the Vec: `BufWriter` would heap-allocate an
-        // 8 KiB staging buffer for every outbound record.
-        let mut raw_packet = vec![];
+        // 8 KiB staging buffer for every outbound record. (ntp-dtls patch p2: sized once.)
+        let mut raw_packet =
+            Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + p.record.content.size());
         p.record.marshal(&mut raw_packet)?;
 
         if p.should_encrypt
@@ -487,7 +498,26 @@ impl DTLSConn {
         // (i.e. until handshake completes). After that, discard them.
         let enqueue = !self.is_handshake_completed();
         self.received_handshake_in_last_datagram = false;
-        for pkt in unpack_datagram(buf)? {
+        // ntp-dtls patch p4: the records are handled as slices of the datagram (as
+        // `unpack_datagram` does, a malformed datagram is refused whole before any record is
+        // handled); a record is copied only if it has to be queued.
+        let mut records = Vec::new();
+        let mut offset = 0;
+        while offset != buf.len() {
+            if buf.len() - offset <= RECORD_LAYER_HEADER_SIZE {
+                return Err(Error::ErrInvalidPacketLength);
+            }
+            let len = RECORD_LAYER_HEADER_SIZE
+                + ((usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 2]) << 8)
+                    | usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 1]));
+            if offset + len > buf.len() {
+                return Err(Error::ErrInvalidPacketLength);
+            }
+            records.push(offset..offset + len);
+            offset += len;
+        }
+        for range in records {
+            let pkt = Cow::Borrowed(&buf[range]);
             let (hs, alert, err) = self.handle_incoming_packet(pkt, enqueue);
             if let Some(alert) = alert {
                 self.outgoing_packets.push_back(Packet {
@@ -539,7 +569,7 @@ impl DTLSConn {
         let mut is_handshake = false;
         if cipher_ready {
             while let Some(p) = self.incoming_encrypted_packets.pop_front() {
-                let (hs, alert, err) = self.handle_incoming_packet(p, false); // don't re-enqueue
+                let (hs, alert, err) = self.handle_incoming_packet(Cow::Owned(p), false); // don't re-enqueue
                 if hs {
                     is_handshake = true;
                     self.handshake_rx = Some(());
@@ -580,12 +610,12 @@ impl DTLSConn {
 
     fn handle_incoming_packet(
         &mut self,
-        mut pkt: Vec<u8>,
+        mut pkt: Cow<'_, [u8]>,
         enqueue: bool,
     ) -> (bool, Option<Alert>, Option<Error>) {
         // Parse the 13-byte header from the slice directly: `BufReader` would
         // heap-allocate an 8 KiB buffer for every inbound record.
-        let mut reader = pkt.as_slice();
+        let mut reader = &pkt[..];
         let h = match RecordLayerHeader::unmarshal(&mut reader) {
             Ok(h) => h,
             Err(err) => {
@@ -617,7 +647,7 @@ impl DTLSConn {
                     "{}: received packet of next epoch, queuing packet",
                     srv_cli_str(self.is_client)
                 );
-                self.incoming_encrypted_packets.push_back(pkt);
+                self.incoming_encrypted_packets.push_back(pkt.into_owned());
             }
             return (false, None, None);
         }
@@ -679,14 +709,14 @@ impl DTLSConn {
                         "{}: handshake not finished, queuing packet",
                         srv_cli_str(self.is_client)
                     );
-                    self.incoming_encrypted_packets.push_back(pkt);
+                    self.incoming_encrypted_packets.push_back(pkt.into_owned());
                 }
                 return (false, None, None);
             }
 
             if let Some(cipher_suite) = &mut self.state.cipher_suite {
                 pkt = match cipher_suite.decrypt(&pkt) {
-                    Ok(pkt) => pkt,
+                    Ok(pkt) => Cow::Owned(pkt),
                     Err(err) => {
                         debug!("{}: decrypt failed: {}", srv_cli_str(self.is_client), err);
 
@@ -789,7 +819,7 @@ impl DTLSConn {
             return (true, None, None);
         }
 
-        let mut reader = pkt.as_slice();
+        let mut reader = &pkt[..];
         let r = match RecordLayer::unmarshal(&mut reader) {
             Ok(r) => r,
             Err(err) => {
@@ -836,7 +866,7 @@ impl DTLSConn {
                             "{}: CipherSuite not initialized, queuing packet",
                             srv_cli_str(self.is_client)
                         );
-                        self.incoming_encrypted_packets.push_back(pkt);
+                        self.incoming_encrypted_packets.push_back(pkt.into_owned());
                     }
                     return (false, None, None);
                 }

@@ -1,0 +1,291 @@
+//! The relay as a transparent clock: each relay measures how long an exchange spent inside it
+//! and takes that time out of the timestamps it carries back.
+//!
+//! Per exchange a relay knows its request residence `r_req` (request received -> request sent
+//! on) and its reply residence `r_rep` (reply received -> reply sent on). In the reply it
+//! rewrites the receive timestamp T2 := T2 - r_req and the transmit timestamp T3 := T3 + r_rep.
+//! The client then computes the RFC 5905 offset and delay as if the time server stood at the
+//! relay's wire; two relays correcting compose (each takes out its own part). The residences
+//! are differences on the relay's own clock, so the relay's clock need not be synchronised:
+//! only its rate matters, over a millisecond.
+//!
+//! chronyd's interleaved mode (`xleave`) needs two more things:
+//! - its next request echoes the T2 it received, corrected, as the origin, and the time server
+//!   recognises only the value it sent: [`Translations`] maps each corrected T2 back to the
+//!   original, and the relay puts the original back into the request it forwards;
+//! - an interleaved reply's T3 is the transmit time of the previous reply, so it gets that
+//!   previous reply's residence, which the translation remembers too.
+//!
+//! What cannot be rewritten safely passes unchanged, counted by [`Unchanged`] reason: a MAC or
+//! extension fields (whatever covers the timestamps is the endpoints' business), anything but
+//! a plain NTPv3/v4 server reply, a residence that is negative or over [`MAX_RESIDENCE`] (the
+//! clock stepped in between), an interleaved reply whose previous reply this relay did not
+//! correct. A reply is corrected whole or not at all.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::ntp::{self, NotRewritable, NtpTimestamp};
+
+/// Longest residence believed. A relay holds a datagram for microseconds; a second means the
+/// wall clock was stepped between the two readings, or the host stalled, and either way the
+/// difference is not the time the datagram spent here.
+pub const MAX_RESIDENCE: Duration = Duration::from_secs(1);
+
+/// Corrected receive timestamps remembered for interleaved requests. Each reply corrected adds
+/// one (about 40 bytes); the oldest goes first, and a client whose translation went is
+/// answered in basic mode once, then interleaved again.
+pub const TRANSLATION_CAPACITY: usize = 16_384;
+
+/// How long a translation is kept: past chronyd's default maximum poll interval (1024 s) with
+/// room to spare. A client polling less often is answered in basic mode.
+pub const TRANSLATION_TTL: Duration = Duration::from_secs(4096);
+
+/// Which way a datagram crosses the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the NTP client towards the time server.
+    Request,
+    /// From the time server back to the NTP client.
+    Reply,
+}
+
+/// Which exchange a corrected reply belonged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corrected {
+    Basic,
+    Interleaved,
+}
+
+/// Why a reply passed with its timestamps unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unchanged {
+    /// `timestamp_correction = false` on this relay.
+    Disabled,
+    /// A MAC follows the header.
+    Mac,
+    /// Extension fields follow the header.
+    ExtensionFields,
+    /// Not a plain NTPv3/v4 server reply (another version, a kiss-o'-death, a zero timestamp).
+    NotPlain,
+    /// A residence came out negative: the wall clock went back in between.
+    NegativeResidence,
+    /// A residence came out over [`MAX_RESIDENCE`].
+    LargeResidence,
+    /// A residence is not known: the request's departure was not noted, or an interleaved
+    /// reply's previous reply was not corrected here.
+    UnknownResidence,
+}
+
+/// What happened to one reply's timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Corrected(Corrected),
+    Unchanged(Unchanged),
+}
+
+impl Outcome {
+    /// Every outcome, so counters can be registered up front and show zero.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Corrected(Corrected::Basic),
+        Outcome::Corrected(Corrected::Interleaved),
+        Outcome::Unchanged(Unchanged::Disabled),
+        Outcome::Unchanged(Unchanged::Mac),
+        Outcome::Unchanged(Unchanged::ExtensionFields),
+        Outcome::Unchanged(Unchanged::NotPlain),
+        Outcome::Unchanged(Unchanged::NegativeResidence),
+        Outcome::Unchanged(Unchanged::LargeResidence),
+        Outcome::Unchanged(Unchanged::UnknownResidence),
+    ];
+
+    pub fn is_corrected(self) -> bool {
+        matches!(self, Outcome::Corrected(_))
+    }
+
+    /// Stable snake_case label for metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Outcome::Corrected(Corrected::Basic) => "basic",
+            Outcome::Corrected(Corrected::Interleaved) => "interleaved",
+            Outcome::Unchanged(Unchanged::Disabled) => "disabled",
+            Outcome::Unchanged(Unchanged::Mac) => "mac",
+            Outcome::Unchanged(Unchanged::ExtensionFields) => "extension_fields",
+            Outcome::Unchanged(Unchanged::NotPlain) => "not_plain",
+            Outcome::Unchanged(Unchanged::NegativeResidence) => "negative_residence",
+            Outcome::Unchanged(Unchanged::LargeResidence) => "large_residence",
+            Outcome::Unchanged(Unchanged::UnknownResidence) => "unknown_residence",
+        }
+    }
+}
+
+impl From<NotRewritable> for Unchanged {
+    fn from(why: NotRewritable) -> Self {
+        match why {
+            NotRewritable::Mac => Unchanged::Mac,
+            NotRewritable::ExtensionFields => Unchanged::ExtensionFields,
+            NotRewritable::NotPlain => Unchanged::NotPlain,
+        }
+    }
+}
+
+/// Where a relay's residence times and correction outcomes go (the shell's metrics). Called
+/// once per reply on the datagram path: implementations must not block.
+pub trait Observer: Send + Sync {
+    fn residence(&self, direction: Direction, seconds: f64);
+    fn outcome(&self, outcome: Outcome);
+}
+
+/// The time between two wall-clock readings of one datagram, if it can be believed.
+pub fn residence(received: SystemTime, sent: SystemTime) -> Result<Duration, Unchanged> {
+    match sent.duration_since(received) {
+        Ok(d) if d <= MAX_RESIDENCE => Ok(d),
+        Ok(_) => Err(Unchanged::LargeResidence),
+        Err(_) => Err(Unchanged::NegativeResidence),
+    }
+}
+
+/// What a relay knows of one reply when it leaves: the residences of its request and of the
+/// reply whose transmit time its T3 carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Residences {
+    /// Request received -> request sent on.
+    pub request: Result<Duration, Unchanged>,
+    /// Reply received -> reply sent on (this reply).
+    pub reply: Result<Duration, Unchanged>,
+    /// For an interleaved reply, the residence here of the previous reply (whose transmit
+    /// time the T3 is); None for a basic reply.
+    pub interleaved_previous: Option<Result<Duration, Unchanged>>,
+}
+
+/// A corrected reply: what the relay must remember for the client's next interleaved request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Correction {
+    pub kind: Corrected,
+    pub rewritten: ntp::Rewritten,
+}
+
+/// Rewrites a server reply's T2 and T3 for the residences, or leaves it as it is and says why.
+pub fn correct(datagram: &mut [u8], residences: &Residences) -> Result<Correction, Unchanged> {
+    ntp::rewritable_reply(datagram)?;
+    let request = residences.request?;
+    let reply = residences.reply?;
+    let (later, kind) = match residences.interleaved_previous {
+        None => (reply, Corrected::Basic),
+        Some(previous) => (previous?, Corrected::Interleaved),
+    };
+    let rewritten = ntp::correct_reply(datagram, request, later).ok_or(Unchanged::NotPlain)?;
+    Ok(Correction { kind, rewritten })
+}
+
+/// What a corrected receive timestamp stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// The receive timestamp as the time server sent it.
+    pub original: NtpTimestamp,
+    /// The residence here of the reply that carried it.
+    pub reply_residence: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TranslationEntry {
+    translation: Translation,
+    /// Which queue slot is this entry's (a key written again has a newer one).
+    serial: u64,
+}
+
+/// Corrected receive timestamp -> the original and its reply's residence, bounded in size and
+/// age. Lookups do not consume: chronyd repeats the same origin when a request went unanswered.
+#[derive(Debug)]
+pub struct Translations {
+    // Randomly keyed SipHash: the keys pass through the clients' hands.
+    map: HashMap<u64, TranslationEntry>,
+    /// (key, deadline, serial), oldest first.
+    order: VecDeque<(u64, Instant, u64)>,
+    capacity: usize,
+    ttl: Duration,
+    next_serial: u64,
+}
+
+impl Translations {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        Translations {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            ttl,
+            next_serial: 0,
+        }
+    }
+
+    /// Remembers that the relay wrote `corrected` where the time server had written
+    /// `translation.original`.
+    pub fn insert(&mut self, now: Instant, corrected: NtpTimestamp, translation: Translation) {
+        self.expire(now);
+        if corrected.is_zero() {
+            return;
+        }
+        while self.map.len() >= self.capacity {
+            if !self.pop_oldest() {
+                break;
+            }
+        }
+        let deadline = now.checked_add(self.ttl).unwrap_or(now);
+        let serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
+        self.map.insert(
+            corrected.0,
+            TranslationEntry {
+                translation,
+                serial,
+            },
+        );
+        self.order.push_back((corrected.0, deadline, serial));
+    }
+
+    /// The translation of a request's origin, if the relay wrote it and still remembers.
+    pub fn get(&mut self, now: Instant, corrected: NtpTimestamp) -> Option<Translation> {
+        self.expire(now);
+        if corrected.is_zero() {
+            return None;
+        }
+        self.map.get(&corrected.0).map(|entry| entry.translation)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(_, deadline, _)) = self.order.front() {
+            if deadline > now {
+                break;
+            }
+            self.pop_oldest();
+        }
+    }
+
+    /// Drops the oldest queue slot and its entry if the slot is the entry's current one (a key
+    /// written again has a newer slot). False when the queue is empty.
+    fn pop_oldest(&mut self) -> bool {
+        let Some((key, _, serial)) = self.order.pop_front() else {
+            return false;
+        };
+        if self.map.get(&key).is_some_and(|e| e.serial == serial) {
+            self.map.remove(&key);
+        }
+        true
+    }
+}
+
+impl Default for Translations {
+    fn default() -> Self {
+        Translations::new(TRANSLATION_CAPACITY, TRANSLATION_TTL)
+    }
+}
+
+#[cfg(test)]
+mod tests;

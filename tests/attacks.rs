@@ -546,8 +546,11 @@ fn an_unproven_address_never_receives_more_than_it_sent() {
         "{bytes_out} bytes out for {bytes_in} in"
     );
     let (server, _) = chain.stop();
+    // A small ClientHello may come in a few fragments: 16 per message are taken (rtc-dtls
+    // answers each with a HelloVerifyRequest, which `drop_amplification` holds back), the
+    // rest refused.
     assert!(
-        counter(&server, "drop_fragmented_client_hello") >= 200,
+        counter(&server, "drop_handshake_fragments") >= 150,
         "{server}"
     );
 }

@@ -7,13 +7,14 @@
 //! client-side `HandshakeGuard` stands for a client relay's association.
 //!
 //! Checked: the record and fragment walkers never claim more than the datagram holds and account
-//! for every byte of a well-formed one; nothing opens server state but one whole ClientHello in
-//! one record; no ClientHello fragment that is not the whole message is ever admitted; a
+//! for every byte of a well-formed one; nothing opens server state but the start of one
+//! ClientHello alone in one record, whole or (if small) a first fragment; no fragment of a
+//! ClientHello longer than `max_fragmented_hello_len` is ever admitted; a
 //! handshake never gets more plaintext handshake fragments through than the per-handshake cap
 //! (plus the late allowance after it); a client relay's guard lets no plaintext handshake
 //! fragment through after its handshake; and what `outbound` lets go to an unproven address is
 //! never more bytes than that address got admitted, nor more HelloVerifyRequests than whole
-//! ClientHellos.
+//! ClientHellos (or last pieces of one).
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -114,21 +115,27 @@ fuzz_target!(|data: &[u8]| {
                 if result.is_ok() {
                     for f in &fragments {
                         if f.msg_type == HANDSHAKE_CLIENT_HELLO {
-                            assert!(f.is_whole(), "a ClientHello fragment admitted: {f:?}");
+                            assert!(
+                                f.is_whole() || f.length <= hl.max_fragmented_hello_len,
+                                "a large ClientHello's fragment admitted: {f:?}"
+                            );
                         }
                     }
                 }
                 match (models[index], result) {
                     (Model::None, Ok(())) => {
                         if record::is_client_hello(&datagram) {
+                            let f = record::lone_client_hello(&datagram);
                             assert!(
-                                record::is_whole_client_hello(&datagram, hl.max_message_len),
-                                "state opened by a ClientHello that is not whole"
+                                f.is_some_and(|f| f.offset == 0
+                                    && f.length <= hl.max_message_len
+                                    && (f.is_whole() || f.length <= hl.max_fragmented_hello_len)),
+                                "state opened by {f:?}"
                             );
                             models[index] = Model::Unproven {
                                 bytes_in: datagram.len(),
                                 bytes_out: 0,
-                                hellos: 1,
+                                hellos: u32::from(f.is_some_and(|f| f.is_whole())),
                                 hvrs: 0,
                                 fragments: 1,
                             };
@@ -150,7 +157,8 @@ fuzz_target!(|data: &[u8]| {
                             f <= hl.max_fragments_per_handshake,
                             "{f} fragments through one handshake"
                         );
-                        let hello = record::is_client_hello(&datagram);
+                        let hello = record::lone_client_hello(&datagram)
+                            .is_some_and(|f| f.offset + f.fragment_length == f.length);
                         models[index] = Model::Unproven {
                             bytes_in: bytes_in + datagram.len(),
                             bytes_out,

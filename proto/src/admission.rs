@@ -71,8 +71,9 @@ pub enum Refusal {
     /// The peer sent more than max_handshake_bytes before completing its handshake: the caller
     /// must forget it.
     HandshakeBytes,
-    /// A ClientHello in fragments, or beside other records: before the cookie exchange only
-    /// a whole one in one record is taken (so reassembly never runs for an unproven address).
+    /// A ClientHello beside other records, or in fragments when it is longer than
+    /// [`HandshakeLimits::max_fragmented_hello_len`], or a first datagram that is not its
+    /// start: before the cookie exchange reassembly must cost next to nothing.
     FragmentedClientHello,
     /// Records or handshake fragment headers that do not add up.
     MalformedHandshake,
@@ -308,10 +309,17 @@ impl Admission {
     ) -> Result<(), Refusal> {
         let arrival = classify(datagram);
         let limits = self.handshake_limits;
+        // One ClientHello fragment alone in one record, and in fragments only a small one.
         // (Its length is the guard's to judge, below.)
-        if arrival == Arrival::ClientHello && !record::is_whole_client_hello(datagram, u32::MAX) {
-            return Err(Refusal::FragmentedClientHello);
-        }
+        let hello = match arrival {
+            Arrival::ClientHello => match record::lone_client_hello(datagram) {
+                Some(f) if f.is_whole() || f.length <= limits.max_fragmented_hello_len => Some(f),
+                _ => return Err(Refusal::FragmentedClientHello),
+            },
+            _ => None,
+        };
+        // A whole ClientHello, or the last piece of one: what may earn a HelloVerifyRequest.
+        let hello_ends = hello.is_some_and(|f| f.offset + f.fragment_length == f.length);
         enum Target {
             /// A ClientHello that opens a handshake (a first one, or a replacement).
             New,
@@ -332,6 +340,10 @@ impl Admission {
         };
         match target {
             Target::New => {
+                if hello.is_some_and(|f| f.offset != 0) {
+                    // State opens only with a ClientHello's start.
+                    return Err(Refusal::FragmentedClientHello);
+                }
                 let mut guard = HandshakeGuard::new(Side::Server);
                 if arrival == Arrival::ClientHello {
                     guard.check(now, datagram, &limits)?;
@@ -339,6 +351,7 @@ impl Admission {
                 self.admit(now, peer, datagram.len(), arrival)?;
                 if let Some(handshake) = self.handshake_mut(peer) {
                     handshake.guard = guard;
+                    handshake.client_hellos = u32::from(hello_ends);
                 }
                 Ok(())
             }
@@ -347,7 +360,7 @@ impl Admission {
                     handshake.guard.check(now, datagram, &limits)?;
                 }
                 self.admit(now, peer, datagram.len(), arrival)?;
-                if arrival == Arrival::ClientHello {
+                if hello_ends {
                     if let Some(handshake) = self.handshake_mut(peer) {
                         handshake.client_hellos = handshake.client_hellos.saturating_add(1);
                     }
@@ -646,6 +659,10 @@ pub struct HandshakeLimits {
     pub max_fragments_per_message: u32,
     /// Fragments of one handshake, all messages together.
     pub max_fragments_per_handshake: u32,
+    /// A ClientHello may come in fragments (OpenSSL at a small MTU) only up to this length...
+    pub max_fragmented_hello_len: u32,
+    /// ...and in this many fragments (retransmissions included).
+    pub max_hello_fragments: u32,
     /// Distinct messages one handshake may bring (a server relay receives five: two
     /// ClientHellos, Certificate, ClientKeyExchange, CertificateVerify; a client relay six).
     pub max_messages: usize,
@@ -668,6 +685,8 @@ impl Default for HandshakeLimits {
             max_message_len: 16 * 1024,
             max_fragments_per_message: 32,
             max_fragments_per_handshake: 128,
+            max_fragmented_hello_len: 2048,
+            max_hello_fragments: 16,
             max_messages: 8,
             max_message_seq: 16,
             late_rate: 2.0,
@@ -854,7 +873,10 @@ impl HandshakeGuard {
         if f.length > limits.max_message_len {
             return Err(Refusal::HandshakeTooLong);
         }
-        if f.msg_type == record::HANDSHAKE_CLIENT_HELLO && !f.is_whole() {
+        if f.msg_type == record::HANDSHAKE_CLIENT_HELLO
+            && !f.is_whole()
+            && f.length > limits.max_fragmented_hello_len
+        {
             return Err(Refusal::FragmentedClientHello);
         }
         if f.is_empty_of_nonempty() {
@@ -891,7 +913,12 @@ impl HandshakeGuard {
             }
         };
         let message = &mut self.messages[index];
-        if message.fragments >= limits.max_fragments_per_message {
+        let cap = if message.msg_type == record::HANDSHAKE_CLIENT_HELLO {
+            limits.max_hello_fragments
+        } else {
+            limits.max_fragments_per_message
+        };
+        if message.fragments >= cap {
             return Err(Refusal::HandshakeFragments);
         }
         message.fragments += 1;
@@ -1300,16 +1327,33 @@ mod tests {
             a.admit_datagram(t0, addr(1), &hs(1, 20_000, 0, 0, 20_000)),
             Err(Refusal::HandshakeTooLong)
         );
-        assert_eq!(a.associations(), 0, "none of it opened state");
-        assert_eq!(a.admit_datagram(t0, addr(1), &hello(0)), Ok(()));
-        assert_eq!(a.half_open(), 1);
-        // Nor in fragments during the handshake (the second ClientHello), nor a 26-byte
-        // fragment with message_seq 1 (the amplification finding).
+        // A small one in fragments (OpenSSL at a small MTU), but not opened by its middle.
         assert_eq!(
-            a.admit_datagram(t0, addr(1), &hs(1, 120, 1, 0, 1)),
+            a.admit_datagram(t0, addr(1), &hs(1, 120, 0, 60, 60)),
             Err(Refusal::FragmentedClientHello)
         );
-        assert_eq!(a.admit_datagram(t0, addr(1), &hello(1)), Ok(()));
+        assert_eq!(a.associations(), 0, "none of it opened state");
+        assert_eq!(a.admit_datagram(t0, addr(2), &hs(1, 120, 0, 0, 60)), Ok(()));
+        assert_eq!(
+            a.admit_datagram(t0, addr(2), &hs(1, 120, 0, 60, 60)),
+            Ok(())
+        );
+        assert_eq!(a.admit_datagram(t0, addr(1), &hello(0)), Ok(()));
+        assert_eq!(a.half_open(), 2);
+        // During the handshake, small fragments up to their cap (the amplification finding's
+        // 26-byte fragments with message_seq 1), a large one's never.
+        let hl = HandshakeLimits::default();
+        for _ in 0..hl.max_hello_fragments {
+            assert_eq!(a.admit_datagram(t0, addr(1), &hs(1, 120, 1, 0, 1)), Ok(()));
+        }
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(1, 120, 1, 0, 1)),
+            Err(Refusal::HandshakeFragments)
+        );
+        assert_eq!(
+            a.admit_datagram(t0, addr(1), &hs(1, 4000, 2, 0, 1)),
+            Err(Refusal::FragmentedClientHello)
+        );
     }
 
     #[test]
@@ -1459,7 +1503,7 @@ mod tests {
             hs(11, 900, 3, 0, 10),
             hs(16, 67, 3, 0, 10),
             hs(12, 66, 3, 0, 10),
-            hs(1, 120, 0, 0, 1),
+            hs(1, 60_000, 0, 0, 1),
             hs(11, 60_000, 2, 100, 1),
         ] {
             assert!(matches!(
@@ -1582,7 +1626,7 @@ mod tests {
         // The live association's own records (application data) are not capped.
         assert_eq!(a.outbound(addr(1), &record(23, 1, &[0; 500])), Ok(()));
         assert_eq!(
-            a.admit_datagram(t1, addr(1), &hs(1, 120, 1, 0, 10)),
+            a.admit_datagram(t1, addr(1), &hs(1, 60_000, 1, 0, 10)),
             Err(Refusal::FragmentedClientHello)
         );
     }

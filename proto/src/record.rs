@@ -189,27 +189,31 @@ impl Iterator for Fragments<'_> {
     }
 }
 
-/// True when the datagram is one ClientHello, whole, in one record, and nothing else: how
-/// every real client sends it (a ClientHello fits one datagram), and the only form a server
-/// relay accepts before the cookie exchange, so that reassembly never runs for an address
-/// that has not answered. `max_len` caps the message's length.
-pub fn is_whole_client_hello(datagram: &[u8], max_len: u32) -> bool {
+/// The ClientHello fragment a datagram holds when it is one record holding one ClientHello
+/// fragment and nothing else: how real clients send it (whole when it fits, as every one we
+/// know does at a usual MTU; OpenSSL at a small MTU sends a few fragments, each in its own
+/// datagram). Anything else starting with a ClientHello is refused before the engine.
+pub fn lone_client_hello(datagram: &[u8]) -> Option<Fragment> {
     let mut records = records(datagram);
     let (Some(Ok(record)), None) = (records.next(), records.next()) else {
-        return false;
+        return None;
     };
     if !record.is_plaintext_handshake()
         || !(record.version == DTLS_1_0 || record.version == DTLS_1_2)
     {
-        return false;
+        return None;
     }
     let mut fragments = fragments(record.body);
     match (fragments.next(), fragments.next()) {
-        (Some(Ok(f)), None) => {
-            f.msg_type == HANDSHAKE_CLIENT_HELLO && f.is_whole() && f.length <= max_len
-        }
-        _ => false,
+        (Some(Ok(f)), None) if f.msg_type == HANDSHAKE_CLIENT_HELLO => Some(f),
+        _ => None,
     }
+}
+
+/// True when the datagram is one whole ClientHello in one record, and nothing else, of at most
+/// `max_len` bytes.
+pub fn is_whole_client_hello(datagram: &[u8], max_len: u32) -> bool {
+    lone_client_hello(datagram).is_some_and(|f| f.is_whole() && f.length <= max_len)
 }
 
 #[cfg(test)]

@@ -403,7 +403,8 @@ impl SendQueue {
         let mut flushed = Flushed::default();
         let mut last_error = None;
         let mut start = 0;
-        let mut retried_at = None;
+        // (position, retries) of the datagram a pending ICMP error held back.
+        let mut retried = (usize::MAX, 0u8);
         while start < self.queued.len() {
             // One system call sends from one source address: a run of equal ones.
             let source = self.sources[start];
@@ -430,12 +431,17 @@ impl SendQueue {
                 }
                 Err(e)
                     if e.kind() == io::ErrorKind::ConnectionRefused
-                        && retried_at != Some(start) =>
+                        && (retried.0 != start || retried.1 < MAX_ICMP_RETRIES) =>
                 {
                     // Not this datagram's fault: a connected socket reports (and clears) its
                     // pending error, an ICMP port unreachable for an earlier datagram, on the
-                    // next call. Send it again, once; the caller hears of the ICMP error.
-                    retried_at = Some(start);
+                    // next call. Send it again (a few times: errors may keep coming, forged at
+                    // a high rate); the caller hears of the ICMP error.
+                    retried = if retried.0 == start {
+                        (start, retried.1 + 1)
+                    } else {
+                        (start, 1)
+                    };
                     flushed.unreachable = true;
                 }
                 Err(e) => {
@@ -452,6 +458,9 @@ impl SendQueue {
         (flushed, last_error)
     }
 }
+
+/// Times one datagram is sent again after sends that only reported a pending ICMP error.
+const MAX_ICMP_RETRIES: u8 = 4;
 
 /// The control message that makes a datagram leave from `source` on this socket's family: an
 /// IPv4 source on a dual-stack IPv6 socket goes IPv4-mapped (the kernel takes it so). None for

@@ -820,8 +820,8 @@ mod tests {
         assert!(kernel_rx.is_some(), "a timestamp");
     }
 
-    #[tokio::test]
-    async fn a_dual_stack_socket_gives_an_ipv4_destination_as_ipv4() {
+    /// A socket on [::]:0 that takes IPv4 too (IPV6_V6ONLY off).
+    fn dual_stack_socket() -> DatagramSocket {
         let dual = socket2::Socket::new(
             socket2::Domain::IPV6,
             socket2::Type::DGRAM,
@@ -831,7 +831,12 @@ mod tests {
         dual.set_only_v6(false).expect("dual-stack");
         let any: SocketAddr = "[::]:0".parse().expect("addr");
         dual.bind(&any.into()).expect("bind");
-        let rx = DatagramSocket::from_std(dual.into()).expect("register");
+        DatagramSocket::from_std(dual.into()).expect("register")
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_socket_gives_an_ipv4_destination_as_ipv4() {
+        let rx = dual_stack_socket();
         let (tx4, tx6) = (
             socket(),
             DatagramSocket::bind("[::1]:0".parse().expect("addr")).expect("bind ::1"),
@@ -990,16 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dual_stack_socket_replies_to_ipv4_from_the_ipv4_address_sent_to() {
-        let dual = socket2::Socket::new(
-            socket2::Domain::IPV6,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )
-        .expect("socket");
-        dual.set_only_v6(false).expect("dual-stack");
-        let any: SocketAddr = "[::]:0".parse().expect("addr");
-        dual.bind(&any.into()).expect("bind");
-        let wildcard = DatagramSocket::from_std(dual.into()).expect("register");
+        let wildcard = dual_stack_socket();
         let to = ["127.0.0.2".parse().expect("addr")];
         let (wildcard, clients, seen) = wildcard_and_connected_clients(wildcard, &to).await;
         let mut queue = SendQueue::default();

@@ -97,7 +97,7 @@ EOF
 chmod +x "$work/restart.sh"
 
 # The legitimate device: a real client relay through the same server relay.
-setsid "$bin" client --listen 127.0.0.1:0 --server "$listen" --ca "$work/pki/ca.pem" \
+setsid env ${STORM_CLIENT_RUST_LOG:+RUST_LOG=$STORM_CLIENT_RUST_LOG} "$bin" client --listen 127.0.0.1:0 --server "$listen" --ca "$work/pki/ca.pem" \
     --server-name localhost >"$work/client.log" 2>&1 </dev/null &
 echo $! >"$work/client.pid"
 client_ready=$(wait_line "$work/client.log" " ready " 30)
@@ -122,3 +122,6 @@ echo "bench-storm: restarted server's non-zero drop counters:" \
 exec 3<&-
 echo "bench-storm: the legitimate client relay's tunnel events after the restart:"
 sed 's/\x1b\[[0-9;]*m//g' "$work/client.log" | grep -E "closed|established|dead|refused|backing" | tail -5 || true
+# STORM_CLIENT_LOG=FILE keeps the legitimate client relay's whole log (with STORM_CLIENT_RUST_LOG=debug, its
+# health checks and keepalives) for a closer look.
+[[ -z ${STORM_CLIENT_LOG:-} ]] || cp "$work/client.log" "$STORM_CLIENT_LOG"

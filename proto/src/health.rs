@@ -4,11 +4,11 @@
 //! An association is judged by DTLS-level evidence, not by whether the time server answered a
 //! particular request. The server relay answers a keepalive probe ([`crate::ntp::keepalive`])
 //! itself, so when NTP requests go unanswered, or an ICMP error says the server relay's
-//! port is closed, the client asks the association itself: a few keepalives, spaced by the
-//! measured round trip. Any authenticated record back proves it alive: the time server behind
-//! it is down, which costs no handshake. Silence proves it dead. A server relay that has never
-//! acknowledged a keepalive (an older ntp-dtls, or another DTLS peer carrying plain NTP) is
-//! judged by NTP replies alone, as before.
+//! port is closed, the client asks the association itself: a few keepalives, the last one
+//! given twice the measured round trip to be answered. Any authenticated record back proves
+//! it alive: the time server behind it is down, which costs no handshake. Silence proves it
+//! dead. A server relay that has never acknowledged a keepalive (an older ntp-dtls, or another
+//! DTLS peer carrying plain NTP) is judged by NTP replies alone, as before.
 //!
 //! Pure: the tunnel reports what it sent and received and when, and asks for the verdict.
 
@@ -29,8 +29,8 @@ pub struct HealthPolicy {
     pub dead_after: Duration,
     /// Keepalives sent to check an association before it is declared dead.
     pub probe_attempts: u32,
-    /// The least time between two keepalives of a check (the measured round trip, doubled,
-    /// when that is longer).
+    /// The time between two keepalives of a check, and the least wait after the last one
+    /// (the measured round trip, doubled, when that is longer).
     pub probe_spacing: Duration,
     /// Rekey after this many records sent. AES-GCM nonces in rtc-dtls are 64 random bits, so a
     /// collision reaches 2^-32 probability around 92 000 records: stay far below.
@@ -167,10 +167,20 @@ impl Health {
         self.records_sent += 1;
         self.last_sent = now;
         self.keepalive_at = Some(now);
-        let spacing = self.spacing(policy);
+        let last_wait = self.last_wait(policy);
         if let Some(check) = self.check.as_mut() {
             check.sent += 1;
-            check.next = now + spacing;
+            // The keepalives of a check go probe_spacing apart, whatever the round trip: each
+            // is one more chance through a lossy path. Only the wait after the last one
+            // follows the round trip, so that a slow path's acknowledgement is not missed. (A
+            // round trip inflated by a busy server relay, e.g. a reconnect storm just before
+            // a restart, once spaced all three by it and delayed a death verdict by seconds.)
+            check.next = now
+                + if check.sent < policy.probe_attempts.max(1) {
+                    policy.probe_spacing
+                } else {
+                    last_wait
+                };
         }
     }
 
@@ -253,7 +263,9 @@ impl Health {
         self.check.map(|check| check.why)
     }
 
-    fn spacing(&self, policy: &HealthPolicy) -> Duration {
+    /// How long a check waits after its last keepalive: probe_spacing, or the smoothed round
+    /// trip doubled when that is longer.
+    fn last_wait(&self, policy: &HealthPolicy) -> Duration {
         policy
             .probe_spacing
             .max(self.rtt.map_or(Duration::ZERO, |rtt| rtt * 2))
@@ -473,7 +485,7 @@ mod tests {
     }
 
     #[test]
-    fn check_spacing_follows_the_round_trip() {
+    fn the_wait_after_the_last_keepalive_follows_the_round_trip() {
         let t0 = Instant::now();
         let mut h = acknowledged(t0);
         // A long path: the smoothed round trip converges on 400 ms.
@@ -482,14 +494,35 @@ mod tests {
             h.reply_received(ms(t0, 400), Some(Duration::from_millis(400)));
         }
         h.unreachable(ms(t0, 500));
-        assert_eq!(h.verdict(ms(t0, 500), &policy()), Verdict::KeepAlive);
-        h.keepalive_sent(ms(t0, 500), &policy());
+        let mut t = ms(t0, 500);
+        for _ in 0..2 {
+            assert_eq!(h.verdict(t, &policy()), Verdict::KeepAlive);
+            h.keepalive_sent(t, &policy());
+            let next = h.next_deadline(&policy(), false);
+            assert_eq!(
+                next - t,
+                Duration::from_millis(250),
+                "keepalives 250 ms apart"
+            );
+            t = next;
+        }
+        assert_eq!(h.verdict(t, &policy()), Verdict::KeepAlive);
+        h.keepalive_sent(t, &policy());
+        let last = t;
         let next = h.next_deadline(&policy(), false);
         assert!(
-            next > ms(t0, 1250) && next <= ms(t0, 1300),
-            "about 2 x 400 ms: {:?}",
-            next - ms(t0, 500)
+            next > last + Duration::from_millis(750) && next <= last + Duration::from_millis(800),
+            "the last keepalive waits about 2 x 400 ms: {:?}",
+            next - last
         );
+        assert_eq!(
+            h.verdict(next - Duration::from_millis(1), &policy()),
+            Verdict::Fine
+        );
+        // A late acknowledgement (of any of the three) still proves it alive.
+        h.acknowledgement_received(next - Duration::from_millis(1));
+        assert_eq!(h.checking(), None);
+        assert_eq!(h.verdict(next, &policy()), Verdict::Fine);
     }
 
     #[test]

@@ -588,3 +588,30 @@ fn requests_the_time_server_ignores_cost_no_handshake() {
     assert_eq!(sim.established(0), 1, "no handshake");
     assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
 }
+
+#[test]
+fn a_round_trip_inflated_before_a_crash_does_not_slow_the_death_verdict() {
+    // A reconnect storm: the server relay was busy with handshakes, so the last replies took
+    // 600 ms and the smoothed round trip still remembers it when the server relay crashes.
+    let mut sim = up(HealthPolicy::default());
+    sim.latency = ms(300);
+    sim.poll(local(5000), 20, ms(200));
+    sim.run(SECOND);
+    sim.latency = ms(1);
+    sim.poll(local(5000), 5, ms(200));
+    sim.restart_server(true);
+    let crashed = sim.now;
+    let mut recovered = None;
+    for _ in 0..40 {
+        sim.request(0, local(5000));
+        sim.run(ms(200));
+        if sim.established(0) == 2 && recovered.is_none() {
+            recovered = Some(sim.now - crashed);
+        }
+    }
+    let recovered = recovered.expect("a new association");
+    // Three requests unanswered with 1 s of grace, two keepalives 250 ms apart, and the last
+    // one's wait of twice the (still inflated) round trip: about 2.2 s. Spacing all three by
+    // the round trip took about 2.9 s.
+    assert!(recovered < ms(2500), "{recovered:?}");
+}

@@ -67,6 +67,11 @@ pub enum Verdict {
     KeepAlive,
     /// Set up a fresh association beside this one, then switch.
     Rekey,
+    /// Every keepalive of a check has gone unanswered so far: set up a replacement beside this
+    /// association now, while the last one's wait runs out. If the association proves alive
+    /// the replacement costs one handshake; if it is dead (a server relay that restarted and
+    /// knows it no more) the replacement is already under way when the verdict comes.
+    Replace,
     /// Give it up and handshake anew.
     Dead(DeathCause),
 }
@@ -258,6 +263,13 @@ impl Health {
         self.acknowledges
     }
 
+    /// Keepalives of a check under way (not discovery) that none has answered yet.
+    pub fn unacknowledged_keepalives(&self) -> Option<u32> {
+        self.check
+            .filter(|check| check.why != Suspicion::Discovery && check.sent > 0)
+            .map(|check| check.sent)
+    }
+
     /// What the association is being checked for, if it is.
     pub fn checking(&self) -> Option<Suspicion> {
         self.check.map(|check| check.why)
@@ -301,6 +313,10 @@ impl Health {
                 } else {
                     return Verdict::Dead(DeathCause::NoAcknowledgement(check.sent));
                 }
+            } else if check.why != Suspicion::Discovery
+                && check.sent >= policy.probe_attempts.max(1)
+            {
+                return Verdict::Replace;
             }
         }
         if self.records_sent >= policy.rekey_after_records
@@ -423,10 +439,17 @@ mod tests {
         let mut h = acknowledged(t0);
         h.unreachable(ms(t0, 10));
         let mut t = ms(t0, 10);
-        for _ in 0..3 {
+        for sent in 1..=3 {
             assert_eq!(h.verdict(t, &policy()), Verdict::KeepAlive);
             h.keepalive_sent(t, &policy());
-            assert!(h.verdict(t, &policy()) == Verdict::Fine);
+            let expected = if sent < 3 {
+                Verdict::Fine
+            } else {
+                // All three unanswered so far: a replacement goes up while the last one waits.
+                Verdict::Replace
+            };
+            assert_eq!(h.verdict(t, &policy()), expected);
+            assert_eq!(h.unacknowledged_keepalives(), Some(sent));
             t = h.next_deadline(&policy(), false);
         }
         assert_eq!(t, ms(t0, 10 + 750), "three keepalives 250 ms apart");
@@ -517,7 +540,7 @@ mod tests {
         );
         assert_eq!(
             h.verdict(next - Duration::from_millis(1), &policy()),
-            Verdict::Fine
+            Verdict::Replace
         );
         // A late acknowledgement (of any of the three) still proves it alive.
         h.acknowledgement_received(next - Duration::from_millis(1));

@@ -286,13 +286,19 @@ fn a_failed_rekey_does_not_delay_the_reconnect_after_a_death() {
                     .collect::<Vec<_>>()
             )
         });
+    // The replacement was started while the check went unanswered, before the verdict: no
+    // backoff between the two, whatever the failed rekey did to its own backoff.
     let retried = sim
         .opened
         .iter()
         .map(|(at, _, _)| *at)
-        .find(|at| *at >= died)
+        .rfind(|at| *at <= died)
         .expect("a new association was started");
-    assert_eq!(retried, died, "the first retry after a death is immediate");
+    assert!(
+        died - retried < ms(100),
+        "the replacement was under way when the association was given up: {:?}",
+        died - retried
+    );
 }
 
 #[test]
@@ -610,8 +616,46 @@ fn a_round_trip_inflated_before_a_crash_does_not_slow_the_death_verdict() {
         }
     }
     let recovered = recovered.expect("a new association");
-    // Three requests unanswered with 1 s of grace, two keepalives 250 ms apart, and the last
-    // one's wait of twice the (still inflated) round trip: about 2.2 s. Spacing all three by
-    // the round trip took about 2.9 s.
-    assert!(recovered < ms(2500), "{recovered:?}");
+    // Three requests unanswered with 1 s of grace, two keepalives 250 ms apart, then a
+    // replacement handshake at once, beside the last keepalive's wait of twice the (still
+    // inflated) round trip: about 1.6 s. Spacing all three keepalives by the round trip and
+    // handshaking only after the verdict took about 2.9 s.
+    assert!(recovered < ms(1800), "{recovered:?}");
+    assert!(
+        matches!(sim.closed(0).as_slice(), [reason] if reason.contains("after 3 keepalives")),
+        "the old association's end is reported once: {:?}",
+        sim.closed(0)
+    );
+    assert_eq!(
+        sim.opened.len(),
+        2,
+        "one handshake for the replacement, no second"
+    );
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+}
+
+#[test]
+fn a_replacement_started_for_a_slow_check_that_then_succeeds_costs_one_handshake() {
+    let mut sim = up(HealthPolicy::default());
+    sim.poll(local(5000), 5, ms(200));
+    // The path to the server relay turns slow (a 1.6 s round trip): three requests go
+    // unanswered past their 1 s of grace and the check's keepalives past their spacing, so a
+    // replacement is made at 1.5 s; the first reply, at 1.6 s, proves the old association
+    // alive, and the replacement takes over as a rekey, without a death.
+    sim.latency = ms(800);
+    sim.poll(local(5000), 10, ms(200));
+    sim.run(15 * SECOND);
+    assert!(sim.closed(0).is_empty(), "{:?}", sim.closed(0));
+    assert!(
+        sim.tunnel_events
+            .iter()
+            .any(|(_, _, e)| matches!(e, TunnelEvent::Established { rekey: true, .. })),
+        "the replacement came up as a rekey"
+    );
+    assert_eq!(sim.opened.len(), 2, "one handshake");
+    sim.latency = ms(1);
+    sim.poll(local(5000), 5, ms(200));
+    sim.run(SECOND);
+    assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
+    assert_eq!(sim.clients[&local(5000)].answered, 20, "no request lost");
 }

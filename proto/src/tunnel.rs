@@ -836,6 +836,19 @@ impl Tunnel {
         self.stats.incr(Counter::AssociationsEstablished);
         match role {
             Role::Next => {
+                // A replacement made while the current association's check went unanswered:
+                // the old one is given up as dead, as its verdict would have.
+                let unacknowledged = self
+                    .current()
+                    .and_then(|a| a.health.as_ref())
+                    .and_then(Health::unacknowledged_keepalives);
+                if let (Some(sent), Some(old_peer)) = (unacknowledged, self.peer()) {
+                    self.stats.incr(Counter::AssociationsClosed);
+                    self.events.push_back(TunnelEvent::Closed {
+                        peer: old_peer,
+                        reason: CloseReason::Dead(DeathCause::NoAcknowledgement(sent)),
+                    });
+                }
                 // Make before break: new requests go through the new association; the old one
                 // stays a moment for replies already on their way.
                 self.retire_current(now);
@@ -933,12 +946,19 @@ impl Tunnel {
                 let (id, peer) = (association.id, association.peer);
                 let probe = ntp::keepalive(nonce);
                 if association.engine.send(now, peer, &probe).is_ok() {
+                    let mut replace = false;
                     if let Some(health) = association.health.as_mut() {
                         health.keepalive_sent(now, &policy);
+                        // The last keepalive of a check: no deadline comes before its wait
+                        // ends, so the replacement is asked for now.
+                        replace = health.verdict(now, &policy) == Verdict::Replace;
                     }
                     self.stats.incr(Counter::Keepalives);
                     self.keepalives_sent = nonce;
                     self.drain_engine(id, false);
+                    if replace && !next_pending {
+                        self.start_replacement(now);
+                    }
                 }
             }
             Verdict::Rekey => {
@@ -950,8 +970,23 @@ impl Tunnel {
                     self.rekey_at = Some(now);
                 }
             }
+            Verdict::Replace => {
+                if !next_pending {
+                    self.start_replacement(now);
+                }
+            }
             Verdict::Dead(cause) => self.declare_dead(now, cause),
         }
+    }
+
+    /// A check's keepalives have all gone unanswered so far: a replacement handshake starts
+    /// (in this call's [`Tunnel::handle_timeout`], or at the next) beside the association.
+    fn start_replacement(&mut self, now: Instant) {
+        debug!(
+            tunnel = %self.config.name,
+            "no keepalive acknowledged yet: a replacement handshake beside the association"
+        );
+        self.rekey_at = Some(now);
     }
 
     /// The current association is gone: it drains, and a new one is made at once (the first
@@ -966,10 +1001,15 @@ impl Tunnel {
             reason: CloseReason::Dead(cause),
         });
         self.retire_current(now);
-        if let Some(id) = self.next().map(|a| a.id) {
-            self.close_association(now, id);
-        }
         self.rekey_at = None;
+        if let Some(next) = self.associations.iter_mut().find(|a| a.role == Role::Next) {
+            // A replacement is already handshaking (started when the check went unanswered):
+            // it becomes the connection attempt rather than being thrown away.
+            next.role = Role::Current;
+            self.candidates_fresh = self.config.server_addr.is_some();
+            self.refused = false;
+            return;
+        }
         let first = self.connect_backoff.failures() == 0;
         let delay = self.connect_backoff.next_delay(self.jitter.unit());
         self.candidates_fresh = self.config.server_addr.is_some();

@@ -766,7 +766,9 @@ fn storm_phase(
         // Replies from here on count as after the restart.
         legit.t0 = Some(kill);
     }
-    hook(command)?;
+    // The restart takes a second or two (kill, start, wait for ready): the legitimate device
+    // keeps polling meanwhile, as a real one would, so that its relay sees the silence.
+    restart_polling_legit(load, command, hard_stop)?;
     let pid = args
         .storm_pid_file
         .as_ref()
@@ -893,6 +895,34 @@ fn storm_phase(
 }
 
 /// Runs a --before-load / --after-load command and waits for it.
+/// Runs `command` (the storm's restart) while the legitimate client keeps polling; bounded
+/// by `hard_stop`.
+fn restart_polling_legit(load: &mut Load, command: &str, hard_stop: Instant) -> Result<(), String> {
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", command])
+        .spawn()
+        .map_err(|e| format!("{command}: {e}"))?;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| format!("{command}: {e}"))? {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{command}: {status}"))
+            };
+        }
+        if Instant::now() >= hard_stop {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{command}: still running at the time limit"));
+        }
+        load.legit_readable();
+        load.legit_tick();
+        // Polling a child process (no readiness signal to await); 5 ms keeps the legitimate
+        // client's 0.2 s schedule.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn hook(command: &str) -> Result<(), String> {
     let status = std::process::Command::new("sh")
         .args(["-c", command])

@@ -7,6 +7,9 @@
 #            examples/udp_relay.rs, plain UDP, no DTLS, one blocking thread per direction, no
 #            batching, default socket buffers; a baseline for the hops, not a lower bound)
 #   ntp-dtls NTP client -> ntp-dtls client -> DTLS 1.2 -> ntp-dtls server -> chronyd
+#   ntp-dtls-raw  the same with --no-timestamp-correction on both relays: the delay the relay
+#            path really adds, comparable with udp-pair's (the corrected row's delay has the
+#            relays' residence taken out, as a client sees it)
 #   seed     NTP client -> socat udp4-recvfrom,fork -> TCP -> stunnel client -> TLS ->
 #            stunnel server -> socat tcp4-listen,fork -> UDP chronyd           (the seed's article)
 #   socat-dtls NTP client -> socat udp4-recvfrom,fork -> openssl-dtls-client -> DTLS ->
@@ -50,7 +53,7 @@ levels=(1 16 256)
 query_timeout=0.5 # seconds a query waits for its reply
 pace=0.02         # seconds between paced queries: relays go idle in between, as in service
 give_up=10        # consecutive losses that make a sequential run "stalled"
-rows=(direct udp-pair ntp-dtls seed socat-dtls)
+rows=(direct udp-pair ntp-dtls ntp-dtls-raw seed socat-dtls)
 
 note() { printf -- '-- %s\n' "$*" >&2; }
 die() {
@@ -230,21 +233,23 @@ start_row() { # row
         row_pgids[$row]="$q1 $q2"
         row_addr[$row]=127.0.0.1:$a
         ;;
-    ntp-dtls)
-        start_daemon ntp-dtls-server "$bin" server --listen 127.0.0.1:0 \
+    ntp-dtls | ntp-dtls-raw)
+        local raw=()
+        [[ $row == ntp-dtls-raw ]] && raw=(--no-timestamp-correction)
+        start_daemon "$row-server" "$bin" server --listen 127.0.0.1:0 \
             --upstream "127.0.0.1:$ch_port" --cert "$work/pki/server.pem" \
-            --key "$work/pki/server.key.pem"
+            --key "$work/pki/server.key.pem" "${raw[@]}"
         a=$last_pid
         local server_addr
-        server_addr=$(wait_log "$work/log/ntp-dtls-server.log" " ready " |
+        server_addr=$(wait_log "$work/log/$row-server.log" " ready " |
             sed -n 's/.* listen=\([^ ]*\).*/\1/p')
-        start_daemon ntp-dtls-client "$bin" client --listen 127.0.0.1:0 --server "$server_addr" \
-            --ca "$work/pki/ca.pem" --server-name localhost
+        start_daemon "$row-client" "$bin" client --listen 127.0.0.1:0 --server "$server_addr" \
+            --ca "$work/pki/ca.pem" --server-name localhost "${raw[@]}"
         b=$last_pid
-        row_addr[$row]=$(wait_log "$work/log/ntp-dtls-client.log" " ready " |
+        row_addr[$row]=$(wait_log "$work/log/$row-client.log" " ready " |
             sed -n 's/.* listen=\([^ ]*\).*/\1/p')
         row_pgids[$row]="$b $a"
-        dtls_client_pid=$b dtls_server_pid=$a
+        [[ $row == ntp-dtls ]] && dtls_client_pid=$b dtls_server_pid=$a
         ;;
     seed)
         a=$(free_port) b=$(free_port) c=$(free_port) d=$(free_port)
@@ -708,6 +713,28 @@ for line in "${dl_lines[@]}"; do
     echo "- $(verdict "$ok") RSS <= 16 KiB per idle association (${tag//,/ }): $rss B"
     ok=$(holds "$hs" 1500 "a >= b")
     echo "- $(verdict "$ok") >= 1500 handshakes/s per core (${tag//,/ }): $hs per server CPU-second ($(field "$line" hs_per_s)/s wall)"
+done
+
+echo
+echo "Targets of issue 14 (the relay path against the plain blocking pair, udp-pair, in this run):"
+echo
+for mode in one fresh; do
+    ar=$(f "ntp-dtls-raw.$mode" delay_p50_us) ac=$(f "ntp-dtls.$mode" delay_p50_us)
+    u=$(f "udp-pair.$mode" delay_p50_us) d=$(f "direct.$mode" delay_p50_us)
+    ratio=$(awk -v a="$ar" -v u="$u" -v d="$d" 'BEGIN { if (a == "-" || u == "-" || d == "-" || u - d <= 0) print "-"; else printf "%.2f", (a - d) / (u - d) }')
+    ok=$(holds "$ratio" 1.25 "a <= b")
+    echo "- $(verdict "$ok") added delay p50 ($mode port), uncorrected (ntp-dtls-raw) <= 1.25 x udp-pair's: $(added ntp-dtls-raw "$mode") vs $(added udp-pair "$mode"): ${ratio}x"
+    echo "  (corrected, as a client sees it: $(added ntp-dtls "$mode"), $(awk -v a="$ac" -v u="$u" -v d="$d" 'BEGIN { if (a == "-" || u == "-" || d == "-" || u - d <= 0) print "-"; else printf "%.2f", (a - d) / (u - d) }')x)"
+done
+for c in 16 256; do
+    rd=$(f "ntp-dtls.c$c" rate) rr=$(f "ntp-dtls-raw.c$c" rate) u=$(f "udp-pair.c$c" rate)
+    ratio=$(awk -v a="$rd" -v u="$u" 'BEGIN { if (a == "-" || u == "-" || u <= 0) print "-"; else printf "%.2f", a / u }')
+    if [[ $c == 16 ]]; then
+        ok=$(holds "$ratio" 0.9 "a >= b")
+        echo "- $(verdict "$ok") replies/s at 16 clients >= 0.9 x udp-pair's: $rd vs $u: ${ratio}x (uncorrected row: $rr)"
+    else
+        echo "  (at 256 clients: $rd vs $u: ${ratio}x; uncorrected row: $rr)"
+    fi
 done
 
 echo

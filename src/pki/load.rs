@@ -12,6 +12,11 @@ use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::ParsedExtension;
 
+use der::asn1::{AnyRef, ObjectIdentifier};
+use der::{Decode, Encode, Tag, Tagged};
+use pkcs8::{AlgorithmIdentifierRef, PrivateKeyInfo};
+use sec1::{EcParameters, EcPrivateKey};
+
 use ntp_dtls_proto::policy;
 use ntp_dtls_proto::x509::parse_cert;
 
@@ -208,8 +213,13 @@ fn is_encrypted_pem(bytes: &[u8]) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// Key structure checks (PKCS#8, SEC1)
+// Key structure checks (PKCS#8, SEC1, PKCS#1)
 // ---------------------------------------------------------------------------
+//
+// The DER itself (tags, lengths, the three structures) is decoded by the RustCrypto crates
+// `der`, `pkcs8`, `sec1` and `pkcs1`. What stays here is the policy they do not know: which
+// algorithms and curves the relay can sign with, what the refusal says, and that ring needs
+// the public key inside an EC key.
 
 /// Why a key was refused, before we know the file name.
 #[derive(Debug, PartialEq, Eq)]
@@ -230,32 +240,33 @@ impl KeyProblem {
     }
 }
 
-impl From<der::DerError> for KeyProblem {
-    fn from(e: der::DerError) -> Self {
-        KeyProblem::Malformed(format!("bad DER: {}", e.0))
-    }
+/// A DER decoding or encoding failure in `what` (e.g. "ECPrivateKey"), worded as before the
+/// crates did the decoding: "bad DER: <structure>: <what the decoder found>".
+fn bad_der(what: &str, e: der::Error) -> KeyProblem {
+    KeyProblem::Malformed(format!("bad DER: {what}: {e}"))
 }
 
 mod oid {
-    // DER contents (no tag/length) of the object identifiers we recognise.
-    pub const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    pub const PRIME256V1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    pub const PRIME192V1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x01];
-    pub const SECP384R1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
-    pub const SECP521R1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
-    pub const SECP256K1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x0a];
-    pub const SECP224R1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x21];
-    pub const BRAINPOOL_P256R1: &[u8] = &[0x2b, 0x24, 0x03, 0x03, 0x02, 0x08, 0x01, 0x01, 0x07];
-    pub const RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-    pub const RSASSA_PSS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
-    pub const DSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x01];
-    pub const X25519: &[u8] = &[0x2b, 0x65, 0x6e];
-    pub const X448: &[u8] = &[0x2b, 0x65, 0x6f];
-    pub const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
-    pub const ED448: &[u8] = &[0x2b, 0x65, 0x71];
+    //! The object identifiers a refusal names. rsaEncryption is `pkcs1::ALGORITHM_OID`.
+    use der::asn1::ObjectIdentifier as Oid;
+
+    pub const EC_PUBLIC_KEY: Oid = Oid::new_unwrap("1.2.840.10045.2.1");
+    pub const PRIME256V1: Oid = Oid::new_unwrap("1.2.840.10045.3.1.7");
+    pub const PRIME192V1: Oid = Oid::new_unwrap("1.2.840.10045.3.1.1");
+    pub const SECP384R1: Oid = Oid::new_unwrap("1.3.132.0.34");
+    pub const SECP521R1: Oid = Oid::new_unwrap("1.3.132.0.35");
+    pub const SECP256K1: Oid = Oid::new_unwrap("1.3.132.0.10");
+    pub const SECP224R1: Oid = Oid::new_unwrap("1.3.132.0.33");
+    pub const BRAINPOOL_P256R1: Oid = Oid::new_unwrap("1.3.36.3.3.2.8.1.1.7");
+    pub const RSASSA_PSS: Oid = Oid::new_unwrap("1.2.840.113549.1.1.10");
+    pub const DSA: Oid = Oid::new_unwrap("1.2.840.10040.4.1");
+    pub const X25519: Oid = Oid::new_unwrap("1.3.101.110");
+    pub const X448: Oid = Oid::new_unwrap("1.3.101.111");
+    pub const ED25519: Oid = Oid::new_unwrap("1.3.101.112");
+    pub const ED448: Oid = Oid::new_unwrap("1.3.101.113");
 }
 
-fn curve_name(curve: &[u8]) -> String {
+fn curve_name(curve: ObjectIdentifier) -> String {
     match curve {
         oid::PRIME256V1 => "prime256v1 (P-256)".into(),
         oid::SECP384R1 => "secp384r1 (P-384)".into(),
@@ -264,119 +275,86 @@ fn curve_name(curve: &[u8]) -> String {
         oid::SECP224R1 => "secp224r1 (P-224)".into(),
         oid::PRIME192V1 => "prime192v1 (P-192)".into(),
         oid::BRAINPOOL_P256R1 => "brainpoolP256r1".into(),
-        other => der::oid_to_string(other),
+        other => other.to_string(),
     }
 }
 
-/// Checks an EC curve given as the TLV of ECParameters (named curve OID,
-/// explicit parameters, or implicitCA NULL).
-fn check_curve_tlv(tag: u8, contents: &[u8]) -> Result<KeyKind, KeyProblem> {
-    match tag {
-        der::OID if contents == oid::PRIME256V1 => Ok(KeyKind::EcdsaP256),
-        der::OID if contents == oid::SECP384R1 => Ok(KeyKind::EcdsaP384),
-        der::OID => Err(KeyProblem::Unsupported(format!(
+const EXPLICIT_CURVE: &str = "EC keys with explicit curve parameters (openssl -param_enc explicit) instead of the named curve prime256v1 or secp384r1";
+const NOT_A_CURVE: &str = "EC curve parameters are neither a named curve nor explicit parameters";
+
+/// P-256 and P-384 are the curves ring signs with; any other named curve is refused by name.
+fn check_named_curve(curve: ObjectIdentifier) -> Result<KeyKind, KeyProblem> {
+    match curve {
+        oid::PRIME256V1 => Ok(KeyKind::EcdsaP256),
+        oid::SECP384R1 => Ok(KeyKind::EcdsaP384),
+        other => Err(KeyProblem::Unsupported(format!(
             "EC keys on curve {}",
-            curve_name(contents)
+            curve_name(other)
         ))),
-        der::SEQUENCE => Err(KeyProblem::Unsupported(
-            "EC keys with explicit curve parameters (openssl -param_enc explicit) instead of the named curve prime256v1 or secp384r1"
-                .into(),
-        )),
-        _ => Err(KeyProblem::Malformed(
-            "EC curve parameters are neither a named curve nor explicit parameters".into(),
-        )),
     }
 }
 
-/// What a SEC1 `ECPrivateKey` says about itself.
-struct Sec1Info<'a> {
-    /// The [0] parameters as (tag, contents), if present.
-    curve: Option<(u8, &'a [u8])>,
-    has_public_key: bool,
+/// Checks ECParameters as found in a PKCS#8 AlgorithmIdentifier: a named curve OID, explicit
+/// parameters (a SEQUENCE), or anything else (e.g. implicitCA NULL). Returns the curve too, for
+/// the comparison with the one inside the ECPrivateKey.
+fn check_curve_params(params: AnyRef<'_>) -> Result<(KeyKind, ObjectIdentifier), KeyProblem> {
+    match params.tag() {
+        Tag::ObjectIdentifier => {
+            let curve = ObjectIdentifier::try_from(params).map_err(|e| bad_der("curve OID", e))?;
+            Ok((check_named_curve(curve)?, curve))
+        }
+        Tag::Sequence => Err(KeyProblem::Unsupported(EXPLICIT_CURVE.into())),
+        _ => Err(KeyProblem::Malformed(NOT_A_CURVE.into())),
+    }
 }
 
 /// ECPrivateKey ::= SEQUENCE { version INTEGER 1, privateKey OCTET STRING,
 ///   parameters [0] ECParameters OPTIONAL, publicKey [1] BIT STRING OPTIONAL }
-fn parse_sec1(input: &[u8]) -> Result<Sec1Info<'_>, KeyProblem> {
-    let mut outer = der::Reader::new(input);
-    let seq = outer.expect(der::SEQUENCE, "ECPrivateKey SEQUENCE")?;
-    if !outer.is_empty() {
-        return Err(KeyProblem::Malformed(
-            "trailing data after ECPrivateKey".into(),
-        ));
-    }
-    let mut r = der::Reader::new(seq);
-    let version = r.expect(der::INTEGER, "ECPrivateKey version")?;
-    if version != [1] {
-        return Err(KeyProblem::Malformed(
-            "ECPrivateKey version is not 1".into(),
-        ));
-    }
-    let scalar = r.expect(der::OCTET_STRING, "ECPrivateKey privateKey")?;
-    if scalar.is_empty() {
+///
+/// `sec1` models only the named-curve form of the [0] parameters (the only one PKIX allows),
+/// so other forms come back as a tag error while decoding them: the one place in the structure
+/// where an OBJECT IDENTIFIER is expected. Those, and a wrong version (the one INTEGER sec1
+/// checks the value of), are turned back into the refusals operators got before.
+fn decode_sec1(input: &[u8]) -> Result<EcPrivateKey<'_>, KeyProblem> {
+    let key = EcPrivateKey::from_der(input).map_err(|e| match e.kind() {
+        der::ErrorKind::TagUnexpected {
+            expected: Some(Tag::ObjectIdentifier),
+            actual: Tag::Sequence,
+        } => KeyProblem::Unsupported(EXPLICIT_CURVE.into()),
+        der::ErrorKind::TagUnexpected {
+            expected: Some(Tag::ObjectIdentifier),
+            ..
+        } => KeyProblem::Malformed(NOT_A_CURVE.into()),
+        der::ErrorKind::Value { tag: Tag::Integer } => {
+            KeyProblem::Malformed("ECPrivateKey version is not 1".into())
+        }
+        _ => bad_der("ECPrivateKey", e),
+    })?;
+    if key.private_key.is_empty() {
         return Err(KeyProblem::Malformed("empty EC private scalar".into()));
     }
-    let mut info = Sec1Info {
-        curve: None,
-        has_public_key: false,
-    };
-    if r.peek_tag() == Some(der::CONTEXT_0) {
-        let params = r.expect(der::CONTEXT_0, "ECPrivateKey parameters")?;
-        let mut p = der::Reader::new(params);
-        let (tag, contents) = p.read_any()?;
-        if !p.is_empty() {
-            return Err(KeyProblem::Malformed(
-                "trailing data in ECPrivateKey parameters".into(),
-            ));
-        }
-        info.curve = Some((tag, contents));
-    }
-    if r.peek_tag() == Some(der::CONTEXT_1) {
-        let public = r.expect(der::CONTEXT_1, "ECPrivateKey publicKey")?;
-        let bits = der::Reader::new(public).expect(der::BIT_STRING, "publicKey BIT STRING")?;
-        // First byte is the unused-bit count; an empty point is no key.
-        info.has_public_key = bits.len() > 1;
-    }
-    if !r.is_empty() {
-        return Err(KeyProblem::Malformed(
-            "unexpected data after ECPrivateKey fields".into(),
-        ));
-    }
-    Ok(info)
+    Ok(key)
+}
+
+/// ring signs only with EC keys that carry their public point (an empty point is no key).
+fn has_public_key(key: &EcPrivateKey<'_>) -> bool {
+    key.public_key.is_some_and(|point| !point.is_empty())
 }
 
 /// Checks a PKCS#8 PrivateKeyInfo is ecPublicKey on prime256v1 or secp384r1
 /// with an embedded public key, or rsaEncryption of 2048-4096 bits, naming the
 /// key type when it is something else.
 fn check_pkcs8(input: &[u8]) -> Result<KeyKind, KeyProblem> {
-    let mut outer = der::Reader::new(input);
-    let seq = outer.expect(der::SEQUENCE, "PrivateKeyInfo SEQUENCE")?;
-    if !outer.is_empty() {
-        return Err(KeyProblem::Malformed(
-            "trailing data after PrivateKeyInfo".into(),
-        ));
-    }
-    let mut r = der::Reader::new(seq);
-    let version = r.expect(der::INTEGER, "PrivateKeyInfo version")?;
-    if version != [0] && version != [1] {
-        return Err(KeyProblem::Malformed(
-            "PrivateKeyInfo version is neither 0 nor 1".into(),
-        ));
-    }
-    let alg = r.expect(der::SEQUENCE, "AlgorithmIdentifier")?;
-    let mut a = der::Reader::new(alg);
-    let alg_oid = a.expect(der::OID, "algorithm OID")?;
-    let params = if a.is_empty() {
-        None
-    } else {
-        Some(a.read_any()?)
-    };
-    match alg_oid {
-        oid::EC_PUBLIC_KEY => {}
-        oid::RSA_ENCRYPTION => {
-            let pkcs1 = r.expect(der::OCTET_STRING, "PrivateKeyInfo privateKey")?;
-            return rsa_kind(pkcs1);
+    let info = PrivateKeyInfo::from_der(input).map_err(|e| match e.kind() {
+        // The version is the structure's only INTEGER whose value pkcs8 checks.
+        der::ErrorKind::Value { tag: Tag::Integer } => {
+            KeyProblem::Malformed("PrivateKeyInfo version is neither 0 nor 1".into())
         }
+        _ => bad_der("PrivateKeyInfo", e),
+    })?;
+    match info.algorithm.oid {
+        oid::EC_PUBLIC_KEY => {}
+        pkcs1::ALGORITHM_OID => return rsa_kind(info.private_key),
         oid::RSASSA_PSS => {
             return Err(KeyProblem::Unsupported(
                 "RSASSA-PSS keys (rsassaPss; use an rsaEncryption RSA key)".into(),
@@ -389,29 +367,26 @@ fn check_pkcs8(input: &[u8]) -> Result<KeyKind, KeyProblem> {
         oid::DSA => return Err(KeyProblem::Unsupported("DSA keys".into())),
         other => {
             return Err(KeyProblem::Unsupported(format!(
-                "keys of algorithm {}",
-                der::oid_to_string(other)
+                "keys of algorithm {other}"
             )));
         }
     }
-    let private_key = r.expect(der::OCTET_STRING, "PrivateKeyInfo privateKey")?;
-    let sec1 = parse_sec1(private_key)?;
+    let sec1 = decode_sec1(info.private_key)?;
+    let inner = sec1.parameters.and_then(EcParameters::named_curve);
     // The curve normally sits in the AlgorithmIdentifier; the inner [0] is
     // optional there but, if present, must agree.
-    let kind = match (params, sec1.curve) {
-        (Some((tag, c)), inner) => {
-            let kind = check_curve_tlv(tag, c)?;
-            if let Some((itag, ic)) = inner {
-                if (itag, ic) != (tag, c) {
-                    return Err(KeyProblem::Malformed(
-                        "curve in AlgorithmIdentifier and in ECPrivateKey disagree".into(),
-                    ));
-                }
+    let kind = match (info.algorithm.parameters, inner) {
+        (Some(params), inner) => {
+            let (kind, curve) = check_curve_params(params)?;
+            if inner.is_some_and(|inner| inner != curve) {
+                return Err(KeyProblem::Malformed(
+                    "curve in AlgorithmIdentifier and in ECPrivateKey disagree".into(),
+                ));
             }
             kind
         }
-        (None, Some((tag, c))) => {
-            check_curve_tlv(tag, c)?;
+        (None, Some(curve)) => {
+            check_named_curve(curve)?;
             return Err(KeyProblem::Malformed(
                 "PKCS#8 AlgorithmIdentifier lacks the curve OID".into(),
             ));
@@ -422,7 +397,7 @@ fn check_pkcs8(input: &[u8]) -> Result<KeyKind, KeyProblem> {
             ));
         }
     };
-    if !sec1.has_public_key {
+    if !has_public_key(&sec1) {
         return Err(KeyProblem::NoPublicKey);
     }
     Ok(kind)
@@ -431,181 +406,37 @@ fn check_pkcs8(input: &[u8]) -> Result<KeyKind, KeyProblem> {
 /// Wraps a SEC1 ECPrivateKey into PKCS#8 PrivateKeyInfo:
 /// SEQUENCE { INTEGER 0, SEQUENCE { ecPublicKey, namedCurve }, OCTET STRING sec1 }.
 fn sec1_to_pkcs8(sec1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
-    let info = parse_sec1(sec1)?;
-    let (kind, curve) = match info.curve {
-        Some((tag, c)) => (check_curve_tlv(tag, c)?, c),
-        None => {
-            return Err(KeyProblem::Malformed(
-                "the EC PRIVATE KEY does not name its curve (no [0] parameters)".into(),
-            ));
-        }
+    let key = decode_sec1(sec1)?;
+    let Some(curve) = key.parameters.and_then(EcParameters::named_curve) else {
+        return Err(KeyProblem::Malformed(
+            "the EC PRIVATE KEY does not name its curve (no [0] parameters)".into(),
+        ));
     };
-    if !info.has_public_key {
+    let kind = check_named_curve(curve)?;
+    if !has_public_key(&key) {
         return Err(KeyProblem::NoPublicKey);
     }
-
-    let alg_len = der::tlv_len(oid::EC_PUBLIC_KEY.len()) + der::tlv_len(curve.len());
-    let body_len = der::tlv_len(1) + der::tlv_len(alg_len) + der::tlv_len(sec1.len());
-    // Exact capacities: no reallocation leaves a stray copy of the key behind.
-    let mut body = SecretBytes(Vec::with_capacity(body_len));
-    der::push_tlv(&mut body.0, der::INTEGER, &[0])?;
-    der::push_header(&mut body.0, der::SEQUENCE, alg_len)?;
-    der::push_tlv(&mut body.0, der::OID, oid::EC_PUBLIC_KEY)?;
-    der::push_tlv(&mut body.0, der::OID, curve)?;
-    der::push_tlv(&mut body.0, der::OCTET_STRING, sec1)?;
-    let mut out = SecretBytes(Vec::with_capacity(der::tlv_len(body.0.len())));
-    der::push_tlv(&mut out.0, der::SEQUENCE, &body.0)?;
-    Ok((kind, out))
+    let algorithm = AlgorithmIdentifierRef {
+        oid: oid::EC_PUBLIC_KEY,
+        parameters: Some(AnyRef::from(&curve)),
+    };
+    Ok((kind, encode_pkcs8(algorithm, sec1)?))
 }
 
-/// A minimal DER reader/writer: single-byte tags, definite lengths of up to
-/// two bytes (keys of interest are a few hundred bytes; RSA keys, which we
-/// only need to *recognise*, stay below 64 KiB). Every access is bounds
-/// checked; garbage yields `DerError`, never a panic.
-mod der {
-    pub const INTEGER: u8 = 0x02;
-    pub const BIT_STRING: u8 = 0x03;
-    pub const OCTET_STRING: u8 = 0x04;
-    pub const NULL: u8 = 0x05;
-    pub const OID: u8 = 0x06;
-    pub const SEQUENCE: u8 = 0x30;
-    pub const CONTEXT_0: u8 = 0xa0;
-    pub const CONTEXT_1: u8 = 0xa1;
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct DerError(pub String);
-
-    pub struct Reader<'a> {
-        rest: &'a [u8],
-    }
-
-    impl<'a> Reader<'a> {
-        pub fn new(input: &'a [u8]) -> Self {
-            Reader { rest: input }
-        }
-
-        pub fn is_empty(&self) -> bool {
-            self.rest.is_empty()
-        }
-
-        pub fn peek_tag(&self) -> Option<u8> {
-            self.rest.first().copied()
-        }
-
-        /// Next element as (tag, contents).
-        pub fn read_any(&mut self) -> Result<(u8, &'a [u8]), DerError> {
-            let err = |m: &str| DerError(m.to_string());
-            let (&tag, rest) = self.rest.split_first().ok_or_else(|| err("truncated"))?;
-            if tag & 0x1f == 0x1f {
-                return Err(err("multi-byte tags are not supported"));
-            }
-            let (&first, rest) = rest.split_first().ok_or_else(|| err("truncated"))?;
-            let (len, rest) = match first {
-                0x00..=0x7f => (usize::from(first), rest),
-                0x81 => match rest {
-                    [b, rest @ ..] if *b >= 0x80 => (usize::from(*b), rest),
-                    [_, ..] => return Err(err("non-minimal length")),
-                    [] => return Err(err("truncated")),
-                },
-                0x82 => match rest {
-                    [hi, lo, rest @ ..] if *hi != 0 => {
-                        (usize::from(*hi) << 8 | usize::from(*lo), rest)
-                    }
-                    [_, _, ..] => return Err(err("non-minimal length")),
-                    _ => return Err(err("truncated")),
-                },
-                0x80 => return Err(err("indefinite length (BER, not DER)")),
-                _ => return Err(err("element longer than 64 KiB")),
-            };
-            if rest.len() < len {
-                return Err(err("truncated"));
-            }
-            let (contents, rest) = rest.split_at(len);
-            self.rest = rest;
-            Ok((tag, contents))
-        }
-
-        /// Next element, which must have `tag`; `what` names it in errors.
-        pub fn expect(&mut self, tag: u8, what: &str) -> Result<&'a [u8], DerError> {
-            let (got, contents) = self
-                .read_any()
-                .map_err(|e| DerError(format!("{what}: {}", e.0)))?;
-            if got != tag {
-                return Err(DerError(format!(
-                    "{what}: expected tag 0x{tag:02x}, found 0x{got:02x}"
-                )));
-            }
-            Ok(contents)
-        }
-    }
-
-    /// Bytes taken by a TLV whose contents are `len` bytes long.
-    pub fn tlv_len(len: usize) -> usize {
-        let header = match len {
-            0..=0x7f => 2,
-            0x80..=0xff => 3,
-            _ => 4,
-        };
-        header + len
-    }
-
-    pub fn push_header(out: &mut Vec<u8>, tag: u8, len: usize) -> Result<(), DerError> {
-        out.push(tag);
-        match len {
-            0..=0x7f => out.push(len as u8),
-            0x80..=0xff => out.extend_from_slice(&[0x81, len as u8]),
-            0x100..=0xffff => out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]),
-            _ => return Err(DerError("element longer than 64 KiB".into())),
-        }
-        Ok(())
-    }
-
-    pub fn push_tlv(out: &mut Vec<u8>, tag: u8, contents: &[u8]) -> Result<(), DerError> {
-        push_header(out, tag, contents.len())?;
-        out.extend_from_slice(contents);
-        Ok(())
-    }
-
-    /// Dotted form of an OID's DER contents, for messages about unknown
-    /// algorithms or curves. Falls back to hex if the encoding is odd.
-    pub fn oid_to_string(contents: &[u8]) -> String {
-        let mut arcs: Vec<u64> = Vec::new();
-        let mut acc: u64 = 0;
-        let mut in_arc = false;
-        for &b in contents {
-            acc = match acc.checked_mul(128) {
-                Some(v) => v | u64::from(b & 0x7f),
-                None => return hex(contents),
-            };
-            in_arc = b & 0x80 != 0;
-            if !in_arc {
-                arcs.push(acc);
-                acc = 0;
-            }
-        }
-        let Some((&first, rest)) = arcs.split_first() else {
-            return hex(contents);
-        };
-        if in_arc {
-            return hex(contents);
-        }
-        let (a, b) = match first {
-            0..=39 => (0, first),
-            40..=79 => (1, first - 40),
-            _ => (2, first - 80),
-        };
-        let mut s = format!("{a}.{b}");
-        for arc in rest {
-            s.push('.');
-            s.push_str(&arc.to_string());
-        }
-        s
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        format!("OID 0x{digits}")
-    }
+/// PKCS#8 PrivateKeyInfo (version 0, no attributes, no public key) around `private_key`,
+/// encoded into a buffer of exactly its length: no reallocation leaves a stray copy of the
+/// key behind.
+fn encode_pkcs8(
+    algorithm: AlgorithmIdentifierRef<'_>,
+    private_key: &[u8],
+) -> Result<SecretBytes, KeyProblem> {
+    let info = PrivateKeyInfo::new(algorithm, private_key);
+    let encode = |e| bad_der("PrivateKeyInfo", e);
+    let len = info.encoded_len().map_err(encode)?;
+    let len = usize::try_from(len).map_err(encode)?;
+    let mut out = SecretBytes(vec![0; len]);
+    info.encode_to_slice(&mut out.0).map_err(encode)?;
+    Ok(out)
 }
 
 /// Has ring check what only it can (scalar range, the public key consistent with the private
@@ -625,25 +456,14 @@ fn usable_key(path: &Path, kind: KeyKind, mut pkcs8: SecretBytes) -> Result<Priv
 }
 
 /// The size of a PKCS#1 RSAPrivateKey, refused outside the policy's 2048-4096 bits.
-///
-/// RSAPrivateKey ::= SEQUENCE { version INTEGER, modulus INTEGER, publicExponent INTEGER, ... }
 fn rsa_kind(pkcs1: &[u8]) -> Result<KeyKind, KeyProblem> {
-    let mut outer = der::Reader::new(pkcs1);
-    let seq = outer.expect(der::SEQUENCE, "RSAPrivateKey SEQUENCE")?;
-    if !outer.is_empty() {
-        return Err(KeyProblem::Malformed(
-            "trailing data after RSAPrivateKey".into(),
-        ));
-    }
-    let mut r = der::Reader::new(seq);
-    let version = r.expect(der::INTEGER, "RSAPrivateKey version")?;
-    if version != [0] {
+    let key = pkcs1::RsaPrivateKey::from_der(pkcs1).map_err(|e| bad_der("RSAPrivateKey", e))?;
+    if key.version() != pkcs1::Version::TwoPrime {
         return Err(KeyProblem::Malformed(
             "RSAPrivateKey version is not 0 (multi-prime keys are not supported)".into(),
         ));
     }
-    let modulus = r.expect(der::INTEGER, "RSAPrivateKey modulus")?;
-    let bits = policy::modulus_bits(modulus);
+    let bits = policy::modulus_bits(key.modulus.as_bytes());
     policy::rsa_kind(bits).map_err(|_| {
         KeyProblem::Unsupported(format!(
             "RSA keys of {bits} bits (the policy allows {} to {})",
@@ -657,18 +477,7 @@ fn rsa_kind(pkcs1: &[u8]) -> Result<KeyKind, KeyProblem> {
 /// SEQUENCE { INTEGER 0, SEQUENCE { rsaEncryption, NULL }, OCTET STRING pkcs1 }.
 fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
     let kind = rsa_kind(pkcs1)?;
-    let alg_len = der::tlv_len(oid::RSA_ENCRYPTION.len()) + der::tlv_len(0);
-    let body_len = der::tlv_len(1) + der::tlv_len(alg_len) + der::tlv_len(pkcs1.len());
-    // Exact capacities: no reallocation leaves a stray copy of the key behind.
-    let mut body = SecretBytes(Vec::with_capacity(body_len));
-    der::push_tlv(&mut body.0, der::INTEGER, &[0])?;
-    der::push_header(&mut body.0, der::SEQUENCE, alg_len)?;
-    der::push_tlv(&mut body.0, der::OID, oid::RSA_ENCRYPTION)?;
-    der::push_tlv(&mut body.0, der::NULL, &[])?;
-    der::push_tlv(&mut body.0, der::OCTET_STRING, pkcs1)?;
-    let mut out = SecretBytes(Vec::with_capacity(der::tlv_len(body.0.len())));
-    der::push_tlv(&mut out.0, der::SEQUENCE, &body.0)?;
-    Ok((kind, out))
+    Ok((kind, encode_pkcs8(pkcs1::ALGORITHM_ID, pkcs1)?))
 }
 
 #[cfg(test)]
@@ -1219,40 +1028,129 @@ mod tests {
         assert_eq!(format!("{key:#?}"), "PrivateKey(..)");
     }
 
-    // ---- DER helpers -----------------------------------------------------
+    // ---- DER via the RustCrypto crates -----------------------------------
 
     #[test]
     fn oid_names() {
-        assert_eq!(der::oid_to_string(oid::PRIME256V1), "1.2.840.10045.3.1.7");
-        assert_eq!(der::oid_to_string(oid::SECP384R1), "1.3.132.0.34");
-        assert_eq!(der::oid_to_string(oid::ED25519), "1.3.101.112");
-        assert_eq!(der::oid_to_string(&[0x88, 0x37]), "2.999");
-        assert_eq!(der::oid_to_string(&[0x2a, 0x86]), "OID 0x2a86");
-        assert_eq!(der::oid_to_string(&[]), "OID 0x");
-        assert_eq!(curve_name(&[0x2b, 0x81, 0x04, 0x00, 0x27]), "1.3.132.0.39");
+        assert_eq!(oid::PRIME256V1.to_string(), "1.2.840.10045.3.1.7");
+        assert_eq!(oid::SECP384R1.to_string(), "1.3.132.0.34");
+        assert_eq!(oid::ED25519.to_string(), "1.3.101.112");
+        assert_eq!(
+            ObjectIdentifier::from_bytes(&[0x55, 0x04, 0x03])
+                .unwrap()
+                .to_string(),
+            "2.5.4.3"
+        );
+        // A truncated or empty OID is a DER error now (the key is malformed), where the
+        // hand-written reader printed it as "OID 0x..". So is an OID const-oid cannot hold,
+        // such as 2.999 (second arc above 39): the key is refused either way.
+        assert!(ObjectIdentifier::from_bytes(&[0x88, 0x37]).is_err());
+        assert!(ObjectIdentifier::from_bytes(&[0x2a, 0x86]).is_err());
+        assert!(ObjectIdentifier::from_bytes(&[]).is_err());
+        assert_eq!(
+            curve_name(ObjectIdentifier::from_bytes(&[0x2b, 0x81, 0x04, 0x00, 0x27]).unwrap()),
+            "1.3.132.0.39"
+        );
+        assert_eq!(
+            check_named_curve(oid::SECP521R1),
+            Err(KeyProblem::Unsupported(
+                "EC keys on curve secp521r1 (P-521)".into()
+            ))
+        );
     }
 
     #[test]
-    fn der_lengths_round_trip() {
+    fn only_der_is_accepted() {
+        use der::asn1::OctetStringRef;
         for len in [0usize, 1, 0x7f, 0x80, 0xff, 0x100, 0xffff] {
             let contents = vec![0xabu8; len];
-            let mut out = Vec::new();
-            der::push_tlv(&mut out, der::OCTET_STRING, &contents).unwrap();
-            assert_eq!(out.len(), der::tlv_len(len));
-            let mut r = der::Reader::new(&out);
-            assert_eq!(r.expect(der::OCTET_STRING, "x").unwrap(), &contents[..]);
-            assert!(r.is_empty());
+            let encoded = OctetStringRef::new(&contents).unwrap().to_der().unwrap();
+            let decoded = OctetStringRef::from_der(&encoded).unwrap();
+            assert_eq!(decoded.as_bytes(), &contents[..]);
         }
-        let mut out = Vec::new();
-        assert!(der::push_tlv(&mut out, der::OCTET_STRING, &vec![0; 0x10000]).is_err());
-        // Non-minimal and indefinite lengths are not DER.
+        // Non-minimal and indefinite lengths are BER, not DER.
         for bad in [
-            &[0x04, 0x81, 0x05][..],
-            &[0x04, 0x82, 0x00, 0x05],
-            &[0x30, 0x80],
+            &[0x04, 0x81, 0x05, 1, 2, 3, 4, 5][..],
+            &[0x04, 0x82, 0x00, 0x05, 1, 2, 3, 4, 5],
+            &[0x30, 0x80, 0x00, 0x00],
         ] {
-            assert!(der::Reader::new(bad).read_any().is_err(), "{bad:?}");
+            assert!(OctetStringRef::from_der(bad).is_err(), "{bad:?}");
         }
+        // The same holds inside a key: a non-minimal length makes it malformed.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let pkcs8 = key.serialized_der();
+        assert_eq!(pkcs8[0], 0x30);
+        assert_eq!(pkcs8[1], 0x81, "a P-256 PKCS#8 key is 128..=255 bytes long");
+        let mut long_form = vec![0x30, 0x82, 0x00];
+        long_form.extend_from_slice(&pkcs8[2..]);
+        assert!(matches!(
+            check_pkcs8(&long_form),
+            Err(KeyProblem::Malformed(m)) if m.starts_with("bad DER: PrivateKeyInfo: ")
+        ));
+    }
+
+    #[test]
+    fn curve_forms_are_refused_as_before() {
+        use der::asn1::{BitStringRef, ContextSpecific, OctetStringRef};
+        use der::{Header, TagMode, TagNumber};
+        // SEC1 keys with each form of [0] parameters, which sec1's own type cannot hold.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let info = PrivateKeyInfo::from_der(key.serialized_der()).unwrap();
+        let inner = EcPrivateKey::from_der(info.private_key).unwrap();
+        let sec1_with = |version: u8, params: AnyRef<'_>| {
+            let body = [
+                version.to_der().unwrap(),
+                OctetStringRef::new(inner.private_key)
+                    .unwrap()
+                    .to_der()
+                    .unwrap(),
+                ContextSpecific {
+                    tag_number: TagNumber::N0,
+                    tag_mode: TagMode::Explicit,
+                    value: params,
+                }
+                .to_der()
+                .unwrap(),
+                ContextSpecific {
+                    tag_number: TagNumber::N1,
+                    tag_mode: TagMode::Explicit,
+                    value: BitStringRef::from_bytes(inner.public_key.unwrap()).unwrap(),
+                }
+                .to_der()
+                .unwrap(),
+            ]
+            .concat();
+            let len = der::Length::try_from(body.len()).unwrap();
+            let mut out = Header::new(Tag::Sequence, len).unwrap().to_der().unwrap();
+            out.extend_from_slice(&body);
+            out
+        };
+        let refusal = |sec1: Vec<u8>| sec1_to_pkcs8(&sec1).map(|(kind, _)| kind);
+        assert_eq!(
+            refusal(sec1_with(1, AnyRef::from(&oid::PRIME256V1))),
+            Ok(KeyKind::EcdsaP256)
+        );
+        assert_eq!(
+            refusal(sec1_with(
+                1,
+                AnyRef::new(Tag::Sequence, &[0x02, 0x01, 0x01]).unwrap()
+            )),
+            Err(KeyProblem::Unsupported(EXPLICIT_CURVE.into()))
+        );
+        assert_eq!(
+            refusal(sec1_with(1, AnyRef::NULL)),
+            Err(KeyProblem::Malformed(NOT_A_CURVE.into()))
+        );
+        assert_eq!(
+            refusal(sec1_with(1, AnyRef::from(&oid::SECP256K1))),
+            Err(KeyProblem::Unsupported("EC keys on curve secp256k1".into()))
+        );
+        assert_eq!(
+            refusal(sec1_with(2, AnyRef::from(&oid::PRIME256V1))),
+            Err(KeyProblem::Malformed(
+                "ECPrivateKey version is not 1".into()
+            ))
+        );
     }
 
     #[test]
@@ -1262,29 +1160,14 @@ mod tests {
         assert_eq!(check_pkcs8(&pkcs8), Ok(KeyKind::EcdsaP256));
         // Pull the SEC1 structure out of the PKCS#8 and re-add the curve, so
         // we also have a realistic SEC1 input.
-        let mut r = der::Reader::new(&pkcs8);
-        let mut body = der::Reader::new(r.expect(der::SEQUENCE, "").unwrap());
-        body.read_any().unwrap();
-        body.read_any().unwrap();
-        let inner = body.expect(der::OCTET_STRING, "").unwrap();
-        let info = parse_sec1(inner).unwrap();
-        assert!(info.has_public_key);
-        assert!(info.curve.is_none(), "rcgen omits the inner curve");
+        let info = PrivateKeyInfo::from_der(&pkcs8).unwrap();
+        let inner = decode_sec1(info.private_key).unwrap();
+        assert!(has_public_key(&inner));
+        assert!(inner.parameters.is_none(), "rcgen omits the inner curve");
 
-        let mut fields =
-            der::Reader::new(der::Reader::new(inner).expect(der::SEQUENCE, "").unwrap());
-        let mut sec1_body = Vec::new();
-        while !fields.is_empty() {
-            let (tag, contents) = fields.read_any().unwrap();
-            der::push_tlv(&mut sec1_body, tag, contents).unwrap();
-            if tag == der::OCTET_STRING {
-                let mut curve = Vec::new();
-                der::push_tlv(&mut curve, der::OID, oid::PRIME256V1).unwrap();
-                der::push_tlv(&mut sec1_body, der::CONTEXT_0, &curve).unwrap();
-            }
-        }
-        let mut sec1 = Vec::new();
-        der::push_tlv(&mut sec1, der::SEQUENCE, &sec1_body).unwrap();
+        let mut with_curve = inner.clone();
+        with_curve.parameters = Some(EcParameters::NamedCurve(oid::PRIME256V1));
+        let sec1 = with_curve.to_der().unwrap();
         let converted = sec1_to_pkcs8(&sec1).unwrap();
         assert_eq!(check_pkcs8(&converted.1.0), Ok(KeyKind::EcdsaP256));
         let pair = KeyPair::try_from(converted.1.0.as_slice()).unwrap();

@@ -8,6 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use zeroize::Zeroizing;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -15,7 +17,7 @@ use rcgen::{
 
 use super::{
     CA_CERT_FILE, CA_KEY_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE, DEFAULT_CLIENT_NAME, KeyType,
-    MAX_VALIDITY_DAYS, PkiError, SERVER_CERT_FILE, SERVER_KEY_FILE, SecretBytes,
+    MAX_VALIDITY_DAYS, PkiError, SERVER_CERT_FILE, SERVER_KEY_FILE,
 };
 
 const CA_COMMON_NAME: &str = "ntp-dtls lab CA";
@@ -133,8 +135,9 @@ pub fn generate_lab_pki(req: &LabPkiRequest) -> Result<Vec<PathBuf>, PkiError> {
         (client_key.serialize_pem().into_bytes(), FileKind::Secret),
     ];
     for (path, (bytes, kind)) in paths.iter().zip(contents) {
-        let bytes = SecretBytes(bytes);
-        write_file(path, &bytes.0, kind, req.force)?;
+        // Certificates too: one loop, and wiping public bytes costs nothing.
+        let bytes = Zeroizing::new(bytes);
+        write_file(path, &bytes, kind, req.force)?;
     }
     Ok(paths)
 }

@@ -15,9 +15,10 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_RSA_SHA256,
 };
 use rustls_pki_types::PrivatePkcs8KeyDer;
+use zeroize::Zeroizing;
 
 use super::generate::{FileKind, leaf_params_for, write_file};
-use super::{DEFAULT_CLIENT_NAME, KeyKind, PkiError, SecretBytes};
+use super::{DEFAULT_CLIENT_NAME, KeyKind, PkiError};
 
 /// A key `certs` can generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,8 +157,8 @@ pub fn generate_request(req: &CsrRequest) -> Result<Vec<PathBuf>, PkiError> {
         path: req.out_dir.clone(),
         io,
     })?;
-    let key_pem = SecretBytes(key.serialize_pem().into_bytes());
-    write_file(&paths[0], &key_pem.0, FileKind::Secret, req.force)?;
+    let key_pem = Zeroizing::new(key.serialize_pem().into_bytes());
+    write_file(&paths[0], &key_pem, FileKind::Secret, req.force)?;
     write_file(
         &paths[1],
         csr_pem.as_bytes(),

@@ -11,6 +11,7 @@ use rustls_pki_types::pem::{self, PemObject, SectionKind};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::ParsedExtension;
+use zeroize::Zeroizing;
 
 use der::asn1::{AnyRef, ObjectIdentifier};
 use der::{Decode, Encode, Tag, Tagged};
@@ -22,7 +23,7 @@ use ntp_dtls_proto::x509::parse_cert;
 
 use super::describe::{Expected, describe_contents, pem_labels};
 use super::keys::rcgen_algorithm;
-use super::{KeyKind, PkiError, PrivateKey, SecretBytes};
+use super::{KeyKind, PkiError, PrivateKey};
 
 fn read_file(path: &Path) -> Result<Vec<u8>, PkiError> {
     fs::read(path).map_err(|io| PkiError::Read {
@@ -118,18 +119,18 @@ fn is_self_signed(cert: &X509Certificate<'_>) -> bool {
 /// P-256/P-384 or RSA 2048-4096 key the crypto library accepts. SEC1 and
 /// PKCS#1 keys are converted to PKCS#8.
 pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
-    let bytes = SecretBytes(read_file(path)?);
+    let bytes = Zeroizing::new(read_file(path)?);
     // Before the PEM parser: legacy encrypted PEM ("Proc-Type: 4,ENCRYPTED"
     // headers) would otherwise surface as a confusing base64 error.
-    if is_encrypted_pem(&bytes.0) {
+    if is_encrypted_pem(&bytes) {
         return Err(PkiError::EncryptedKey {
             path: path.to_path_buf(),
         });
     }
-    let mut keys: Vec<(SectionKind, SecretBytes)> = Vec::new();
-    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes.0) {
+    let mut keys: Vec<(SectionKind, Zeroizing<Vec<u8>>)> = Vec::new();
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes) {
         let (kind, der) = section.map_err(|e| pem_syntax(path, &e))?;
-        let der = SecretBytes(der);
+        let der = Zeroizing::new(der);
         if matches!(
             kind,
             SectionKind::PrivateKey | SectionKind::EcPrivateKey | SectionKind::RsaPrivateKey
@@ -142,7 +143,7 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
             return Err(PkiError::NoPemBlock {
                 path: path.to_path_buf(),
                 expected: "private key (PEM block \"PRIVATE KEY\", \"EC PRIVATE KEY\" or \"RSA PRIVATE KEY\")",
-                found: describe_contents(&bytes.0, Expected::Key),
+                found: describe_contents(&bytes, Expected::Key),
             });
         }
         1 => keys.remove(0),
@@ -156,12 +157,12 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, PkiError> {
 
     let (kind, pkcs8) = match kind {
         SectionKind::PrivateKey => {
-            let kind = check_pkcs8(&der.0).map_err(|p| p.into_error(path))?;
+            let kind = check_pkcs8(&der).map_err(|p| p.into_error(path))?;
             (kind, der)
         }
-        SectionKind::EcPrivateKey => sec1_to_pkcs8(&der.0).map_err(|p| p.into_error(path))?,
+        SectionKind::EcPrivateKey => sec1_to_pkcs8(&der).map_err(|p| p.into_error(path))?,
         // Only RsaPrivateKey is left (filtered above).
-        _ => pkcs1_to_pkcs8(&der.0).map_err(|p| p.into_error(path))?,
+        _ => pkcs1_to_pkcs8(&der).map_err(|p| p.into_error(path))?,
     };
     usable_key(path, kind, pkcs8)
 }
@@ -405,7 +406,7 @@ fn check_pkcs8(input: &[u8]) -> Result<KeyKind, KeyProblem> {
 
 /// Wraps a SEC1 ECPrivateKey into PKCS#8 PrivateKeyInfo:
 /// SEQUENCE { INTEGER 0, SEQUENCE { ecPublicKey, namedCurve }, OCTET STRING sec1 }.
-fn sec1_to_pkcs8(sec1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
+fn sec1_to_pkcs8(sec1: &[u8]) -> Result<(KeyKind, Zeroizing<Vec<u8>>), KeyProblem> {
     let key = decode_sec1(sec1)?;
     let Some(curve) = key.parameters.and_then(EcParameters::named_curve) else {
         return Err(KeyProblem::Malformed(
@@ -429,21 +430,25 @@ fn sec1_to_pkcs8(sec1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
 fn encode_pkcs8(
     algorithm: AlgorithmIdentifierRef<'_>,
     private_key: &[u8],
-) -> Result<SecretBytes, KeyProblem> {
+) -> Result<Zeroizing<Vec<u8>>, KeyProblem> {
     let info = PrivateKeyInfo::new(algorithm, private_key);
     let encode = |e| bad_der("PrivateKeyInfo", e);
     let len = info.encoded_len().map_err(encode)?;
     let len = usize::try_from(len).map_err(encode)?;
-    let mut out = SecretBytes(vec![0; len]);
-    info.encode_to_slice(&mut out.0).map_err(encode)?;
+    let mut out = Zeroizing::new(vec![0; len]);
+    info.encode_to_slice(&mut out).map_err(encode)?;
     Ok(out)
 }
 
 /// Has ring check what only it can (scalar range, the public key consistent with the private
 /// one, RSA's CRT parameters), so a broken key fails at start-up, not at the first handshake.
-fn usable_key(path: &Path, kind: KeyKind, mut pkcs8: SecretBytes) -> Result<PrivateKey, PkiError> {
+fn usable_key(
+    path: &Path,
+    kind: KeyKind,
+    mut pkcs8: Zeroizing<Vec<u8>>,
+) -> Result<PrivateKey, PkiError> {
     KeyPair::from_pkcs8_der_and_sign_algo(
-        &PrivatePkcs8KeyDer::from(pkcs8.0.as_slice()),
+        &PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
         rcgen_algorithm(kind),
     )
     .map_err(|e| PkiError::MalformedKey {
@@ -452,7 +457,7 @@ fn usable_key(path: &Path, kind: KeyKind, mut pkcs8: SecretBytes) -> Result<Priv
     })?;
     // Move the bytes out (the wrapper is left empty), rather than clone: one fewer copy of
     // the key to wipe.
-    Ok(PrivateKey::from_pkcs8(kind, std::mem::take(&mut pkcs8.0)))
+    Ok(PrivateKey::from_pkcs8(kind, std::mem::take(&mut *pkcs8)))
 }
 
 /// The size of a PKCS#1 RSAPrivateKey, refused outside the policy's 2048-4096 bits.
@@ -475,7 +480,7 @@ fn rsa_kind(pkcs1: &[u8]) -> Result<KeyKind, KeyProblem> {
 
 /// Wraps a PKCS#1 RSAPrivateKey into PKCS#8 PrivateKeyInfo:
 /// SEQUENCE { INTEGER 0, SEQUENCE { rsaEncryption, NULL }, OCTET STRING pkcs1 }.
-fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
+fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Result<(KeyKind, Zeroizing<Vec<u8>>), KeyProblem> {
     let kind = rsa_kind(pkcs1)?;
     Ok((kind, encode_pkcs8(pkcs1::ALGORITHM_ID, pkcs1)?))
 }
@@ -1169,8 +1174,8 @@ mod tests {
         with_curve.parameters = Some(EcParameters::NamedCurve(oid::PRIME256V1));
         let sec1 = with_curve.to_der().unwrap();
         let converted = sec1_to_pkcs8(&sec1).unwrap();
-        assert_eq!(check_pkcs8(&converted.1.0), Ok(KeyKind::EcdsaP256));
-        let pair = KeyPair::try_from(converted.1.0.as_slice()).unwrap();
+        assert_eq!(check_pkcs8(&converted.1), Ok(KeyKind::EcdsaP256));
+        let pair = KeyPair::try_from(converted.1.as_slice()).unwrap();
         assert_eq!(pair.public_key_raw(), key.public_key_raw());
 
         for input in [&pkcs8, &sec1] {

@@ -157,28 +157,10 @@ pub enum PkiError {
     KeyRejected(String),
 }
 
-// ---------------------------------------------------------------------------
-// Secrets in memory
-// ---------------------------------------------------------------------------
-
-/// Bytes that held key material: zeroed on drop.
-///
-/// Best effort only. Without `unsafe` (volatile writes) or the zeroize crate
-/// the compiler may in principle drop stores to memory that is about to be
-/// freed; `black_box` makes the buffer escape so it cannot prove that. Copies
-/// made inside ring/rcgen (e.g. `KeyPair::serialized_der`) and freed capacity
-/// from earlier reallocations are outside our reach.
-struct SecretBytes(Vec<u8>);
-
-impl Drop for SecretBytes {
-    fn drop(&mut self) {
-        wipe(&mut self.0);
-    }
-}
-
-fn wipe(bytes: &mut [u8]) {
-    bytes.iter_mut().for_each(|b| *b = 0);
-    std::hint::black_box(bytes);
-}
+// Secrets in memory: every buffer that holds key material here (key files as read, PEM and
+// DER of keys, the PKCS#8 we build) is a `zeroize::Zeroizing<Vec<u8>>`, wiped on drop with
+// writes the compiler may not elide. Copies made inside ring/rcgen (e.g.
+// `KeyPair::serialized_der`) are outside our reach; the loaded key itself is wiped by
+// `PrivateKey` (ntp-dtls-proto, also zeroize).
 
 pub use ntp_dtls_proto::identity::{KeyKind, PrivateKey};

@@ -4,25 +4,21 @@
 //! Loadable: ECDSA P-256 and P-384 (PKCS#8 "PRIVATE KEY" or SEC1 "EC PRIVATE KEY"), RSA with a
 //! 2048- to 4096-bit modulus (PKCS#8 or PKCS#1 "RSA PRIVATE KEY"), all of which the engine signs
 //! handshakes with (ring; see `ntp_dtls_proto::engine::rtc`). Everything else is refused at
-//! start-up with the file named and the supported types listed. The structure checks stay in
-//! the hand-written DER reader of `super` (it already names every key type and curve in its
-//! refusals); this file adds the RSA and P-384 parts and the key generation.
+//! start-up with the file named and the supported types listed. Those load-time checks live in
+//! `load.rs`; this file has the key types and their generation.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_RSA_SHA256,
 };
 use rustls_pki_types::PrivatePkcs8KeyDer;
+use zeroize::Zeroizing;
 
-use ntp_dtls_proto::policy;
-
-use super::{
-    DEFAULT_CLIENT_NAME, FileKind, KeyKind, KeyProblem, PkiError, PrivateKey, SecretBytes, der,
-    leaf_params_for, oid, write_file,
-};
+use super::generate::{FileKind, leaf_params_for, write_file};
+use super::{DEFAULT_CLIENT_NAME, KeyKind, PkiError};
 
 /// A key `certs` can generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,73 +73,6 @@ pub(super) fn rcgen_algorithm(kind: KeyKind) -> &'static rcgen::SignatureAlgorit
         KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
         KeyKind::Rsa { .. } => &PKCS_RSA_SHA256,
     }
-}
-
-/// Has ring check what only it can (scalar range, the public key consistent with the private
-/// one, RSA's CRT parameters), so a broken key fails at start-up, not at the first handshake.
-pub(super) fn usable_key(
-    path: &Path,
-    kind: KeyKind,
-    mut pkcs8: SecretBytes,
-) -> Result<PrivateKey, PkiError> {
-    KeyPair::from_pkcs8_der_and_sign_algo(
-        &PrivatePkcs8KeyDer::from(pkcs8.0.as_slice()),
-        rcgen_algorithm(kind),
-    )
-    .map_err(|e| PkiError::MalformedKey {
-        path: path.to_path_buf(),
-        detail: format!("not a usable {kind} key: {e}"),
-    })?;
-    // Move the bytes out (the wrapper is left empty), rather than clone: one fewer copy of
-    // the key to wipe.
-    Ok(PrivateKey::from_pkcs8(kind, std::mem::take(&mut pkcs8.0)))
-}
-
-/// The size of a PKCS#1 RSAPrivateKey, refused outside the policy's 2048-4096 bits.
-///
-/// RSAPrivateKey ::= SEQUENCE { version INTEGER, modulus INTEGER, publicExponent INTEGER, ... }
-pub(super) fn rsa_kind(pkcs1: &[u8]) -> Result<KeyKind, KeyProblem> {
-    let mut outer = der::Reader::new(pkcs1);
-    let seq = outer.expect(der::SEQUENCE, "RSAPrivateKey SEQUENCE")?;
-    if !outer.is_empty() {
-        return Err(KeyProblem::Malformed(
-            "trailing data after RSAPrivateKey".into(),
-        ));
-    }
-    let mut r = der::Reader::new(seq);
-    let version = r.expect(der::INTEGER, "RSAPrivateKey version")?;
-    if version != [0] {
-        return Err(KeyProblem::Malformed(
-            "RSAPrivateKey version is not 0 (multi-prime keys are not supported)".into(),
-        ));
-    }
-    let modulus = r.expect(der::INTEGER, "RSAPrivateKey modulus")?;
-    let bits = policy::modulus_bits(modulus);
-    policy::rsa_kind(bits).map_err(|_| {
-        KeyProblem::Unsupported(format!(
-            "RSA keys of {bits} bits (the policy allows {} to {})",
-            policy::RSA_MIN_BITS,
-            policy::RSA_MAX_BITS
-        ))
-    })
-}
-
-/// Wraps a PKCS#1 RSAPrivateKey into PKCS#8 PrivateKeyInfo:
-/// SEQUENCE { INTEGER 0, SEQUENCE { rsaEncryption, NULL }, OCTET STRING pkcs1 }.
-pub(super) fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Result<(KeyKind, SecretBytes), KeyProblem> {
-    let kind = rsa_kind(pkcs1)?;
-    let alg_len = der::tlv_len(oid::RSA_ENCRYPTION.len()) + der::tlv_len(0);
-    let body_len = der::tlv_len(1) + der::tlv_len(alg_len) + der::tlv_len(pkcs1.len());
-    // Exact capacities: no reallocation leaves a stray copy of the key behind.
-    let mut body = SecretBytes(Vec::with_capacity(body_len));
-    der::push_tlv(&mut body.0, der::INTEGER, &[0])?;
-    der::push_header(&mut body.0, der::SEQUENCE, alg_len)?;
-    der::push_tlv(&mut body.0, der::OID, oid::RSA_ENCRYPTION)?;
-    der::push_tlv(&mut body.0, der::NULL, &[])?;
-    der::push_tlv(&mut body.0, der::OCTET_STRING, pkcs1)?;
-    let mut out = SecretBytes(Vec::with_capacity(der::tlv_len(body.0.len())));
-    der::push_tlv(&mut out.0, der::SEQUENCE, &body.0)?;
-    Ok((kind, out))
 }
 
 // ---------------------------------------------------------------------------
@@ -228,8 +157,8 @@ pub fn generate_request(req: &CsrRequest) -> Result<Vec<PathBuf>, PkiError> {
         path: req.out_dir.clone(),
         io,
     })?;
-    let key_pem = SecretBytes(key.serialize_pem().into_bytes());
-    write_file(&paths[0], &key_pem.0, FileKind::Secret, req.force)?;
+    let key_pem = Zeroizing::new(key.serialize_pem().into_bytes());
+    write_file(&paths[0], &key_pem, FileKind::Secret, req.force)?;
     write_file(
         &paths[1],
         csr_pem.as_bytes(),
@@ -244,6 +173,7 @@ mod tests {
     use super::*;
     use crate::pki::{LabPkiRequest, generate_lab_pki, load_certificates, load_private_key};
     use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
     use x509_parser::certification_request::X509CertificationRequest;
     use x509_parser::extensions::{GeneralName, ParsedExtension};
     use x509_parser::prelude::FromDer;

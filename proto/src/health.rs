@@ -112,6 +112,8 @@ pub enum Suspicion {
 #[derive(Debug, Clone, Copy)]
 struct Check {
     why: Suspicion,
+    /// When the check began.
+    started: Instant,
     sent: u32,
     /// When the next keepalive goes, or (all sent) when the check fails.
     next: Instant,
@@ -152,6 +154,7 @@ impl Health {
             acknowledges: false,
             check: Some(Check {
                 why: Suspicion::Discovery,
+                started: now,
                 sent: 0,
                 next: now,
             }),
@@ -243,6 +246,7 @@ impl Health {
         } else {
             self.check = Some(Check {
                 why,
+                started: now,
                 sent: 0,
                 next: now,
             });
@@ -268,6 +272,11 @@ impl Health {
         self.check
             .filter(|check| check.why != Suspicion::Discovery && check.sent > 0)
             .map(|check| check.sent)
+    }
+
+    /// When the check under way began, if one is.
+    pub fn check_started(&self) -> Option<Instant> {
+        self.check.map(|check| check.started)
     }
 
     /// What the association is being checked for, if it is.

@@ -659,3 +659,36 @@ fn a_replacement_started_for_a_slow_check_that_then_succeeds_costs_one_handshake
     assert_eq!(sim.tunnels[0].state(), TunnelState::Up);
     assert_eq!(sim.clients[&local(5000)].answered, 20, "no request lost");
 }
+
+#[test]
+fn a_replacement_refused_while_the_server_relay_restarts_is_retried_on_its_own_schedule() {
+    // The server relay is gone for 2 s (its port answers with ICMP errors), then back without
+    // its state. The check's replacement handshake is refused; the death that follows must
+    // not connect again at once (refused again) and then back off a second time.
+    let mut sim = up(HealthPolicy::default());
+    sim.poll(local(5000), 5, ms(200));
+    sim.restart_server(false);
+    let crashed = sim.now;
+    let mut recovered = None;
+    for i in 0..40 {
+        if i == 10 {
+            sim.restart_server(true);
+        }
+        sim.request(0, local(5000));
+        sim.run(ms(200));
+        if sim.established(0) == 2 && recovered.is_none() {
+            recovered = Some(sim.now - crashed);
+        }
+    }
+    let recovered = recovered.expect("a new association");
+    // The replacement is refused (the first ICMP error starts the check at once), the death
+    // retries on the replacement's schedule, and the server relay is back at 2 s: 2.2 s in
+    // this simulation. Connecting again at once at the death, refused, and backing off twice
+    // took 5.8 s.
+    assert!(recovered < ms(2600), "{recovered:?}");
+    assert!(
+        matches!(sim.closed(0).as_slice(), [reason] if reason.contains("keepalives")),
+        "{:?}",
+        sim.closed(0)
+    );
+}

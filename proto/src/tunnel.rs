@@ -270,6 +270,8 @@ pub struct Tunnel {
     connect_backoff: Backoff,
     /// Failed rekeys, apart: a rekey that fails must not delay the next reconnect.
     rekey_backoff: Backoff,
+    /// When the last rekey or replacement handshake failed.
+    next_failed_at: Option<Instant>,
     jitter: Jitter,
     /// The label of the last refusal, so a failing server is reported once, not every retry.
     last_failure: Option<&'static str>,
@@ -311,6 +313,7 @@ impl Tunnel {
             rekey_at: None,
             connect_backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
             rekey_backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
+            next_failed_at: None,
             jitter: Jitter(seed | 1),
             last_failure: None,
             refused: false,
@@ -917,6 +920,7 @@ impl Tunnel {
             Role::Next => {
                 let delay = self.rekey_backoff.next_delay(self.jitter.unit());
                 self.rekey_at = Some(now + delay);
+                self.next_failed_at = Some(now);
                 self.events.push_back(TunnelEvent::Refused {
                     peer,
                     failure,
@@ -995,6 +999,19 @@ impl Tunnel {
         let Some(peer) = self.peer() else {
             return;
         };
+        // A replacement made during this check that has already failed (the server relay
+        // refused it or is not there, e.g. still restarting): connecting again at once would
+        // meet the same, and back off twice; its retry, already scheduled, is the next attempt.
+        let check_started = self
+            .current()
+            .and_then(|a| a.health.as_ref())
+            .and_then(Health::check_started);
+        let replacement_retry = match (self.next_failed_at.take(), check_started, self.rekey_at) {
+            (Some(failed), Some(started), Some(retry)) if failed >= started && retry > now => {
+                Some(retry)
+            }
+            _ => None,
+        };
         self.stats.incr(Counter::AssociationsClosed);
         self.events.push_back(TunnelEvent::Closed {
             peer,
@@ -1014,7 +1031,9 @@ impl Tunnel {
         let delay = self.connect_backoff.next_delay(self.jitter.unit());
         self.candidates_fresh = self.config.server_addr.is_some();
         self.refused = false;
-        if first {
+        if let Some(retry) = replacement_retry {
+            self.retry_at = Some(retry.min(now + delay));
+        } else if first {
             self.connect(now);
         } else {
             self.retry_at = Some(now + delay);

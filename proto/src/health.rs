@@ -267,10 +267,14 @@ impl Health {
         self.acknowledges
     }
 
-    /// Keepalives of a check under way (not discovery) that none has answered yet.
-    pub fn unacknowledged_keepalives(&self) -> Option<u32> {
+    /// A check (not discovery) that has sent all its keepalives with none answered yet: how
+    /// many went. The condition for [`Verdict::Replace`], and for reporting the association
+    /// dead when its replacement takes over.
+    pub fn unanswered_check(&self, policy: &HealthPolicy) -> Option<u32> {
         self.check
-            .filter(|check| check.why != Suspicion::Discovery && check.sent > 0)
+            .filter(|check| {
+                check.why != Suspicion::Discovery && check.sent >= policy.probe_attempts.max(1)
+            })
             .map(|check| check.sent)
     }
 
@@ -322,9 +326,7 @@ impl Health {
                 } else {
                     return Verdict::Dead(DeathCause::NoAcknowledgement(check.sent));
                 }
-            } else if check.why != Suspicion::Discovery
-                && check.sent >= policy.probe_attempts.max(1)
-            {
+            } else if self.unanswered_check(policy).is_some() {
                 return Verdict::Replace;
             }
         }
@@ -458,7 +460,11 @@ mod tests {
                 Verdict::Replace
             };
             assert_eq!(h.verdict(t, &policy()), expected);
-            assert_eq!(h.unacknowledged_keepalives(), Some(sent));
+            assert_eq!(
+                h.unanswered_check(&policy()),
+                (sent == 3).then_some(3),
+                "only once all three have gone"
+            );
             t = h.next_deadline(&policy(), false);
         }
         assert_eq!(t, ms(t0, 10 + 750), "three keepalives 250 ms apart");

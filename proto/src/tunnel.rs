@@ -841,10 +841,11 @@ impl Tunnel {
             Role::Next => {
                 // A replacement made while the current association's check went unanswered:
                 // the old one is given up as dead, as its verdict would have.
+                let policy = &self.config.policy;
                 let unacknowledged = self
                     .current()
                     .and_then(|a| a.health.as_ref())
-                    .and_then(Health::unacknowledged_keepalives);
+                    .and_then(|health| health.unanswered_check(policy));
                 if let (Some(sent), Some(old_peer)) = (unacknowledged, self.peer()) {
                     self.stats.incr(Counter::AssociationsClosed);
                     self.events.push_back(TunnelEvent::Closed {
@@ -955,7 +956,7 @@ impl Tunnel {
                         health.keepalive_sent(now, &policy);
                         // The last keepalive of a check: no deadline comes before its wait
                         // ends, so the replacement is asked for now.
-                        replace = health.verdict(now, &policy) == Verdict::Replace;
+                        replace = health.unanswered_check(&policy).is_some();
                     }
                     self.stats.incr(Counter::Keepalives);
                     self.keepalives_sent = nonce;

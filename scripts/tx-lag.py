@@ -39,6 +39,20 @@ def ns(sec, nsec):
     return sec * 1_000_000_000 + nsec
 
 
+def stamp(sock, flags, kind):
+    """The first timestamp of control message `kind` on the next message, or None if none
+    is waiting."""
+    try:
+        _, anc, _, _ = sock.recvmsg(64, 512, flags | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    for level, got, data in anc:
+        if level == socket.SOL_SOCKET and got == kind:
+            sec, nsec = struct.unpack_from("qq", data, 0)
+            return ns(sec, nsec)
+    return None
+
+
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
@@ -74,23 +88,9 @@ def main():
         # receiver; both are read without blocking, a bounded number of times.
         for _ in range(20000):
             if t_tx is None:
-                try:
-                    _, anc, _, _ = tx.recvmsg(64, 512, MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-                    for level, kind, data in anc:
-                        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPING:
-                            sec, nsec = struct.unpack_from("qq", data, 0)
-                            t_tx = ns(sec, nsec)
-                except BlockingIOError:
-                    pass
+                t_tx = stamp(tx, MSG_ERRQUEUE, SCM_TIMESTAMPING)
             if t_rx is None:
-                try:
-                    _, anc, _, _ = rx.recvmsg(64, 512, socket.MSG_DONTWAIT)
-                    for level, kind, data in anc:
-                        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                            sec, nsec = struct.unpack_from("qq", data, 0)
-                            t_rx = ns(sec, nsec)
-                except BlockingIOError:
-                    pass
+                t_rx = stamp(rx, 0, SO_TIMESTAMPNS)
             if t_tx is not None and t_rx is not None:
                 break
             select.select([rx], [], [], 0.0001)

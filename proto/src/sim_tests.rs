@@ -27,6 +27,27 @@ fn up(policy: HealthPolicy) -> Sim {
     sim
 }
 
+/// A device polling every `interval`, `polls` times, from now (the crash): how long until
+/// tunnel 0 has made its second association. `before_poll(sim, i)` runs before poll `i`.
+fn time_to_replacement(
+    sim: &mut Sim,
+    polls: usize,
+    interval: Duration,
+    mut before_poll: impl FnMut(&mut Sim, usize),
+) -> Duration {
+    let crashed = sim.now;
+    let mut recovered = None;
+    for i in 0..polls {
+        before_poll(sim, i);
+        sim.request(0, local(5000));
+        sim.run(interval);
+        if sim.established(0) == 2 && recovered.is_none() {
+            recovered = Some(sim.now - crashed);
+        }
+    }
+    recovered.expect("a new association")
+}
+
 #[test]
 fn requests_from_many_local_clients_each_get_their_own_reply() {
     let mut sim = up(HealthPolicy::default());
@@ -88,16 +109,7 @@ fn a_server_relay_that_lost_its_state_is_found_dead_and_replaced_within_two_seco
     sim.poll(local(5000), 5, ms(500));
     // Crash and restart: the new server relay knows no association and drops its records.
     sim.restart_server(true);
-    let crashed = sim.now;
-    let mut recovered = None;
-    for _ in 0..60 {
-        sim.request(0, local(5000));
-        sim.run(ms(100));
-        if sim.established(0) == 2 && recovered.is_none() {
-            recovered = Some(sim.now - crashed);
-        }
-    }
-    let recovered = recovered.expect("a new association");
+    let recovered = time_to_replacement(&mut sim, 60, ms(100), |_, _| {});
     assert!(recovered < 2 * SECOND, "{recovered:?}");
     assert!(
         matches!(sim.closed(0).as_slice(), [reason] if reason.contains("keepalives")),
@@ -606,16 +618,7 @@ fn a_round_trip_inflated_before_a_crash_does_not_slow_the_death_verdict() {
     sim.latency = ms(1);
     sim.poll(local(5000), 5, ms(200));
     sim.restart_server(true);
-    let crashed = sim.now;
-    let mut recovered = None;
-    for _ in 0..40 {
-        sim.request(0, local(5000));
-        sim.run(ms(200));
-        if sim.established(0) == 2 && recovered.is_none() {
-            recovered = Some(sim.now - crashed);
-        }
-    }
-    let recovered = recovered.expect("a new association");
+    let recovered = time_to_replacement(&mut sim, 40, ms(200), |_, _| {});
     // Three requests unanswered with 1 s of grace, two keepalives 250 ms apart, then a
     // replacement handshake at once, beside the last keepalive's wait of twice the (still
     // inflated) round trip: about 1.6 s. Spacing all three keepalives by the round trip and
@@ -668,19 +671,11 @@ fn a_replacement_refused_while_the_server_relay_restarts_is_retried_on_its_own_s
     let mut sim = up(HealthPolicy::default());
     sim.poll(local(5000), 5, ms(200));
     sim.restart_server(false);
-    let crashed = sim.now;
-    let mut recovered = None;
-    for i in 0..40 {
+    let recovered = time_to_replacement(&mut sim, 40, ms(200), |sim, i| {
         if i == 10 {
             sim.restart_server(true);
         }
-        sim.request(0, local(5000));
-        sim.run(ms(200));
-        if sim.established(0) == 2 && recovered.is_none() {
-            recovered = Some(sim.now - crashed);
-        }
-    }
-    let recovered = recovered.expect("a new association");
+    });
     // The replacement is refused (the first ICMP error starts the check at once), the death
     // retries on the replacement's schedule, and the server relay is back at 2 s: 2.2 s in
     // this simulation. Connecting again at once at the death, refused, and backing off twice

@@ -292,8 +292,17 @@ fn flood(target: SocketAddr, hello: &[u8], hellos: u32, garbage: usize, seed: u6
 fn a_client_that_comes_back_on_the_same_port_after_a_crash_is_served() {
     let pki = Pki::generate(&["localhost"]);
     let server = start_server(&pki, "builtin", &[]);
-    let mut first =
-        DtlsTestClient::connect(server.addr, &pki.ca(), "localhost", None).expect("first");
+    // From an address of its own (127.0.0.31), not 127.0.0.1: between the crash and the comeback
+    // the port is free, and parallel tests binding 127.0.0.1:0 could take it (seen once in CI:
+    // "Address already in use").
+    let mut first = DtlsTestClient::connect_from(
+        SocketAddr::new(loopback_ip(31), 0),
+        server.addr,
+        &pki.ca(),
+        "localhost",
+        None,
+    )
+    .expect("first");
     let local = first.local_addr();
     first.send(&ntp_client_request(ntp_now()));
     assert!(first.recv(Duration::from_secs(2)).is_some());

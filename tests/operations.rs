@@ -7,7 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::relays::{Pki, start_client, start_server, start_server_on};
 use common::*;
@@ -36,6 +36,20 @@ fn scrape(addr: &str) -> String {
     .expect("status ran");
     assert!(out.status.success(), "{}", out.combined());
     out.stdout
+}
+
+/// The value of `name` at `addr` once it equals `want`, or its last value after 2 s. A relay
+/// counts a datagram after the sendmmsg that carried it, so a reply can reach the test before
+/// the counter moves: the counter is awaited, not read once.
+fn awaited_metric(addr: &str, name: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let value = metric(addr, name);
+        if value == want || Instant::now() >= deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A value of the Prometheus text served at `addr`, read over plain HTTP.
@@ -84,15 +98,19 @@ fn metrics_move_as_traffic_flows_and_status_summarises_them() {
         assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
     }
     assert_eq!(
-        metric(&server_metrics, "ntp_dtls_replies_delivered_total "),
+        awaited_metric(
+            &server_metrics,
+            "ntp_dtls_replies_delivered_total ",
+            before + 3.0
+        ),
         before + 3.0
     );
     assert_eq!(
-        metric(&client_metrics, "ntp_dtls_requests_forwarded_total "),
+        awaited_metric(&client_metrics, "ntp_dtls_requests_forwarded_total ", 3.0),
         3.0
     );
     assert_eq!(
-        metric(&client_metrics, "ntp_dtls_replies_delivered_total "),
+        awaited_metric(&client_metrics, "ntp_dtls_replies_delivered_total ", 3.0),
         3.0
     );
     assert_eq!(

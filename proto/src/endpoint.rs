@@ -34,7 +34,7 @@ use crate::admission::{Admission, AuditLimiter, Expiry, Limits, Refusal};
 use crate::engine::{
     DtlsEngine, Engine, Event, Failure, PeerIdentity, ServerSettings, SettingsError,
 };
-use crate::forward::{Forward, ReplyStamp};
+use crate::forward::{Departing, Departure, Forward, ReplyStamp};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::stats::{Counter, RttGauge, Stats};
 
@@ -79,6 +79,9 @@ pub struct Transmit {
     /// ClientHello was sent to); None when the shell did not say, or to the time server: the
     /// kernel's choice.
     pub local: Option<IpAddr>,
+    /// On a forwarded request or a reply: to be reported with the datagram's kernel transmit
+    /// timestamp ([`Endpoint::departed`]).
+    pub departure: Option<Departure>,
 }
 
 /// Whether an event deserves its audit line now: refusals from the open network are capped,
@@ -371,14 +374,22 @@ impl Endpoint {
     /// time is not taken before a system call it then waits behind.
     pub fn poll_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
         let request = self.to_time_server.pop_front()?;
-        self.forward.request_sent(now, wall, request.transmit);
+        let departure = self.forward.request_sent(now, wall, request.transmit);
         self.upstream_asked(now);
         Some(Transmit {
             destination: Destination::TimeServer,
             datagram: request.datagram,
             ntp: true,
             local: None,
+            departure: Some(departure),
         })
+    }
+
+    /// A datagram sent for a [`Transmit`]'s `departure` left at `transmitted` (its kernel
+    /// transmit timestamp, checked by the shell to lie between the departure's clock read and
+    /// the end of the send): see [`Forward::departed`].
+    pub fn departed(&mut self, departure: &Departure, transmitted: SystemTime) -> bool {
+        self.forward.departed(departure, transmitted)
     }
 
     /// The next datagram to send. `wall` is read by the shell right before the call: a reply
@@ -398,8 +409,8 @@ impl Endpoint {
                     mut datagram,
                     stamp,
                 } => {
-                    self.forward.reply_sent(now, wall, &mut datagram, &stamp);
-                    self.send_reply(now, peer, &datagram);
+                    let sent = self.forward.reply_sent(now, wall, &mut datagram, &stamp);
+                    self.send_reply(now, peer, &datagram, sent.departure);
                 }
                 ToPeer::Builtin {
                     peer,
@@ -410,15 +421,23 @@ impl Endpoint {
                         TimeSource::Builtin(source) => source,
                         TimeSource::Forward => continue,
                     };
+                    // T3 at the wire: the clock read plus the send lag of earlier replies.
+                    let departure = Departure {
+                        read: wall,
+                        what: Departing::Reply {
+                            received,
+                            corrected_receive: None,
+                        },
+                    };
                     match source.reply(
                         &request,
                         NtpTimestamp::from_system_time(received),
-                        NtpTimestamp::from_system_time(wall),
+                        NtpTimestamp::from_system_time(self.forward.predicted_departure(wall)),
                     ) {
                         Ok(reply) => {
                             // Answered in-process: the builtin time source's "forwarding".
                             self.stats.incr(Counter::RequestsForwarded);
-                            self.send_reply(now, peer, &reply)
+                            self.send_reply(now, peer, &reply, departure)
                         }
                         Err(rejection) => self.stats.incr(rejection.into()),
                     }
@@ -494,7 +513,13 @@ impl Endpoint {
         }
     }
 
-    fn send_reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
+    fn send_reply(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        departure: Departure,
+    ) {
         match self.engine.send(now, peer, datagram) {
             // No admission.activity here: idleness is the peer's silence, and its request
             // has just counted.
@@ -505,6 +530,7 @@ impl Endpoint {
                         local: self.local_of(transmit.peer),
                         datagram: transmit.datagram,
                         ntp: true,
+                        departure: Some(departure),
                     });
                 }
             }
@@ -540,6 +566,7 @@ impl Endpoint {
                 local: self.local_of(transmit.peer),
                 datagram: transmit.datagram,
                 ntp: false,
+                departure: None,
             });
         }
     }

@@ -8,11 +8,15 @@
 //! - a request: NTP checks ([`ntp::check_request`]), then remembered in the [`PendingTable`]
 //!   under its transmit timestamp (and, for chronyd's interleaved mode, its receive field);
 //! - it leaves: [`Forward::request_sent`] notes when, for the round trip and the residence time;
+//!   once the kernel says when it really went ([`Forward::departed`], its transmit timestamp),
+//!   that time replaces the clock read;
 //! - its reply: NTP checks, then matched by origin to the request and its requester; the round
 //!   trip sampled;
 //! - the reply leaves: [`Forward::reply_sent`], right before it goes on: its receive and
 //!   transmit timestamps are corrected for the time the exchange spent in this relay
-//!   ([`crate::residence`]), unless that cannot be done safely.
+//!   ([`crate::residence`]), unless that cannot be done safely. Its departure is predicted: the
+//!   clock read plus the send lag the kernel's transmit timestamps showed on earlier replies
+//!   ([`SendLag`]); the real one, once known, refines what an interleaved reply will use.
 //!
 //! A request whose origin is a receive timestamp this relay corrected (chronyd's interleaved
 //! mode) gets the original back before it goes on, so the time server recognises it.
@@ -28,7 +32,7 @@ use tracing::debug;
 use crate::ntp::{self, ReplyView, RequestView};
 use crate::pending::{Matched, PendingTable};
 use crate::residence::{
-    self, Direction, Observer, Outcome, Residences, Translation, Translations, Unchanged,
+    self, Direction, Observer, Outcome, Residences, SendLag, Translation, Translations, Unchanged,
 };
 use crate::stats::{Counter, RttGauge, Stats};
 
@@ -63,6 +67,34 @@ pub struct ReplyStamp {
     pub matched: Matched,
 }
 
+/// A datagram of this path on its way out, for the shell to report back with the kernel's
+/// transmit timestamp ([`Forward::departed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Departure {
+    /// The clock read it was stamped with: its transmit timestamp cannot be earlier.
+    pub read: SystemTime,
+    pub what: Departing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departing {
+    /// A request, by its transmit timestamp (the pending table's key).
+    Request { transmit: u64 },
+    /// A reply received at `received`; `corrected_receive` is the receive timestamp this
+    /// relay wrote into it, under which its translation for an interleaved request is kept.
+    Reply {
+        received: SystemTime,
+        corrected_receive: Option<ntp::NtpTimestamp>,
+    },
+}
+
+/// What [`Forward::reply_sent`] did to a reply, and how to report its departure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplySent {
+    pub outcome: Outcome,
+    pub departure: Departure,
+}
+
 pub struct Forward<A> {
     pending: PendingTable<A, Exchange>,
     stats: Arc<Stats>,
@@ -70,6 +102,8 @@ pub struct Forward<A> {
     /// Whether replies' timestamps are corrected for the residence here (on by default).
     correction: bool,
     translations: Translations,
+    /// Clock read -> kernel transmit timestamp, measured on this path's replies.
+    reply_lag: SendLag,
     observer: Option<Arc<dyn Observer>>,
 }
 
@@ -82,6 +116,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             rtt,
             correction: true,
             translations: Translations::default(),
+            reply_lag: SendLag::default(),
             observer: None,
         }
     }
@@ -147,12 +182,64 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         Some(request)
     }
 
-    /// The request keyed `transmit` leaves now (`wall` read right before it is sent).
-    pub fn request_sent(&mut self, now: Instant, wall: SystemTime, transmit: u64) {
+    /// The request keyed `transmit` leaves now (`wall` read right before it is sent). The
+    /// departure is for the shell to report with the kernel's transmit timestamp.
+    pub fn request_sent(&mut self, now: Instant, wall: SystemTime, transmit: u64) -> Departure {
         if let Some(exchange) = self.pending.value_mut(transmit) {
             exchange.request_tx = Some(wall);
             exchange.sent = Some(now);
         }
+        Departure {
+            read: wall,
+            what: Departing::Request { transmit },
+        }
+    }
+
+    /// A datagram of this path left at `transmitted` (the kernel's transmit timestamp; the
+    /// shell has checked it lies between the clock read and the end of the send). A request's
+    /// departure becomes exact; a reply's lag teaches the prediction for the next replies, and
+    /// its real residence replaces the predicted one for the interleaved reply that will carry
+    /// its transmit time. False when nothing was left to update (the reply came back first,
+    /// an unbelievable lag).
+    pub fn departed(&mut self, departure: &Departure, transmitted: SystemTime) -> bool {
+        match departure.what {
+            Departing::Request { transmit } => match self.pending.value_mut(transmit) {
+                Some(exchange) if exchange.request_tx == Some(departure.read) => {
+                    exchange.request_tx = Some(transmitted);
+                    true
+                }
+                _ => false,
+            },
+            Departing::Reply {
+                received,
+                corrected_receive,
+            } => {
+                let predicted = self.reply_lag.predict();
+                if !self.reply_lag.observe(departure.read, transmitted) {
+                    return false;
+                }
+                debug!(
+                    lag_ns = transmitted
+                        .duration_since(departure.read)
+                        .map_or(0, |d| d.as_nanos() as u64),
+                    predicted_ns = predicted.as_nanos() as u64,
+                    "reply departure measured (kernel transmit timestamp)"
+                );
+                if let (Some(corrected), Ok(residence)) = (
+                    corrected_receive,
+                    residence::residence(received, transmitted),
+                ) {
+                    self.translations.refine(corrected, residence);
+                }
+                true
+            }
+        }
+    }
+
+    /// When a reply finished now (`wall`) will be on the wire: the clock read plus the send
+    /// lag measured on earlier replies.
+    pub fn predicted_departure(&self, wall: SystemTime) -> SystemTime {
+        wall + self.reply_lag.predict()
     }
 
     /// A reply received at `rx`: checked and matched to its request. Returns where it goes,
@@ -185,22 +272,24 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
     }
 
     /// The reply leaves now (`wall` read right before it is sent): its receive and transmit
-    /// timestamps are corrected for this relay's residence, or left as they are (see
-    /// [`crate::residence`]). Returns what was done, also reported to the observer.
+    /// timestamps are corrected for this relay's residence up to its predicted departure, or
+    /// left as they are (see [`crate::residence`]). Returns what was done (also reported to
+    /// the observer) and the departure for the shell to report.
     pub fn reply_sent(
         &mut self,
         now: Instant,
         wall: SystemTime,
         datagram: &mut [u8],
         stamp: &ReplyStamp,
-    ) -> Outcome {
+    ) -> ReplySent {
         let exchange = &stamp.exchange;
         let request = exchange
             .request_tx
             .map_or(Err(Unchanged::UnknownResidence), |tx| {
                 residence::residence(exchange.request_rx, tx)
             });
-        let reply = residence::residence(stamp.reply_rx, wall);
+        let reply = residence::residence(stamp.reply_rx, self.predicted_departure(wall));
+        let mut corrected_receive = None;
         if let Some(observer) = &self.observer {
             if let Ok(r) = request {
                 observer.residence(Direction::Request, r.as_secs_f64());
@@ -222,6 +311,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             };
             match residence::correct(datagram, &residences) {
                 Ok(correction) => {
+                    corrected_receive = Some(correction.rewritten.receive_after);
                     if let Ok(reply) = reply {
                         self.translations.insert(
                             now,
@@ -247,7 +337,16 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         if let Some(observer) = &self.observer {
             observer.outcome(outcome);
         }
-        outcome
+        ReplySent {
+            outcome,
+            departure: Departure {
+                read: wall,
+                what: Departing::Reply {
+                    received: stamp.reply_rx,
+                    corrected_receive,
+                },
+            },
+        }
     }
 
     /// Forgets requests whose reply is overdue; returns how many (counted).

@@ -41,6 +41,57 @@ pub const TRANSLATION_CAPACITY: usize = 16_384;
 /// room to spare. A client polling less often is answered in basic mode.
 pub const TRANSLATION_TTL: Duration = Duration::from_secs(4096);
 
+/// Longest send lag believed: from the clock read a datagram was stamped with to the kernel's
+/// transmit timestamp of it. A relay hands a datagram to the kernel within microseconds of
+/// stamping it; more means the clock was stepped, or the timestamp is another datagram's.
+pub const MAX_SEND_LAG: Duration = Duration::from_millis(10);
+
+/// Send lags remembered by [`SendLag`].
+const SEND_LAG_SAMPLES: usize = 15;
+
+/// How long a relay's datagrams take from the clock read they are stamped with to the wire,
+/// measured on its earlier datagrams (kernel transmit timestamps), so that a reply, whose
+/// departure must be written into the reply before it leaves, can be stamped with its
+/// predicted departure rather than the moment it was finished. The prediction is the median
+/// of the last few lags: one datagram that waited behind a busy CPU does not move it.
+#[derive(Debug, Clone, Default)]
+pub struct SendLag {
+    /// Lags in nanoseconds, a ring of the last [`SEND_LAG_SAMPLES`].
+    samples: [u32; SEND_LAG_SAMPLES],
+    len: usize,
+    next: usize,
+}
+
+impl SendLag {
+    /// One measured lag: the kernel's transmit timestamp minus the clock read. Lags outside
+    /// 0 to [`MAX_SEND_LAG`] are not believed; false for those.
+    pub fn observe(&mut self, read: SystemTime, transmitted: SystemTime) -> bool {
+        let Ok(lag) = transmitted.duration_since(read) else {
+            return false;
+        };
+        if lag > MAX_SEND_LAG {
+            return false;
+        }
+        // At most 10 ms: fits.
+        self.samples[self.next] = lag.as_nanos() as u32;
+        self.next = (self.next + 1) % SEND_LAG_SAMPLES;
+        self.len = (self.len + 1).min(SEND_LAG_SAMPLES);
+        true
+    }
+
+    /// The lag to expect for the next datagram: zero until one was measured.
+    pub fn predict(&self) -> Duration {
+        if self.len == 0 {
+            return Duration::ZERO;
+        }
+        let mut sorted = self.samples;
+        let window = &mut sorted[..self.len];
+        let middle = self.len / 2;
+        let (_, median, _) = window.select_nth_unstable(middle);
+        Duration::from_nanos(u64::from(*median))
+    }
+}
+
 /// Which way a datagram crosses the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -249,6 +300,14 @@ impl Translations {
             return None;
         }
         self.map.get(&corrected.0).map(|entry| entry.translation)
+    }
+
+    /// Replaces the reply residence remembered with `corrected` by a better measurement (the
+    /// reply's kernel transmit timestamp, known only once it has left).
+    pub fn refine(&mut self, corrected: NtpTimestamp, reply_residence: Duration) {
+        if let Some(entry) = self.map.get_mut(&corrected.0) {
+            entry.translation.reply_residence = reply_residence;
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -307,7 +307,7 @@ impl Sim {
                     self.send(socket, peer, datagram.to_vec());
                 }
             }
-            Action::Deliver { to, datagram } => {
+            Action::Deliver { to, datagram, .. } => {
                 let reply = ntp::check_reply(&datagram).expect("a valid reply");
                 let client = self.clients.entry(to).or_default();
                 match self.outstanding.remove(&reply.origin.0) {

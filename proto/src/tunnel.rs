@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 use crate::admission::{AuditLimiter, HandshakeGuard, HandshakeLimits, Side};
 use crate::backoff::Backoff;
 use crate::engine::{ClientSettings, DtlsEngine, Engine, Event, Failure, PeerIdentity};
-use crate::forward::{Forward, ReplyStamp};
+use crate::forward::{Departure, Forward, ReplyStamp};
 use crate::health::{DeathCause, Health, HealthPolicy, Verdict};
 use crate::ntp;
 use crate::stats::{Counter, RttGauge, Stats};
@@ -108,13 +108,20 @@ pub enum Action {
     Open { id: AssociationId, peer: SocketAddr },
     /// Send a datagram on association `id`'s socket. `ntp` marks a forwarded NTP request (the
     /// rest is handshake, keepalive and alert traffic), for the shell's counters.
+    /// `departure`, on a forwarded request, is to be reported with the datagram's kernel
+    /// transmit timestamp ([`Tunnel::departed`]).
     Send {
         id: AssociationId,
         datagram: BytesMut,
         ntp: bool,
+        departure: Option<Departure>,
     },
-    /// Send a reply to the local client at `to`.
-    Deliver { to: SocketAddr, datagram: BytesMut },
+    /// Send a reply to the local client at `to`; report `departure` as for `Send`.
+    Deliver {
+        to: SocketAddr,
+        datagram: BytesMut,
+        departure: Departure,
+    },
     /// Close association `id`'s socket: nothing more will be sent on it.
     Close { id: AssociationId },
 }
@@ -630,13 +637,22 @@ impl Tunnel {
                 continue;
             }
             let mut reply = self.replies.pop_front()?;
-            self.forward
+            let sent = self
+                .forward
                 .reply_sent(now, wall, &mut reply.datagram, &reply.stamp);
             return Some(Action::Deliver {
                 to: reply.to,
                 datagram: reply.datagram,
+                departure: sent.departure,
             });
         }
+    }
+
+    /// A datagram sent for an action's `departure` left at `transmitted` (its kernel transmit
+    /// timestamp, checked by the shell to lie between the departure's clock read and the end
+    /// of the send): see [`Forward::departed`].
+    pub fn departed(&mut self, departure: &Departure, transmitted: SystemTime) -> bool {
+        self.forward.departed(departure, transmitted)
     }
 
     pub fn poll_event(&mut self) -> Option<TunnelEvent> {
@@ -1070,9 +1086,9 @@ impl Tunnel {
             return;
         };
         let (id, peer) = (association.id, association.peer);
-        self.forward.request_sent(now, wall, request.transmit);
+        let departure = self.forward.request_sent(now, wall, request.transmit);
         match association.engine.send(now, peer, &request.datagram) {
-            Ok(()) => self.drain_engine(id, true),
+            Ok(()) => self.drain_engine_departing(id, true, Some(departure)),
             Err(error) => {
                 self.stats.incr(Counter::DropNoAssociation);
                 debug!(tunnel = %self.config.name, %error, "request dropped");
@@ -1082,6 +1098,16 @@ impl Tunnel {
 
     /// Queues what association `id`'s engine has to send.
     fn drain_engine(&mut self, id: AssociationId, ntp: bool) {
+        self.drain_engine_departing(id, ntp, None);
+    }
+
+    /// Likewise, each datagram tagged with a request's `departure`.
+    fn drain_engine_departing(
+        &mut self,
+        id: AssociationId,
+        ntp: bool,
+        departure: Option<Departure>,
+    ) {
         let Some(association) = self.associations.iter_mut().find(|a| a.id == id) else {
             return;
         };
@@ -1090,6 +1116,7 @@ impl Tunnel {
                 id,
                 datagram: transmit.datagram,
                 ntp,
+                departure,
             });
         }
     }

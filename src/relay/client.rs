@@ -216,10 +216,15 @@ impl TunnelTask {
         let mut tunnel = Tunnel::new(config, Instant::now(), obs.stats.clone(), rtt, seed);
         tunnel.set_timestamp_observer(TimestampMetrics::new(obs.clone()));
         tunnel.set_timestamp_correction(obs.timestamp_correction());
+        let mut local = bound.local;
+        if let Err(e) = local.enable_tx_timestamps() {
+            warn!(tunnel = %s.name, error = %e,
+                "no kernel transmit timestamps: replies' departures are clock reads");
+        }
         TunnelTask {
             index,
             tunnel,
-            local: bound.local,
+            local,
             to_local: SendQueue::default(),
             sockets: Vec::with_capacity(3),
             resolving: None,
@@ -336,18 +341,30 @@ impl TunnelTask {
                         .tunnel
                         .open_failed(Instant::now(), id, &format!("{peer}: {e}")),
                 },
-                Action::Send { id, datagram, ntp } => {
+                Action::Send {
+                    id,
+                    datagram,
+                    ntp,
+                    departure,
+                } => {
                     if let Some(socket) = self.sockets.iter_mut().find(|s| s.id == id) {
-                        socket.outgoing.push_tagged(None, datagram, ntp);
+                        socket
+                            .outgoing
+                            .push_departing(None, None, datagram, ntp, departure);
                     }
                 }
-                Action::Deliver { to, datagram } => {
-                    self.to_local.push_tagged(Some(to), datagram, true)
-                }
+                Action::Deliver {
+                    to,
+                    datagram,
+                    departure,
+                } => self
+                    .to_local
+                    .push_departing(Some(to), None, datagram, true, Some(departure)),
                 Action::Close { id } => {
                     if let Some(position) = self.sockets.iter().position(|s| s.id == id) {
                         let mut closing = self.sockets.remove(position);
                         self.flush_socket_of(&mut closing);
+                        report_departures(&mut self.tunnel, &mut closing.outgoing);
                     }
                 }
             }
@@ -377,6 +394,7 @@ impl TunnelTask {
             if self.flush_socket_of(socket) {
                 unreachable.push(socket.id);
             }
+            report_departures(&mut self.tunnel, &mut socket.outgoing);
         }
         self.sockets = sockets;
         // A pending ICMP error the send path took from the socket: the receive path will not
@@ -394,6 +412,7 @@ impl TunnelTask {
                 debug!(tunnel = %self.tunnel.name(), error = %e, failed = flushed.failed,
                     "replies not delivered");
             }
+            report_departures(&mut self.tunnel, &mut self.to_local);
         }
         told
     }
@@ -484,6 +503,13 @@ impl TunnelTask {
     }
 }
 
+/// Tells the tunnel when its datagrams really left (their kernel transmit timestamps).
+fn report_departures(tunnel: &mut Tunnel, queue: &mut SendQueue) {
+    for (departure, transmitted) in queue.departed() {
+        tunnel.departed(&departure, transmitted);
+    }
+}
+
 /// A socket for one association: a fresh ephemeral port, connected to the server relay, so
 /// that only its datagrams (and ICMP errors about it) arrive there.
 fn open_socket(peer: SocketAddr) -> std::io::Result<DatagramSocket> {
@@ -492,8 +518,11 @@ fn open_socket(peer: SocketAddr) -> std::io::Result<DatagramSocket> {
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    let socket = DatagramSocket::bind(SocketAddr::new(bind, 0))?;
+    let mut socket = DatagramSocket::bind(SocketAddr::new(bind, 0))?;
     socket.connect(peer)?;
+    if let Err(e) = socket.enable_tx_timestamps() {
+        debug!(%peer, error = %e, "no kernel transmit timestamps: requests' departures are clock reads");
+    }
     Ok(socket)
 }
 

@@ -273,7 +273,10 @@ impl Worker {
         obs: Arc<Observatory>,
         settings: watch::Receiver<Option<Arc<ServerSettings>>>,
     ) -> anyhow::Result<Worker> {
-        let socket = DatagramSocket::from_std(socket).context("cannot register the socket")?;
+        let mut socket = DatagramSocket::from_std(socket).context("cannot register the socket")?;
+        if let Err(e) = socket.enable_tx_timestamps() {
+            warn!(error = %e, "no kernel transmit timestamps: replies' departures are clock reads");
+        }
         let wildcard = socket
             .local_addr()
             .context("cannot read the socket's address")?
@@ -286,8 +289,12 @@ impl Worker {
                 } else {
                     Ipv6Addr::UNSPECIFIED.into()
                 };
-                let upstream = DatagramSocket::bind(SocketAddr::new(bind, 0))
+                let mut upstream = DatagramSocket::bind(SocketAddr::new(bind, 0))
                     .context("cannot open the upstream socket")?;
+                if let Err(e) = upstream.enable_tx_timestamps() {
+                    warn!(error = %e,
+                        "no kernel transmit timestamps: requests' departures are clock reads");
+                }
                 upstream
                     .connect(addr)
                     .with_context(|| format!("cannot use upstream {addr}"))?;
@@ -390,8 +397,13 @@ impl Worker {
             .endpoint
             .poll_request(Instant::now(), SystemTime::now())
         {
-            self.to_time_server
-                .push_tagged(None, request.datagram, request.ntp);
+            self.to_time_server.push_departing(
+                None,
+                None,
+                request.datagram,
+                request.ntp,
+                request.departure,
+            );
         }
         self.flush_time_server();
         // Read right before each datagram is finished (a reply stamped and encrypted).
@@ -400,14 +412,18 @@ impl Worker {
             datagram,
             ntp,
             local,
+            departure,
         }) = self
             .endpoint
             .poll_transmit(Instant::now(), SystemTime::now())
         {
             match destination {
-                Destination::TimeServer => self.to_time_server.push_tagged(None, datagram, ntp),
+                Destination::TimeServer => self
+                    .to_time_server
+                    .push_departing(None, None, datagram, ntp, departure),
                 Destination::Peer(peer) => {
-                    self.to_peers.push_from(Some(peer), local, datagram, ntp)
+                    self.to_peers
+                        .push_departing(Some(peer), local, datagram, ntp, departure)
                 }
             }
         }
@@ -419,6 +435,7 @@ impl Worker {
                 stats.add(Counter::DropDeliveryFailed, flushed.failed as u64);
                 debug!(error = %e, failed = flushed.failed, "send failed");
             }
+            report_departures(&mut self.endpoint, &mut self.to_peers);
         }
         self.flush_time_server();
         while let Some(event) = self.endpoint.poll_event() {
@@ -448,6 +465,7 @@ impl Worker {
                     stats.add(Counter::DropUpstreamError, flushed.failed as u64);
                     debug!(error = %e, failed = flushed.failed, "requests not forwarded");
                 }
+                report_departures(&mut self.endpoint, &mut self.to_time_server);
             }
         }
     }
@@ -514,4 +532,11 @@ fn record_server_certificates(
         certificates.push(("client_ca".into(), root.as_ref()));
     }
     obs.set_certificates(&certificates);
+}
+
+/// Tells the endpoint when its datagrams really left (their kernel transmit timestamps).
+fn report_departures(endpoint: &mut Endpoint, queue: &mut SendQueue) {
+    for (departure, transmitted) in queue.departed() {
+        endpoint.departed(&departure, transmitted);
+    }
 }

@@ -27,18 +27,28 @@
 //! queued datagram may name its source address ([`SendQueue::push_from`]), sent as an
 //! IP_PKTINFO / IPV6_PKTINFO control message: a socket bound to a wildcard address answers
 //! from the address the peer sent to, as chronyd does.
+//!
+//! A relay socket that carries NTP may also ask for kernel transmit timestamps
+//! ([`DatagramSocket::enable_tx_timestamps`]: SO_TIMESTAMPING, software, one per datagram, keyed
+//! by the socket's OPT_ID counter, without the datagram). [`SendQueue::flush`] reads them from
+//! the error queue right after it sends (on loopback and most drivers they are there before
+//! `sendmmsg` returns) and hands back, for each datagram queued with a [`Departure`], when it
+//! really left ([`SendQueue::departed`]). The error queue is drained on every flush, so it never
+//! holds more than one batch's timestamps (they count against the receive buffer).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
-    sendmmsg, setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, TimestampingFlag,
+    recvmmsg, sendmmsg, setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
+use ntp_dtls_proto::forward::Departure;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -57,6 +67,8 @@ pub struct DatagramSocket {
     io: AsyncFd<std::net::UdpSocket>,
     /// Which scratch headers its receives use (see [`RECV_HEADERS_V4`]).
     ipv6: bool,
+    /// Kernel transmit timestamps are on ([`DatagramSocket::enable_tx_timestamps`]).
+    tx_timestamps: bool,
 }
 
 impl DatagramSocket {
@@ -75,7 +87,35 @@ impl DatagramSocket {
         // deregistered it, drops it. So the safe call is sound here, and we write no `unsafe`.
         #[allow(deprecated)]
         let io = AsyncFd::with_interest(socket, Interest::READABLE)?;
-        Ok(DatagramSocket { io, ipv6 })
+        Ok(DatagramSocket {
+            io,
+            ipv6,
+            tx_timestamps: false,
+        })
+    }
+
+    /// Asks the kernel for a software transmit timestamp of every datagram sent from now on,
+    /// on the error queue, keyed by a counter from 0, without the datagram (OPT_ID, OPT_TSONLY).
+    /// Receive timestamps stay SO_TIMESTAMPNS only (OPT_RX_FILTER, where the kernel knows it:
+    /// 5.18 and later; before, receives carry SO_TIMESTAMPING's copy too, which
+    /// [`RecvBatch`] has room for). Only for sockets whose every send goes through
+    /// [`SendQueue::flush`], which drains the error queue. Must be called before the first send.
+    pub fn enable_tx_timestamps(&mut self) -> io::Result<()> {
+        let base = TimestampingFlag::SOF_TIMESTAMPING_TX_SOFTWARE
+            | TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE
+            | TimestampingFlag::SOF_TIMESTAMPING_OPT_ID
+            | TimestampingFlag::SOF_TIMESTAMPING_OPT_TSONLY;
+        let filtered =
+            base | TimestampingFlag::from_bits_retain(nix::libc::SOF_TIMESTAMPING_OPT_RX_FILTER);
+        let socket = self.io.get_ref();
+        setsockopt(socket, sockopt::Timestamping, &filtered)
+            .or_else(|_| setsockopt(socket, sockopt::Timestamping, &base))?;
+        self.tx_timestamps = true;
+        Ok(())
+    }
+
+    pub fn tx_timestamps(&self) -> bool {
+        self.tx_timestamps
     }
 
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
@@ -326,7 +366,8 @@ fn socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
         .map(|v6| SocketAddr::V6((*v6).into()))
 }
 
-/// Datagrams waiting to go out on one socket, sent together by [`SendQueue::flush`].
+/// Datagrams waiting to go out on one socket, sent together by [`SendQueue::flush`]. One queue
+/// serves one socket for its whole life (it counts the socket's transmit timestamp keys).
 pub struct SendQueue {
     /// Destination (None on a connected socket) and datagram.
     queued: Vec<(Option<SocketAddr>, bytes::BytesMut)>,
@@ -336,6 +377,9 @@ pub struct SendQueue {
     /// The source address each is sent from (IP_PKTINFO / IPV6_PKTINFO); None: the kernel's
     /// choice (the bound address, or on a wildcard socket the route's preferred source).
     sources: Vec<Option<IpAddr>>,
+    /// What to report when each leaves (see [`SendQueue::departed`]).
+    departures: Vec<Option<Departure>>,
+    stamps: TxStamps,
 }
 
 impl Default for SendQueue {
@@ -344,6 +388,65 @@ impl Default for SendQueue {
             queued: Vec::with_capacity(BATCH),
             tagged: Vec::with_capacity(BATCH),
             sources: Vec::with_capacity(BATCH),
+            departures: Vec::with_capacity(BATCH),
+            stamps: TxStamps::default(),
+        }
+    }
+}
+
+/// Matches a socket's kernel transmit timestamps to the datagrams sent with a departure. The
+/// kernel numbers every datagram the socket sends, from 0 (OPT_ID); so does this, for each one
+/// a send call took. Should the two counts part (a kernel that numbered a send it then failed),
+/// the first timestamp numbered beyond this count puts it right, and a datagram whose
+/// timestamp went missing is given up when a later one comes.
+#[derive(Default)]
+struct TxStamps {
+    next_key: u32,
+    /// (key, departure) of datagrams sent and not yet timestamped, oldest first.
+    in_flight: VecDeque<(u32, Departure)>,
+    /// Departures whose datagram's timestamp came, with it, for the caller.
+    departed: Vec<(Departure, SystemTime)>,
+}
+
+/// Sent datagrams waiting for their timestamp, at most: a few batches.
+const MAX_IN_FLIGHT: usize = 4 * BATCH;
+
+impl TxStamps {
+    fn sent(&mut self, departure: Option<Departure>) {
+        let key = self.next_key;
+        self.next_key = self.next_key.wrapping_add(1);
+        if let Some(departure) = departure {
+            if self.in_flight.len() >= MAX_IN_FLIGHT {
+                self.in_flight.pop_front();
+            }
+            self.in_flight.push_back((key, departure));
+        }
+    }
+
+    /// The kernel's timestamp `transmitted` of datagram `key`; `now` was read after the send
+    /// returned, so a timestamp later than it (or earlier than the clock read the datagram was
+    /// stamped with) is not this datagram's and is not used.
+    fn stamped(&mut self, key: u32, transmitted: SystemTime, now: SystemTime) {
+        // Keys compare modulo 2^32: "before" is less than half the counter's range behind.
+        let before = |a: u32, b: u32| (a.wrapping_sub(b) as i32) < 0;
+        if !before(key, self.next_key) {
+            // Numbered beyond what was sent: the counts parted; trust the kernel's.
+            self.next_key = key.wrapping_add(1);
+            self.in_flight.clear();
+            return;
+        }
+        while let Some(&(front, departure)) = self.in_flight.front() {
+            if before(front, key) {
+                self.in_flight.pop_front();
+                continue;
+            }
+            if front == key {
+                self.in_flight.pop_front();
+                if departure.read <= transmitted && transmitted <= now {
+                    self.departed.push((departure, transmitted));
+                }
+            }
+            break;
         }
     }
 }
@@ -386,9 +489,30 @@ impl SendQueue {
         datagram: bytes::BytesMut,
         tagged: bool,
     ) {
+        self.push_departing(destination, source, datagram, tagged, None);
+    }
+
+    /// Queues a datagram as [`SendQueue::push_from`] does, whose departure is reported back
+    /// with its transmit timestamp (where the socket has them) by [`SendQueue::departed`].
+    pub fn push_departing(
+        &mut self,
+        destination: Option<SocketAddr>,
+        source: Option<IpAddr>,
+        datagram: bytes::BytesMut,
+        tagged: bool,
+        departure: Option<Departure>,
+    ) {
         self.queued.push((destination, datagram));
         self.tagged.push(tagged);
         self.sources.push(source);
+        self.departures.push(departure);
+    }
+
+    /// The departures of datagrams sent by the last flushes whose kernel transmit timestamp
+    /// came, with it (each checked to lie between the datagram's clock read and the end of
+    /// its send).
+    pub fn departed(&mut self) -> std::vec::Drain<'_, (Departure, SystemTime)> {
+        self.stamps.departed.drain(..)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -416,6 +540,11 @@ impl SendQueue {
             let end = start + run;
             match send_chunk(socket, &self.queued[start..end], source) {
                 Ok(sent) if sent > 0 => {
+                    if socket.tx_timestamps {
+                        for departure in &self.departures[start..start + sent] {
+                            self.stamps.sent(*departure);
+                        }
+                    }
                     flushed.sent += sent;
                     flushed.tagged += self.tagged[start..start + sent]
                         .iter()
@@ -455,8 +584,105 @@ impl SendQueue {
         self.queued.clear();
         self.tagged.clear();
         self.sources.clear();
+        self.departures.clear();
+        if socket.tx_timestamps {
+            // Every send call of this flush has returned: a timestamp later than this is not
+            // one of theirs.
+            let stamps = &mut self.stamps;
+            let now = SystemTime::now();
+            if let Err(e) = read_tx_timestamps(socket, |key, transmitted| {
+                stamps.stamped(key, transmitted, now)
+            }) {
+                tracing::debug!(error = %e, "transmit timestamps not read");
+            }
+        }
         (flushed, last_error)
     }
+}
+
+/// Room for one error-queue message's control data: a SO_TIMESTAMPING timestamp and the
+/// extended error that carries its key (with an offender address of either family).
+fn error_control_space() -> Vec<u8> {
+    nix::cmsg_space!(
+        [TimeSpec; 3],
+        nix::libc::sock_extended_err,
+        nix::libc::sockaddr_in6
+    )
+}
+
+fn error_headers() -> MultiHeaders<SockaddrStorage> {
+    MultiHeaders::preallocate(BATCH, Some(error_control_space()))
+}
+
+thread_local! {
+    /// Scratch headers for reading transmit timestamps from the error queue.
+    static ERROR_HEADERS: RefCell<MultiHeaders<SockaddrStorage>> = RefCell::new(error_headers());
+}
+
+/// Most error-queue reads per flush: a flush sends at most a few batches.
+const MAX_ERROR_READS: usize = 8;
+
+/// Takes every transmit timestamp queued on the socket's error queue (without waiting), and
+/// gives each, with its key, to `stamped`.
+fn read_tx_timestamps(
+    socket: &DatagramSocket,
+    mut stamped: impl FnMut(u32, SystemTime),
+) -> io::Result<()> {
+    let fd = socket.io.get_ref().as_raw_fd();
+    for _ in 0..MAX_ERROR_READS {
+        let count = ERROR_HEADERS.with_borrow_mut(|headers| {
+            // OPT_TSONLY: the messages carry no data; a little room all the same.
+            let mut buffers = [[0u8; 64]; BATCH];
+            let mut slices = buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
+            let messages = match recvmmsg(
+                fd,
+                headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(messages) => messages,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(0),
+                Err(e) => return Err(io::Error::from(e)),
+            };
+            let mut count = 0;
+            let mut renew = false;
+            for message in messages {
+                count += 1;
+                let (mut key, mut transmitted) = (None, None);
+                if let Ok(cmsgs) = message.cmsgs() {
+                    for cmsg in cmsgs {
+                        match cmsg {
+                            ControlMessageOwned::ScmTimestampsns(ts) => {
+                                transmitted = wall_time(ts.system)
+                            }
+                            ControlMessageOwned::Ipv4RecvErr(err, _)
+                            | ControlMessageOwned::Ipv6RecvErr(err, _)
+                                if err.ee_origin == nix::libc::SO_EE_ORIGIN_TIMESTAMPING =>
+                            {
+                                key = Some(err.ee_data)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                match (key, transmitted) {
+                    (Some(key), Some(transmitted)) => stamped(key, transmitted),
+                    // Control data cut short, or an error that is not a timestamp: the
+                    // headers' room is made anew for the next read (see RecvBatch::fill).
+                    _ => renew = true,
+                }
+            }
+            if renew {
+                *headers = error_headers();
+            }
+            Ok::<_, io::Error>(count)
+        })?;
+        if count < BATCH {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Times one datagram is sent again after sends that only reported a pending ICMP error.
@@ -693,6 +919,123 @@ mod tests {
                 .expect("the ICMP error within 5 s");
         let error = result.expect_err("port unreachable");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn sent_datagrams_come_back_with_their_kernel_transmit_time() {
+        use ntp_dtls_proto::forward::{Departing, Departure};
+        let (rx, mut tx) = (socket(), socket());
+        tx.enable_tx_timestamps().expect("SO_TIMESTAMPING");
+        let mut queue = SendQueue::default();
+        let departure = |transmit| Departure {
+            read: SystemTime::now(),
+            what: Departing::Request { transmit },
+        };
+        // More than a batch, every third without a departure (a handshake record): each
+        // timestamp must land on its own datagram, across send calls and error-queue reads.
+        let total = 2 * BATCH + 3;
+        let mut reads = Vec::new();
+        for i in 0..total {
+            let d = (i % 3 != 2).then(|| departure(i as u64));
+            if let Some(d) = d {
+                reads.push(d);
+            }
+            queue.push_departing(
+                Some(addr(&rx)),
+                None,
+                bytes::BytesMut::from(&[i as u8][..]),
+                true,
+                d,
+            );
+        }
+        let (flushed, error) = queue.flush(&tx);
+        assert!(error.is_none());
+        assert_eq!(flushed.sent, total);
+        let after = SystemTime::now();
+        let departed: Vec<_> = queue.departed().collect();
+        assert_eq!(
+            departed.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
+            reads,
+            "every departure once, in order"
+        );
+        for (d, transmitted) in &departed {
+            assert!(
+                d.read <= *transmitted && *transmitted <= after,
+                "{d:?} {transmitted:?}"
+            );
+        }
+        // And the receiver's kernel took each datagram in after it left.
+        let mut batch = RecvBatch::default();
+        let mut received = Vec::new();
+        while received.len() < total {
+            recv(&rx, &mut batch).await;
+            received.extend(
+                batch
+                    .iter()
+                    .map(|r| (r.data[0], r.kernel_rx.expect("rx stamp"))),
+            );
+        }
+        for (d, transmitted) in &departed {
+            let Departing::Request { transmit } = d.what else {
+                unreachable!()
+            };
+            let (_, arrived) = received[transmit as usize];
+            assert!(
+                *transmitted <= arrived,
+                "left {transmitted:?}, arrived {arrived:?}"
+            );
+        }
+        // The error queue was drained: a second flush reports only its own datagram.
+        queue.push_departing(
+            Some(addr(&rx)),
+            None,
+            bytes::BytesMut::from(&[0u8][..]),
+            true,
+            Some(departure(99)),
+        );
+        queue.flush(&tx);
+        let again: Vec<_> = queue.departed().map(|(d, _)| d.what).collect();
+        assert_eq!(again, vec![Departing::Request { transmit: 99 }]);
+    }
+
+    #[test]
+    fn transmit_stamps_that_part_from_the_count_are_put_right() {
+        use ntp_dtls_proto::forward::{Departing, Departure};
+        let read = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let now = read + Duration::from_millis(1);
+        let d = |transmit| Departure {
+            read,
+            what: Departing::Request { transmit },
+        };
+        let mut stamps = TxStamps::default();
+        for i in 0..3 {
+            stamps.sent(Some(d(i)));
+        }
+        // Key 0's timestamp never came; key 1's did, then one before the clock read (not
+        // this datagram's), so only key 1 is reported.
+        stamps.stamped(1, read + Duration::from_micros(3), now);
+        stamps.stamped(2, read - Duration::from_micros(1), now);
+        let got: Vec<_> = stamps.departed.drain(..).map(|(d, _)| d.what).collect();
+        assert_eq!(got, vec![Departing::Request { transmit: 1 }]);
+        assert!(stamps.in_flight.is_empty());
+        // The kernel numbered a send this count did not see: its next key is believed.
+        stamps.sent(Some(d(3))); // counted as key 3
+        stamps.stamped(4, read, now); // the kernel calls it 4
+        assert!(
+            stamps.departed.is_empty(),
+            "not attributed to the wrong datagram"
+        );
+        stamps.sent(Some(d(5)));
+        stamps.stamped(5, read, now);
+        let got: Vec<_> = stamps.departed.drain(..).map(|(d, _)| d.what).collect();
+        assert_eq!(got, vec![Departing::Request { transmit: 5 }]);
+        // Keys wrap.
+        stamps.next_key = u32::MAX;
+        stamps.sent(Some(d(6)));
+        stamps.sent(Some(d(7)));
+        stamps.stamped(0, read, now);
+        let got: Vec<_> = stamps.departed.drain(..).map(|(d, _)| d.what).collect();
+        assert_eq!(got, vec![Departing::Request { transmit: 7 }]);
     }
 
     #[tokio::test]

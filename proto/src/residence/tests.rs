@@ -840,3 +840,153 @@ fn every_outcome_has_its_own_label() {
     assert_eq!(labels.len(), Outcome::ALL.len());
     assert_eq!(Outcome::ALL.iter().filter(|o| o.is_corrected()).count(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kernel transmit timestamps: exact request departures, predicted reply departures
+// ---------------------------------------------------------------------------------------------
+
+/// How far `after` is from `before` in NTP units, against `expected` (the lowest bit of a
+/// rewritten field is the time server's, so one unit of slack).
+fn assert_moved(before: NtpTimestamp, after: NtpTimestamp, expected: i64, what: &str) {
+    let moved = after.0.wrapping_sub(before.0) as i64;
+    assert!(
+        (moved - expected).abs() <= 1,
+        "{what}: moved by {moved} units, expected {expected}"
+    );
+}
+
+fn micros(n: u64) -> i64 {
+    ntp_units(Duration::from_micros(n)) as i64
+}
+
+#[test]
+fn send_lag_predicts_the_median_of_recent_lags_and_ignores_the_unbelievable() {
+    let read = base();
+    let mut lag = SendLag::default();
+    assert_eq!(lag.predict(), Duration::ZERO, "nothing measured yet");
+    for us in [4, 5, 40, 3, 4] {
+        assert!(lag.observe(read, read + Duration::from_micros(us)));
+    }
+    assert_eq!(
+        lag.predict(),
+        Duration::from_micros(4),
+        "one slow send does not move it"
+    );
+    assert!(
+        !lag.observe(read, read - Duration::from_micros(1)),
+        "before the read"
+    );
+    assert!(!lag.observe(read, read + MAX_SEND_LAG + Duration::from_nanos(1)));
+    // Only the last SEND_LAG_SAMPLES count.
+    for _ in 0..SEND_LAG_SAMPLES {
+        lag.observe(read, read + Duration::from_micros(9));
+    }
+    assert_eq!(lag.predict(), Duration::from_micros(9));
+}
+
+#[test]
+fn a_request_departs_when_the_kernel_sent_it_and_a_reply_when_earlier_replies_did() {
+    let (mut f, _) = relay(true);
+    let t0 = Instant::now();
+    let at = |us: u64| base() + Duration::from_micros(us);
+    let exchange = |f: &mut Forward<u16>, n: u64, tx_request: Option<u64>| {
+        let mut q = ntp::build_request(NtpTimestamp(0xE000_0000_0000_0040 + n));
+        let view = f.request(t0, at(0), 1, &mut q).expect("forwarded");
+        let departure = f.request_sent(t0, at(5), view.transmit.0);
+        if let Some(us) = tx_request {
+            assert!(
+                f.departed(&departure, at(us)),
+                "the request is still pending"
+            );
+        }
+        let mut r = reply(
+            ts(3_900_000_000, 0x1000_0001),
+            ts(3_900_000_000, 0x2000_0000),
+        );
+        r[24..32].copy_from_slice(&q[40..48]);
+        let sent = r;
+        let route = f.reply(t0, at(100), &mut r).expect("routed");
+        let done = f.reply_sent(t0, at(110), &mut r, &route.stamp);
+        assert!(done.outcome.is_corrected());
+        (sent, r, done.departure)
+    };
+    // No transmit timestamps: the clock reads (5 us in, 10 us out).
+    let (sent, r, reply_departure) = exchange(&mut f, 0, None);
+    assert_moved(get_ts(&sent, 32), get_ts(&r, 32), -micros(5), "T2, read");
+    assert_moved(get_ts(&sent, 40), get_ts(&r, 40), micros(10), "T3, read");
+    // The reply left 4 us after its read; the next request 9 us after arriving.
+    assert!(f.departed(&reply_departure, at(114)));
+    let (sent, r, _) = exchange(&mut f, 1, Some(9));
+    assert_moved(get_ts(&sent, 32), get_ts(&r, 32), -micros(9), "T2, kernel");
+    assert_moved(
+        get_ts(&sent, 40),
+        get_ts(&r, 40),
+        micros(14),
+        "T3, predicted",
+    );
+    // A departure whose reply already came back changes nothing.
+    let mut q = ntp::build_request(NtpTimestamp(0xE000_0000_0000_0050));
+    let view = f.request(t0, at(0), 1, &mut q).expect("forwarded");
+    let departure = f.request_sent(t0, at(5), view.transmit.0);
+    let mut r = reply(
+        ts(3_900_000_000, 0x1000_0001),
+        ts(3_900_000_000, 0x2000_0000),
+    );
+    r[24..32].copy_from_slice(&q[40..48]);
+    f.reply(t0, at(100), &mut r).expect("routed");
+    assert!(!f.departed(&departure, at(7)));
+}
+
+#[test]
+fn an_interleaved_reply_gets_the_previous_replys_measured_residence() {
+    let (mut f, _) = relay(true);
+    let t0 = Instant::now();
+    let at = |us: u64| base() + Duration::from_micros(us);
+    // A basic exchange whose reply is predicted to leave at 110 us and really leaves at 117.
+    let mut q1 = ntp::build_request(NtpTimestamp(0xE000_0000_0000_0041));
+    let view = f.request(t0, at(0), 1, &mut q1).expect("forwarded");
+    f.request_sent(t0, at(5), view.transmit.0);
+    let mut r1 = reply(
+        ts(3_900_000_000, 0x1000_0001),
+        ts(3_900_000_000, 0x2000_0000),
+    );
+    r1[24..32].copy_from_slice(&q1[40..48]);
+    let route = f.reply(t0, at(100), &mut r1).expect("routed");
+    let done = f.reply_sent(t0, at(110), &mut r1, &route.stamp);
+    assert!(f.departed(&done.departure, at(117)));
+    // chronyd's interleaved request: origin the corrected T2 it got, receive its own
+    // arrival time of that reply.
+    let client_rx = ts(3_900_000_001, 0x0000_0300);
+    let mut q2 = ntp::build_request(NtpTimestamp(0xE000_0000_0000_0042));
+    q2[24..32].copy_from_slice(&r1[32..40]);
+    q2[32..40].copy_from_slice(&client_rx.0.to_be_bytes());
+    let view = f.request(t0, at(1_000), 1, &mut q2).expect("forwarded");
+    assert_eq!(
+        get_ts(&q2, 24),
+        ts(3_900_000_000, 0x1000_0001),
+        "origin translated back"
+    );
+    let departure = f.request_sent(t0, at(1_004), view.transmit.0);
+    assert!(f.departed(&departure, at(1_006)));
+    // The time server's interleaved reply: origin the request's receive field, T3 the
+    // precise transmit time of reply 1.
+    let reply1_tx = ts(3_900_000_000, 0x2000_0100);
+    let mut r2 = reply(ts(3_900_000_001, 0x1000_0001), reply1_tx);
+    r2[24..32].copy_from_slice(&client_rx.0.to_be_bytes());
+    let sent = r2;
+    let route = f.reply(t0, at(1_100), &mut r2).expect("routed");
+    let done = f.reply_sent(t0, at(1_110), &mut r2, &route.stamp);
+    assert_eq!(done.outcome, Outcome::Corrected(Corrected::Interleaved));
+    assert_moved(
+        get_ts(&sent, 32),
+        get_ts(&r2, 32),
+        -micros(6),
+        "T2: this request's",
+    );
+    assert_moved(
+        get_ts(&sent, 40),
+        get_ts(&r2, 40),
+        micros(17),
+        "T3: reply 1's measured",
+    );
+}

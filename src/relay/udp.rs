@@ -423,10 +423,10 @@ impl TxStamps {
         }
     }
 
-    /// The kernel's timestamp `transmitted` of datagram `key`; `now` was read after the send
-    /// returned, so a timestamp later than it (or earlier than the clock read the datagram was
-    /// stamped with) is not this datagram's and is not used.
-    fn stamped(&mut self, key: u32, transmitted: SystemTime, now: SystemTime) {
+    /// The kernel's timestamp `transmitted` of datagram `key`. One earlier than the clock
+    /// read the datagram was stamped with is not this datagram's and is not used (one too
+    /// late is refused by the core, see `residence::MAX_SEND_LAG`).
+    fn stamped(&mut self, key: u32, transmitted: SystemTime) {
         // Keys compare modulo 2^32: "before" is less than half the counter's range behind.
         let before = |a: u32, b: u32| (a.wrapping_sub(b) as i32) < 0;
         if !before(key, self.next_key) {
@@ -442,7 +442,7 @@ impl TxStamps {
             }
             if front == key {
                 self.in_flight.pop_front();
-                if departure.read <= transmitted && transmitted <= now {
+                if departure.read <= transmitted {
                     self.departed.push((departure, transmitted));
                 }
             }
@@ -509,8 +509,7 @@ impl SendQueue {
     }
 
     /// The departures of datagrams sent by the last flushes whose kernel transmit timestamp
-    /// came, with it (each checked to lie between the datagram's clock read and the end of
-    /// its send).
+    /// came, with it (each checked to be no earlier than the datagram's clock read).
     pub fn departed(&mut self) -> std::vec::Drain<'_, (Departure, SystemTime)> {
         self.stamps.departed.drain(..)
     }
@@ -586,12 +585,9 @@ impl SendQueue {
         self.sources.clear();
         self.departures.clear();
         if socket.tx_timestamps {
-            // Every send call of this flush has returned: a timestamp later than this is not
-            // one of theirs.
             let stamps = &mut self.stamps;
-            let now = SystemTime::now();
-            if let Err(e) = read_tx_timestamps(socket, |key, transmitted| {
-                stamps.stamped(key, transmitted, now)
+            if let Err(e) = read_tx_timestamps(socket, flushed.sent, |key, transmitted| {
+                stamps.stamped(key, transmitted)
             }) {
                 tracing::debug!(error = %e, "transmit timestamps not read");
             }
@@ -623,21 +619,25 @@ thread_local! {
 const MAX_ERROR_READS: usize = 8;
 
 /// Takes every transmit timestamp queued on the socket's error queue (without waiting), and
-/// gives each, with its key, to `stamped`.
+/// gives each, with its key, to `stamped`. `expected`: how many datagrams were just sent (each
+/// header set up for a read costs, so a read asks for about as many as should be there).
 fn read_tx_timestamps(
     socket: &DatagramSocket,
+    expected: usize,
     mut stamped: impl FnMut(u32, SystemTime),
 ) -> io::Result<()> {
     let fd = socket.io.get_ref().as_raw_fd();
+    let room = expected.clamp(1, BATCH);
+    let mut taken = 0;
     for _ in 0..MAX_ERROR_READS {
         let count = ERROR_HEADERS.with_borrow_mut(|headers| {
-            // OPT_TSONLY: the messages carry no data; a little room all the same.
-            let mut buffers = [[0u8; 64]; BATCH];
-            let mut slices = buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
+            // OPT_TSONLY: the messages carry no data, so no room for any.
+            let mut slices: [[IoSliceMut; 1]; BATCH] =
+                std::array::from_fn(|_| [IoSliceMut::new(&mut [])]);
             let messages = match recvmmsg(
                 fd,
                 headers,
-                slices.iter_mut(),
+                slices.iter_mut().take(room),
                 MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
                 None,
             ) {
@@ -678,7 +678,10 @@ fn read_tx_timestamps(
             }
             Ok::<_, io::Error>(count)
         })?;
-        if count < BATCH {
+        taken += count;
+        // Short: the queue is empty. As many as were sent: any later one is the next
+        // flush's (one read fewer, most of the time).
+        if count < room || taken >= expected {
             break;
         }
     }
@@ -1002,7 +1005,6 @@ mod tests {
     fn transmit_stamps_that_part_from_the_count_are_put_right() {
         use ntp_dtls_proto::forward::{Departing, Departure};
         let read = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let now = read + Duration::from_millis(1);
         let d = |transmit| Departure {
             read,
             what: Departing::Request { transmit },
@@ -1013,27 +1015,27 @@ mod tests {
         }
         // Key 0's timestamp never came; key 1's did, then one before the clock read (not
         // this datagram's), so only key 1 is reported.
-        stamps.stamped(1, read + Duration::from_micros(3), now);
-        stamps.stamped(2, read - Duration::from_micros(1), now);
+        stamps.stamped(1, read + Duration::from_micros(3));
+        stamps.stamped(2, read - Duration::from_micros(1));
         let got: Vec<_> = stamps.departed.drain(..).map(|(d, _)| d.what).collect();
         assert_eq!(got, vec![Departing::Request { transmit: 1 }]);
         assert!(stamps.in_flight.is_empty());
         // The kernel numbered a send this count did not see: its next key is believed.
         stamps.sent(Some(d(3))); // counted as key 3
-        stamps.stamped(4, read, now); // the kernel calls it 4
+        stamps.stamped(4, read); // the kernel calls it 4
         assert!(
             stamps.departed.is_empty(),
             "not attributed to the wrong datagram"
         );
         stamps.sent(Some(d(5)));
-        stamps.stamped(5, read, now);
+        stamps.stamped(5, read);
         let got: Vec<_> = stamps.departed.drain(..).map(|(d, _)| d.what).collect();
         assert_eq!(got, vec![Departing::Request { transmit: 5 }]);
         // Keys wrap.
         stamps.next_key = u32::MAX;
         stamps.sent(Some(d(6)));
         stamps.sent(Some(d(7)));
-        stamps.stamped(0, read, now);
+        stamps.stamped(0, read);
         let got: Vec<_> = stamps.departed.drain(..).map(|(d, _)| d.what).collect();
         assert_eq!(got, vec![Departing::Request { transmit: 7 }]);
     }

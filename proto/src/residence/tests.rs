@@ -878,8 +878,20 @@ fn send_lag_predicts_the_median_of_recent_lags_and_ignores_the_unbelievable() {
     );
     assert!(!lag.observe(read, read + MAX_SEND_LAG + Duration::from_nanos(1)));
     // Only the last SEND_LAG_SAMPLES count.
-    for _ in 0..SEND_LAG_SAMPLES {
+    for i in 0..SEND_LAG_SAMPLES as u64 {
+        let read = read + Duration::from_millis(1 + i);
         lag.observe(read, read + Duration::from_micros(9));
+    }
+    assert_eq!(lag.predict(), Duration::from_micros(9));
+    // A full window takes in one lag per SEND_LAG_SPACING: a burst of slow sends within a
+    // millisecond of the last one taken changes nothing.
+    let last = read + Duration::from_millis(SEND_LAG_SAMPLES as u64);
+    for i in 0..SEND_LAG_SAMPLES as u64 {
+        let read = last + Duration::from_micros(10 * i);
+        assert!(
+            lag.observe(read, read + Duration::from_micros(90)),
+            "believed"
+        );
     }
     assert_eq!(lag.predict(), Duration::from_micros(9));
 }
@@ -989,4 +1001,32 @@ fn an_interleaved_reply_gets_the_previous_replys_measured_residence() {
         micros(17),
         "T3: reply 1's measured",
     );
+}
+
+#[test]
+fn send_lag_keeps_its_window_sorted_as_samples_come_and_go() {
+    let read = base();
+    let mut lag = SendLag::default();
+    let mut window: Vec<u64> = Vec::new();
+    // A fixed pseudo-random walk with repeats, several times round the ring.
+    let mut x: u64 = 12345;
+    for i in 0..200 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let us = (x >> 33) % 40;
+        let read = read + SEND_LAG_SPACING * i;
+        lag.observe(read, read + Duration::from_micros(us));
+        window.push(us * 1000);
+        if window.len() > SEND_LAG_SAMPLES {
+            window.remove(0);
+        }
+        let mut sorted = window.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            lag.predict(),
+            Duration::from_nanos(sorted[sorted.len() / 2]),
+            "window {window:?}"
+        );
+    }
 }

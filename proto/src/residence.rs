@@ -65,11 +65,19 @@ pub struct SendLag {
     next: usize,
     /// The clock read of the last lag taken in.
     last_read: Option<SystemTime>,
+    /// Lags offered since then.
+    offered: u32,
 }
 
 /// A full window takes in at most one lag per this much time: under load the lag is learnt
 /// as well from a thousand replies a second as from all of them, at a fraction of the cost.
 pub const SEND_LAG_SPACING: Duration = Duration::from_millis(1);
+
+/// And, while replies come more often than one per [`SEND_LAG_QUIET`], one in this many.
+pub const SEND_LAG_EVERY: u32 = 8;
+
+/// Replies this far apart are each taken in (a device polling every second: every one).
+pub const SEND_LAG_QUIET: Duration = Duration::from_millis(100);
 
 impl SendLag {
     /// One measured lag: the kernel's transmit timestamp minus the clock read. Lags outside
@@ -81,16 +89,20 @@ impl SendLag {
         if lag > MAX_SEND_LAG {
             return false;
         }
+        self.offered = self.offered.saturating_add(1);
         if self.len == SEND_LAG_SAMPLES
-            && self.last_read.is_some_and(|last| {
-                read.duration_since(last)
-                    .is_ok_and(|since| since < SEND_LAG_SPACING)
-            })
+            && let Some(last) = self.last_read
         {
-            // Believed, not needed.
-            return true;
+            let since = read.duration_since(last).unwrap_or(Duration::ZERO);
+            let due = since >= SEND_LAG_QUIET
+                || (since >= SEND_LAG_SPACING && self.offered >= SEND_LAG_EVERY);
+            if !due {
+                // Believed, not needed.
+                return true;
+            }
         }
         self.last_read = Some(read);
+        self.offered = 0;
         // At most 10 ms: fits.
         let lag = lag.as_nanos() as u32;
         if self.len == SEND_LAG_SAMPLES {

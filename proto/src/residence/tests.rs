@@ -894,6 +894,29 @@ fn send_lag_predicts_the_median_of_recent_lags_and_ignores_the_unbelievable() {
         );
     }
     assert_eq!(lag.predict(), Duration::from_micros(9));
+    // Replies 2 ms apart: one in SEND_LAG_EVERY is taken in, so 8 x 15 of them fill the
+    // window anew; a device polling every second has each one taken in.
+    let mut lag2 = SendLag::default();
+    for i in 0..SEND_LAG_SAMPLES as u32 {
+        let read = last + SEND_LAG_QUIET * i;
+        lag2.observe(read, read + Duration::from_micros(9));
+    }
+    let start = last + Duration::from_secs(10);
+    for i in 0..(SEND_LAG_EVERY as u64 * 7) {
+        let read = start + Duration::from_millis(2 * i);
+        lag2.observe(read, read + Duration::from_micros(50));
+    }
+    assert_eq!(lag2.predict(), Duration::from_micros(9), "7 of 15 replaced");
+    for i in 0..(SEND_LAG_EVERY as u64 * 2) {
+        let read = start + Duration::from_millis(200 + 2 * i);
+        lag2.observe(read, read + Duration::from_micros(50));
+    }
+    assert_eq!(lag2.predict(), Duration::from_micros(50), "9 of 15 replaced");
+    for i in 0..8u64 {
+        let read = start + Duration::from_secs(10 + i);
+        lag.observe(read, read + Duration::from_micros(30));
+    }
+    assert_eq!(lag.predict(), Duration::from_micros(30), "one a second: each taken in");
 }
 
 #[test]
@@ -1015,7 +1038,7 @@ fn send_lag_keeps_its_window_sorted_as_samples_come_and_go() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let us = (x >> 33) % 40;
-        let read = read + SEND_LAG_SPACING * i;
+        let read = read + SEND_LAG_QUIET * i;
         lag.observe(read, read + Duration::from_micros(us));
         window.push(us * 1000);
         if window.len() > SEND_LAG_SAMPLES {

@@ -106,6 +106,19 @@ impl CipherSuite for CipherSuiteAes128GcmSha256 {
         cg.encrypt(pkt_rlh, raw)
     }
 
+    // ntp-dtls patch p6: sealed straight into the datagram.
+    fn encrypt_record(
+        &mut self,
+        pkt_rlh: &RecordLayerHeader,
+        header: &[u8],
+        payload: &[u8],
+    ) -> Result<bytes::BytesMut> {
+        let cg = self.gcm.as_mut().ok_or_else(|| {
+            Error::Other("CipherSuite has not been initialized, unable to encrypt".to_owned())
+        })?;
+        cg.encrypt_record(pkt_rlh, header, payload)
+    }
+
     fn decrypt(&mut self, input: &[u8]) -> Result<Vec<u8>> {
         // ntp-dtls patch p5: the error is built only when it is returned, not for every record.
         let cg = self.gcm.as_mut().ok_or_else(|| {

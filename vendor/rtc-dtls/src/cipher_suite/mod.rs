@@ -264,6 +264,25 @@ pub trait CipherSuite: Send {
     ///
     /// Fails if keys are not installed, or the cipher rejects the input.
     fn encrypt(&mut self, pkt_rlh: &RecordLayerHeader, raw: &[u8]) -> Result<Vec<u8>>;
+    /// [`Self::encrypt`] of the record `header` ‖ `payload` (`header` is `pkt_rlh` marshalled),
+    /// as the datagram to send (ntp-dtls patch p6). This default joins the two and calls
+    /// `encrypt`; a suite can seal them into the datagram without the joined copy.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::encrypt`].
+    fn encrypt_record(
+        &mut self,
+        pkt_rlh: &RecordLayerHeader,
+        header: &[u8],
+        payload: &[u8],
+    ) -> Result<bytes::BytesMut> {
+        let mut raw = Vec::with_capacity(header.len() + payload.len());
+        raw.extend_from_slice(header);
+        raw.extend_from_slice(payload);
+        let raw = self.encrypt(pkt_rlh, &raw)?;
+        Ok(bytes::BytesMut::from(bytes::Bytes::from(raw)))
+    }
     /// Unprotects one record.
     ///
     /// # Errors

@@ -212,6 +212,20 @@ impl DTLSConn {
             return Err(Error::ErrConnClosed);
         }
 
+        if self.is_handshake_completed()
+            && self.outgoing_packets.is_empty()
+            && self.outgoing_queued_packets.is_empty()
+        {
+            // ntp-dtls patch p2: an application data record with nothing queued before it
+            // goes straight to the outgoing datagrams, one record each (as compacting it
+            // alone would make it), without the packet queue and its per-record vectors.
+            // ntp-dtls patch p6: and sealed from `p` into the datagram, without a `Packet`
+            // (a copy of `p`) or a marshalled plaintext (another).
+            let raw = self.process_application_data(p)?;
+            self.outgoing_compacted_raw_packets.push_back(raw);
+            return Ok(());
+        }
+
         let pkt = Packet {
             record: RecordLayer::new(
                 PROTOCOL_VERSION1_2,
@@ -225,15 +239,6 @@ impl DTLSConn {
         };
 
         if self.is_handshake_completed() {
-            if self.outgoing_packets.is_empty() && self.outgoing_queued_packets.is_empty() {
-                // ntp-dtls patch p2: an application data record with nothing queued before it
-                // goes straight to the outgoing datagrams, one record each (as compacting it
-                // alone would make it), without the packet queue and its per-record vectors.
-                let raw = self.process_packet(pkt)?;
-                self.outgoing_compacted_raw_packets
-                    .push_back(BytesMut::from(bytes::Bytes::from(raw)));
-                return Ok(());
-            }
             self.write_packets(vec![pkt]);
         } else {
             self.outgoing_queued_packets.push_back(pkt);
@@ -345,7 +350,28 @@ impl DTLSConn {
     }
 
     fn process_packet(&mut self, mut p: Packet) -> Result<Vec<u8>> {
-        let epoch = p.record.record_layer_header.epoch as usize;
+        let seq = self.next_local_sequence_number(p.record.record_layer_header.epoch)?;
+        p.record.record_layer_header.sequence_number = seq;
+
+        // Marshal straight into the Vec: `BufWriter` would heap-allocate an
+        // 8 KiB staging buffer for every outbound record. (ntp-dtls patch p2: sized once.)
+        let mut raw_packet =
+            Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + p.record.content.size());
+        p.record.marshal(&mut raw_packet)?;
+
+        if p.should_encrypt
+            && let Some(cipher_suite) = &mut self.state.cipher_suite
+        {
+            raw_packet = cipher_suite.encrypt(&p.record.record_layer_header, &raw_packet)?;
+        }
+
+        Ok(raw_packet)
+    }
+
+    /// The next record sequence number of `epoch` (ntp-dtls patch p6: `process_packet`'s, for
+    /// `process_application_data` too).
+    fn next_local_sequence_number(&mut self, epoch: u16) -> Result<u64> {
+        let epoch = epoch as usize;
         let seq = {
             while self.state.local_sequence_number.len() <= epoch {
                 self.state.local_sequence_number.push(0);
@@ -362,20 +388,29 @@ impl DTLSConn {
             // prior to allowing the sequence number to wrap.
             return Err(Error::ErrSequenceNumberOverflow);
         }
-        p.record.record_layer_header.sequence_number = seq;
+        Ok(seq)
+    }
 
-        // Marshal straight into the Vec: `BufWriter` would heap-allocate an
-        // 8 KiB staging buffer for every outbound record. (ntp-dtls patch p2: sized once.)
-        let mut raw_packet =
-            Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + p.record.content.size());
-        p.record.marshal(&mut raw_packet)?;
-
-        if p.should_encrypt
-            && let Some(cipher_suite) = &mut self.state.cipher_suite
-        {
-            raw_packet = cipher_suite.encrypt(&p.record.record_layer_header, &raw_packet)?;
+    /// `process_packet` of an application data record of `p` in the local epoch, encrypted
+    /// (ntp-dtls patch p6): the same header, sequence number and bytes, sealed from `p` into
+    /// the datagram.
+    fn process_application_data(&mut self, p: &[u8]) -> Result<BytesMut> {
+        let epoch = self.get_local_epoch();
+        let header = RecordLayerHeader {
+            content_type: ContentType::ApplicationData,
+            protocol_version: PROTOCOL_VERSION1_2,
+            epoch,
+            sequence_number: self.next_local_sequence_number(epoch)?,
+            content_len: p.len() as u16,
+        };
+        let mut raw_header = [0u8; RECORD_LAYER_HEADER_SIZE];
+        header.marshal(&mut &mut raw_header[..])?;
+        if let Some(cipher_suite) = &mut self.state.cipher_suite {
+            return cipher_suite.encrypt_record(&header, &raw_header, p);
         }
-
+        let mut raw_packet = BytesMut::with_capacity(RECORD_LAYER_HEADER_SIZE + p.len());
+        raw_packet.extend_from_slice(&raw_header);
+        raw_packet.extend_from_slice(p);
         Ok(raw_packet)
     }
 

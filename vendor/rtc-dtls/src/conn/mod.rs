@@ -854,6 +854,22 @@ impl DTLSConn {
             return (true, None, None);
         }
 
+        // ntp-dtls patch p7: a decrypted application data record is its header and the data,
+        // which `RecordLayer::unmarshal` below would copy out of it; the record's buffer becomes
+        // the data instead. (Only decrypted records come here with a non-zero epoch.)
+        let pkt = match pkt {
+            Cow::Owned(record)
+                if h.content_type == ContentType::ApplicationData && h.epoch != 0 =>
+            {
+                self.replay_detector[h.epoch as usize].accept();
+                let mut data = BytesMut::from(bytes::Bytes::from(record));
+                bytes::Buf::advance(&mut data, RECORD_LAYER_HEADER_SIZE);
+                self.incoming_decrypted_packets.push_back(data);
+                return (false, None, None);
+            }
+            pkt => pkt,
+        };
+
         let mut reader = &pkt[..];
         let r = match RecordLayer::unmarshal(&mut reader) {
             Ok(r) => r,

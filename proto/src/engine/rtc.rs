@@ -61,6 +61,8 @@ pub struct RtcEngine {
     refusal: RefusalSlot,
     /// The reference identifier (client role), for name-mismatch audit lines.
     server_name: Option<String>,
+    /// rtc-dtls's events of one datagram, kept so that no datagram allocates a vector for them.
+    slot_events: Vec<EndpointEvent>,
 }
 
 type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
@@ -626,6 +628,7 @@ impl RtcEngine {
             server_suite: "",
             refusal,
             server_name,
+            slot_events: Vec::new(),
         }
     }
 
@@ -761,18 +764,21 @@ impl RtcEngine {
         now: Instant,
         slot: usize,
         peer: SocketAddr,
-        result: Result<Vec<EndpointEvent>, RtcError>,
+        result: Result<&mut Vec<EndpointEvent>, RtcError>,
         datagram: Option<&[u8]>,
         events: &mut Vec<Event>,
     ) {
         let Some(state) = self.peers.get(&peer).copied() else {
+            if let Ok(happened) = result {
+                happened.clear();
+            }
             return;
         };
         let is_replacement = state.replacement == Some(slot);
         let was_established = state.established && !is_replacement;
         match result {
             Ok(happened) => {
-                for event in happened {
+                for event in happened.drain(..) {
                     match event {
                         EndpointEvent::HandshakeComplete => {
                             if is_replacement {
@@ -905,9 +911,19 @@ impl DtlsEngine for RtcEngine {
             );
         }
         let slot = self.route(peer, datagram);
-        let result = self.slots[slot].read_slice(now, peer, None, datagram);
+        let mut happened = std::mem::take(&mut self.slot_events);
+        let result =
+            match self.slots[slot].read_slice_into(now, peer, None, datagram, &mut happened) {
+                Ok(()) => Ok(&mut happened),
+                Err(err) => {
+                    // As read_slice: a read that fails reports no events.
+                    happened.clear();
+                    Err(err)
+                }
+            };
         self.drain();
         self.on_slot_events(now, slot, peer, result, Some(datagram), events);
+        self.slot_events = happened;
         // The first ClientHello may have been refused before rtc-dtls kept any state. (Only a
         // new peer's: a known peer's own slot holds its association; checked only then, as
         // these lookups would otherwise cost every datagram two more hashes of its address.)

@@ -256,6 +256,22 @@ impl<S: BuildHasher> Endpoint<S> {
         ecn: Option<EcnCodepoint>,
         data: &[u8],
     ) -> Result<Vec<EndpointEvent>> {
+        let mut messages = vec![];
+        self.read_slice_into(now, remote, ecn, data, &mut messages)?;
+        Ok(messages)
+    }
+
+    /// [`Self::read_slice`] with the events appended to `messages` (ntp-dtls patch p8: a caller
+    /// can keep one vector for every datagram). On an error, `messages` holds the events that
+    /// `read_slice` would have dropped with it.
+    pub fn read_slice_into(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+        messages: &mut Vec<EndpointEvent>,
+    ) -> Result<()> {
         let conn = match self.connections.entry(remote) {
             Occupied(e) => e.into_mut(),
             Vacant(e) => {
@@ -269,9 +285,8 @@ impl<S: BuildHasher> Endpoint<S> {
         };
 
         // Handle packet on existing association, if any
-        let mut messages = vec![];
         {
-            let result = Self::read_into(conn, now, data, &mut messages);
+            let result = Self::read_into(conn, now, data, messages);
             // Whatever the outcome, deliver the data that arrived and send what the connection
             // queued: an alert in reply to the peer's (its close_notify, or a fatal alert) has to
             // go out even though this read is ending in an error.
@@ -295,12 +310,12 @@ impl<S: BuildHasher> Endpoint<S> {
             if conn.closed_by_peer {
                 self.connections.remove(&remote);
                 messages.push(EndpointEvent::PeerClosed);
-                return Ok(messages);
+                return Ok(());
             }
             result?;
         }
 
-        Ok(messages)
+        Ok(())
     }
 
     /// Queues application data for `remote`.

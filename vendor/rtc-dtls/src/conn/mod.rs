@@ -536,23 +536,29 @@ impl DTLSConn {
         // ntp-dtls patch p4: the records are handled as slices of the datagram (as
         // `unpack_datagram` does, a malformed datagram is refused whole before any record is
         // handled); a record is copied only if it has to be queued.
-        let mut records = Vec::new();
+        // ntp-dtls patch p8: checked in a first pass and walked again in a second, rather than
+        // collected into a vector.
+        let record_len = |offset: usize| {
+            RECORD_LAYER_HEADER_SIZE
+                + ((usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 2]) << 8)
+                    | usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 1]))
+        };
         let mut offset = 0;
         while offset != buf.len() {
             if buf.len() - offset <= RECORD_LAYER_HEADER_SIZE {
                 return Err(Error::ErrInvalidPacketLength);
             }
-            let len = RECORD_LAYER_HEADER_SIZE
-                + ((usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 2]) << 8)
-                    | usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 1]));
+            let len = record_len(offset);
             if offset + len > buf.len() {
                 return Err(Error::ErrInvalidPacketLength);
             }
-            records.push(offset..offset + len);
             offset += len;
         }
-        for range in records {
-            let pkt = Cow::Borrowed(&buf[range]);
+        let mut offset = 0;
+        while offset != buf.len() {
+            let len = record_len(offset);
+            let pkt = Cow::Borrowed(&buf[offset..offset + len]);
+            offset += len;
             let (hs, alert, err) = self.handle_incoming_packet(pkt, enqueue);
             if let Some(alert) = alert {
                 self.outgoing_packets.push_back(Packet {

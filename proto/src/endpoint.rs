@@ -261,18 +261,25 @@ impl Endpoint {
             return;
         }
         let mut events = std::mem::take(&mut self.scratch);
-        if !self.engine.receive(now, peer, datagram, &mut events) {
+        // The engine's timeout for the peer is taken with the datagram (what `schedule` would
+        // ask it after drain_engine, which leaves the engine's associations as they are).
+        let Some(timeout) = self
+            .engine
+            .receive_then_poll_timeout(now, peer, datagram, &mut events)
+        else {
             self.stats.incr(Counter::DropNotHandshake);
             self.admission.removed(peer);
             self.scratch = events;
             return;
-        }
+        };
         if crate::record::is_client_hello(datagram) {
             // Before drain_engine: the ServerHello already leaves from this address.
             self.bind_local(peer, local);
         }
         self.drain_engine(now);
-        self.schedule(peer);
+        if let Some(due) = timeout {
+            self.timers.push(Reverse((due, peer)));
+        }
         for event in events.drain(..) {
             match event {
                 Event::Data { peer, payload } => {

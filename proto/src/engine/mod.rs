@@ -225,6 +225,21 @@ pub trait DtlsEngine {
         datagram: &[u8],
         events: &mut Vec<Event>,
     ) -> bool;
+    /// [`DtlsEngine::receive`], then (unless that returned false: None)
+    /// [`DtlsEngine::poll_timeout`] for `peer`, in one call, which an engine may answer with
+    /// fewer look-ups of `peer`.
+    fn receive_then_poll_timeout(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        events: &mut Vec<Event>,
+    ) -> Option<Option<Instant>> {
+        if !self.receive(now, peer, datagram, events) {
+            return None;
+        }
+        Some(self.poll_timeout(peer))
+    }
     /// Queues one application datagram to `peer` as one record.
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError>;
     /// The next datagram to put on the wire.

@@ -336,6 +336,9 @@ pub struct SendQueue {
     /// The source address each is sent from (IP_PKTINFO / IPV6_PKTINFO); None: the kernel's
     /// choice (the bound address, or on a wildcard socket the route's preferred source).
     sources: Vec<Option<IpAddr>>,
+    /// Scratch for one sendmmsg's destination addresses, made for the datagrams it sends only
+    /// (an array of [`BATCH`], 128 bytes each, cost more to fill than the call it was for).
+    addresses: Vec<Option<SockaddrStorage>>,
 }
 
 impl Default for SendQueue {
@@ -344,6 +347,7 @@ impl Default for SendQueue {
             queued: Vec::with_capacity(BATCH),
             tagged: Vec::with_capacity(BATCH),
             sources: Vec::with_capacity(BATCH),
+            addresses: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -414,7 +418,12 @@ impl SendQueue {
                 .take_while(|s| **s == source)
                 .count();
             let end = start + run;
-            match send_chunk(socket, &self.queued[start..end], source) {
+            match send_chunk(
+                socket,
+                &self.queued[start..end],
+                source,
+                &mut self.addresses,
+            ) {
                 Ok(sent) if sent > 0 => {
                     flushed.sent += sent;
                     flushed.tagged += self.tagged[start..start + sent]
@@ -508,6 +517,7 @@ fn send_chunk(
     socket: &DatagramSocket,
     chunk: &[(Option<SocketAddr>, bytes::BytesMut)],
     source: Option<IpAddr>,
+    addresses: &mut Vec<Option<SockaddrStorage>>,
 ) -> io::Result<usize> {
     let fd = socket.io.get_ref().as_raw_fd();
     let info = source.and_then(|source| SourceInfo::new(source, socket.ipv6));
@@ -524,12 +534,12 @@ fn send_chunk(
             chunk.get(index).map_or(&[][..], |(_, datagram)| datagram),
         )]
     });
-    let addresses: [Option<SockaddrStorage>; BATCH] = std::array::from_fn(|index| {
+    addresses.clear();
+    addresses.extend(
         chunk
-            .get(index)
-            .and_then(|(destination, _)| *destination)
-            .map(SockaddrStorage::from)
-    });
+            .iter()
+            .map(|(destination, _)| destination.map(SockaddrStorage::from)),
+    );
     // Each header set's control room is exactly one message's (the kernel rejects room left
     // unfilled), so each kind of source has its own.
     let headers = match info {
@@ -543,7 +553,7 @@ fn send_chunk(
             fd,
             headers,
             slices.iter().take(chunk.len()),
-            &addresses[..chunk.len()],
+            &addresses[..],
             control.as_ref().map_or(&[][..], |c| &c[..]),
             MsgFlags::empty(),
         )

@@ -191,6 +191,10 @@ impl DTLSConn {
 
     /// Takes the next datagram the caller should send.
     pub fn outgoing_raw_packet(&mut self) -> Option<BytesMut> {
+        // ntp-dtls patch p10: with no packet queued, handle_outgoing_packets has nothing to do.
+        if self.outgoing_packets.is_empty() && self.outgoing_queued_packets.is_empty() {
+            return self.outgoing_compacted_raw_packets.pop_front();
+        }
         if let Err(err) = self.handle_outgoing_packets() {
             warn!(
                 "handle_outgoing_packets [{}] with error {}",

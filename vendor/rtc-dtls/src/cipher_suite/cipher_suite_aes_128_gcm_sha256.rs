@@ -126,4 +126,12 @@ impl CipherSuite for CipherSuiteAes128GcmSha256 {
         })?;
         cg.decrypt(input)
     }
+
+    // ntp-dtls patch p11: decrypted straight into the data.
+    fn decrypt_application_data(&mut self, input: &[u8]) -> Result<bytes::BytesMut> {
+        let cg = self.gcm.as_mut().ok_or_else(|| {
+            Error::Other("CipherSuite has not been initialized, unable to decrypt".to_owned())
+        })?;
+        cg.decrypt_application_data(input)
+    }
 }

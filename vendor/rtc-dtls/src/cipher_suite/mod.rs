@@ -289,6 +289,18 @@ pub trait CipherSuite: Send {
     ///
     /// Fails if authentication fails, or the record is malformed.
     fn decrypt(&mut self, input: &[u8]) -> Result<Vec<u8>>;
+    /// The data of an application data record: [`Self::decrypt`] without the header (ntp-dtls
+    /// patch p11). This default decrypts and drops the header; a suite can decrypt straight
+    /// into the data.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::decrypt`].
+    fn decrypt_application_data(&mut self, input: &[u8]) -> Result<bytes::BytesMut> {
+        let mut data = bytes::BytesMut::from(bytes::Bytes::from(self.decrypt(input)?));
+        bytes::Buf::advance(&mut data, RECORD_LAYER_HEADER_SIZE);
+        Ok(data)
+    }
 }
 
 // Taken from https://www.iana.org/assignments/tls-parameters/tls-parameters.xml

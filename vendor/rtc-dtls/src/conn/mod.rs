@@ -760,8 +760,18 @@ impl DTLSConn {
             }
 
             if let Some(cipher_suite) = &mut self.state.cipher_suite {
-                pkt = match cipher_suite.decrypt(&pkt) {
-                    Ok(pkt) => Cow::Owned(pkt),
+                // ntp-dtls patch p11: application data is decrypted straight into the data
+                // handed over, and delivered below.
+                let decrypted = if h.content_type == ContentType::ApplicationData {
+                    cipher_suite.decrypt_application_data(&pkt).map(Ok)
+                } else {
+                    cipher_suite.decrypt(&pkt).map(Err)
+                };
+                pkt = match decrypted {
+                    // The data of an application data record.
+                    Ok(Ok(data)) => return self.deliver_application_data(h.epoch, data),
+                    // Any other record, decrypted.
+                    Ok(Err(pkt)) => Cow::Owned(pkt),
                     Err(err) => {
                         debug!("{}: decrypt failed: {}", srv_cli_str(self.is_client), err);
 
@@ -864,22 +874,6 @@ impl DTLSConn {
             return (true, None, None);
         }
 
-        // ntp-dtls patch p7: a decrypted application data record is its header and the data,
-        // which `RecordLayer::unmarshal` below would copy out of it; the record's buffer becomes
-        // the data instead. (Only decrypted records come here with a non-zero epoch.)
-        let pkt = match pkt {
-            Cow::Owned(record)
-                if h.content_type == ContentType::ApplicationData && h.epoch != 0 =>
-            {
-                self.replay_detector[h.epoch as usize].accept();
-                let mut data = BytesMut::from(bytes::Bytes::from(record));
-                bytes::Buf::advance(&mut data, RECORD_LAYER_HEADER_SIZE);
-                self.incoming_decrypted_packets.push_back(data);
-                return (false, None, None);
-            }
-            pkt => pkt,
-        };
-
         let mut reader = &pkt[..];
         let r = match RecordLayer::unmarshal(&mut reader) {
             Ok(r) => r,
@@ -980,6 +974,33 @@ impl DTLSConn {
             }
         };
 
+        (false, None, None)
+    }
+
+    /// The rest of `handle_incoming_packet` for the `data` of an application data record of
+    /// `epoch` (non-zero), decrypted (ntp-dtls patches p7, p11): what the steps after decryption
+    /// do with such a record (the fragment buffer's size check, the replay window's `accept`, the
+    /// data queued), without the decrypted record (its header and the data) that
+    /// `RecordLayer::unmarshal` would parse and copy the data out of.
+    fn deliver_application_data(
+        &mut self,
+        epoch: u16,
+        data: BytesMut,
+    ) -> (bool, Option<Alert>, Option<Error>) {
+        if self
+            .fragment_buffer
+            .would_overflow(RECORD_LAYER_HEADER_SIZE + data.len())
+        {
+            // Decode error must be silently discarded
+            // [RFC6347 Section-4.1.2.7]
+            debug!(
+                "{}: defragment failed: fragment buffer overflow",
+                srv_cli_str(self.is_client),
+            );
+            return (false, None, None);
+        }
+        self.replay_detector[epoch as usize].accept();
+        self.incoming_decrypted_packets.push_back(data);
         (false, None, None)
     }
 

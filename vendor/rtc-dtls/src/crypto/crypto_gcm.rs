@@ -81,7 +81,12 @@ impl CryptoGcm {
         let mut r = bytes::BytesMut::with_capacity(
             RECORD_LAYER_HEADER_SIZE + 8 + payload.len() + CRYPTO_GCM_TAG_LENGTH,
         );
-        self.seal_into(pkt_rlh, &header[..RECORD_LAYER_HEADER_SIZE], payload, &mut r)?;
+        self.seal_into(
+            pkt_rlh,
+            &header[..RECORD_LAYER_HEADER_SIZE],
+            payload,
+            &mut r,
+        )?;
         Ok(r)
     }
 
@@ -144,6 +149,44 @@ impl CryptoGcm {
             return Ok(r.to_vec());
         }
 
+        // The header and the plaintext (exactly, for a record long enough to be opened).
+        let mut d = Vec::with_capacity(r.len().saturating_sub(8 + CRYPTO_GCM_TAG_LENGTH));
+        self.open_into(&h, r, true, &mut d)?;
+        Ok(d)
+    }
+
+    /// [`Self::decrypt`] without the header, into the data to hand over (ntp-dtls patch p11).
+    ///
+    /// # Errors
+    ///
+    /// Fails if authentication fails or the record is too short.
+    pub fn decrypt_application_data(&mut self, r: &[u8]) -> Result<bytes::BytesMut> {
+        let mut reader = Cursor::new(r);
+        let h = RecordLayerHeader::unmarshal(&mut reader)?;
+        if h.content_type == ContentType::ChangeCipherSpec {
+            return Ok(bytes::BytesMut::from(&r[RECORD_LAYER_HEADER_SIZE..]));
+        }
+
+        let mut d = bytes::BytesMut::with_capacity(
+            r.len()
+                .saturating_sub(RECORD_LAYER_HEADER_SIZE + 8 + CRYPTO_GCM_TAG_LENGTH),
+        );
+        self.open_into(&h, r, false, &mut d)?;
+        Ok(d)
+    }
+
+    /// Appends the record's header (if `header`) and its authenticated plaintext to the empty
+    /// `d`.
+    fn open_into<B>(
+        &mut self,
+        h: &RecordLayerHeader,
+        r: &[u8],
+        header: bool,
+        d: &mut B,
+    ) -> Result<()>
+    where
+        B: bytes::BufMut + std::ops::DerefMut<Target = [u8]>,
+    {
         if r.len() <= (RECORD_LAYER_HEADER_SIZE + 8) {
             return Err(Error::ErrNotEnoughRoomForNonce);
         }
@@ -161,21 +204,18 @@ impl CryptoGcm {
         }
         let tag_start = out.len() - CRYPTO_GCM_TAG_LENGTH;
 
-        let additional_data = generate_aead_additional_data(&h, tag_start);
+        let additional_data = generate_aead_additional_data(h, tag_start);
 
-        let mut d = Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + tag_start);
-        d.extend_from_slice(&r[..RECORD_LAYER_HEADER_SIZE]);
-        d.extend_from_slice(&out[..tag_start]);
+        if header {
+            d.put_slice(&r[..RECORD_LAYER_HEADER_SIZE]);
+        }
+        let start = d.len();
+        d.put_slice(&out[..tag_start]);
         self.remote_gcm
-            .open_in_place(
-                &nonce,
-                &additional_data,
-                &mut d[RECORD_LAYER_HEADER_SIZE..],
-                &out[tag_start..],
-            )
+            .open_in_place(&nonce, &additional_data, &mut d[start..], &out[tag_start..])
             .map_err(authentication_error)?;
 
-        Ok(d)
+        Ok(())
     }
 }
 
@@ -255,6 +295,52 @@ mod tests {
         raw.extend_from_slice(&[0u8; 8 + 10]);
 
         assert!(cg.decrypt(&raw).is_err());
+    }
+
+    /// ntp-dtls patches p6 and p11: `encrypt_record` is `encrypt` of header and payload joined,
+    /// and `decrypt_application_data` is `decrypt` without the header, failures included.
+    #[test]
+    fn test_crypto_gcm_record_variants_match() {
+        let key = [0x11u8; 16];
+        let iv = [0x22u8; 4];
+        let provider = crypto::default_provider().unwrap();
+        let mut cg = CryptoGcm::new(provider, &key, &iv, &key, &iv).unwrap();
+
+        let (header, raw) = make_record(b"application data!");
+        let sealed = cg
+            .encrypt_record(
+                &header,
+                &raw[..RECORD_LAYER_HEADER_SIZE],
+                &raw[RECORD_LAYER_HEADER_SIZE..],
+            )
+            .unwrap();
+        let encrypted = cg.encrypt(&header, &raw).unwrap();
+        // The explicit nonces are random; everything else is determined by them.
+        assert_eq!(sealed.len(), encrypted.len());
+        assert_eq!(
+            sealed[..RECORD_LAYER_HEADER_SIZE],
+            encrypted[..RECORD_LAYER_HEADER_SIZE]
+        );
+        for record in [&sealed[..], &encrypted[..]] {
+            let decrypted = cg.decrypt(record).unwrap();
+            assert_eq!(&decrypted[RECORD_LAYER_HEADER_SIZE..], b"application data!");
+            assert_eq!(
+                &cg.decrypt_application_data(record).unwrap()[..],
+                &decrypted[RECORD_LAYER_HEADER_SIZE..]
+            );
+        }
+
+        let mut tampered = sealed.to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0xff;
+        assert!(cg.decrypt(&tampered).is_err());
+        assert!(cg.decrypt_application_data(&tampered).is_err());
+        for short in [
+            RECORD_LAYER_HEADER_SIZE + 8,
+            RECORD_LAYER_HEADER_SIZE + 8 + 10,
+        ] {
+            assert!(cg.decrypt_application_data(&sealed[..short]).is_err());
+        }
     }
 
     /// Tampered ciphertext must fail authentication.

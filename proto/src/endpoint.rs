@@ -425,7 +425,8 @@ impl Endpoint {
                         Ok(reply) => {
                             // Answered in-process: the builtin time source's "forwarding".
                             self.stats.incr(Counter::RequestsForwarded);
-                            self.send_reply(now, peer, &reply)
+                            // The request has been read: its buffer can hold the reply's record.
+                            self.send_reply_reusing(now, peer, &reply, request)
                         }
                         Err(rejection) => self.stats.incr(rejection.into()),
                     }
@@ -502,7 +503,18 @@ impl Endpoint {
     }
 
     fn send_reply(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
-        match self.engine.send(now, peer, datagram) {
+        self.send_reply_reusing(now, peer, datagram, BytesMut::new())
+    }
+
+    /// [`Endpoint::send_reply`], the record made in `buffer` where the engine can.
+    fn send_reply_reusing(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        buffer: BytesMut,
+    ) {
+        match self.engine.send_reusing(now, peer, datagram, buffer) {
             // No admission.activity here: idleness is the peer's silence, and its request
             // has just counted.
             Ok(()) => {

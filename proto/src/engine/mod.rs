@@ -242,6 +242,18 @@ pub trait DtlsEngine {
     }
     /// Queues one application datagram to `peer` as one record.
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError>;
+    /// [`DtlsEngine::send`], with a buffer the caller is done with (its contents are discarded)
+    /// that an engine may make the datagram in, saving an allocation.
+    fn send_reusing(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        payload: &[u8],
+        buffer: BytesMut,
+    ) -> Result<(), SendError> {
+        drop(buffer);
+        self.send(now, peer, payload)
+    }
     /// The next datagram to put on the wire.
     fn poll_transmit(&mut self) -> Option<Transmit>;
     /// When `peer` next needs [`DtlsEngine::handle_timeout`] (handshake retransmission).

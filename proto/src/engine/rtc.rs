@@ -13,6 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::BytesMut;
+
 use rtc_dtls::cipher_suite::CipherSuiteId;
 use rtc_dtls::config::{
     ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig,
@@ -893,13 +895,23 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
+        self.send_reusing(now, peer, payload, BytesMut::new())
+    }
+
+    fn send_reusing(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        payload: &[u8],
+        buffer: BytesMut,
+    ) -> Result<(), SendError> {
         let Some(state) = self.peers.get(&peer).copied() else {
             return Err(SendError::NoAssociation(peer));
         };
         if !state.established {
             return Err(SendError::NotEstablished(peer));
         }
-        let result = self.slots[state.slot].write(now, peer, payload);
+        let result = self.slots[state.slot].write_reusing(now, peer, payload, buffer);
         self.drain();
         result.map_err(|e| SendError::Engine(e.to_string()))
     }

@@ -324,8 +324,24 @@ impl<S: BuildHasher> Endpoint<S> {
     ///
     /// Fails if there is no association with `remote`, or its handshake has not completed.
     pub fn write(&mut self, now: Instant, remote: SocketAddr, data: &[u8]) -> Result<()> {
+        self.write_reusing(now, remote, data, BytesMut::new())
+    }
+
+    /// [`Self::write`], the datagram made in `buffer`'s allocation where it can be (ntp-dtls
+    /// patch p12, see [`DTLSConn::write_reusing`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::write`].
+    pub fn write_reusing(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        data: &[u8],
+        buffer: BytesMut,
+    ) -> Result<()> {
         if let Some(conn) = self.connections.get_mut(&remote) {
-            conn.write(data)?;
+            conn.write_reusing(data, buffer)?;
             while let Some(payload) = conn.outgoing_raw_packet() {
                 self.transmits.push_back(TransportMessage {
                     now,

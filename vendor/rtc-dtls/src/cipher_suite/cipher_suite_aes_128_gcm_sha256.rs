@@ -112,11 +112,12 @@ impl CipherSuite for CipherSuiteAes128GcmSha256 {
         pkt_rlh: &RecordLayerHeader,
         header: &[u8],
         payload: &[u8],
+        buffer: bytes::BytesMut,
     ) -> Result<bytes::BytesMut> {
         let cg = self.gcm.as_mut().ok_or_else(|| {
             Error::Other("CipherSuite has not been initialized, unable to encrypt".to_owned())
         })?;
-        cg.encrypt_record(pkt_rlh, header, payload)
+        cg.encrypt_record(pkt_rlh, header, payload, buffer)
     }
 
     fn decrypt(&mut self, input: &[u8]) -> Result<Vec<u8>> {

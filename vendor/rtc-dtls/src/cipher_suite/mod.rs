@@ -266,7 +266,8 @@ pub trait CipherSuite: Send {
     fn encrypt(&mut self, pkt_rlh: &RecordLayerHeader, raw: &[u8]) -> Result<Vec<u8>>;
     /// [`Self::encrypt`] of the record `header` ‖ `payload` (`header` is `pkt_rlh` marshalled),
     /// as the datagram to send (ntp-dtls patch p6). This default joins the two and calls
-    /// `encrypt`; a suite can seal them into the datagram without the joined copy.
+    /// `encrypt`; a suite can seal them into the datagram without the joined copy, and into
+    /// `buffer`'s allocation (patch p12; its contents are discarded), which this default drops.
     ///
     /// # Errors
     ///
@@ -276,7 +277,9 @@ pub trait CipherSuite: Send {
         pkt_rlh: &RecordLayerHeader,
         header: &[u8],
         payload: &[u8],
+        buffer: bytes::BytesMut,
     ) -> Result<bytes::BytesMut> {
+        drop(buffer);
         let mut raw = Vec::with_capacity(header.len() + payload.len());
         raw.extend_from_slice(header);
         raw.extend_from_slice(payload);

@@ -212,6 +212,17 @@ impl DTLSConn {
     ///
     /// Fails if the connection is closed or the handshake has not finished.
     pub fn write(&mut self, p: &[u8]) -> Result<()> {
+        self.write_reusing(p, BytesMut::new())
+    }
+
+    /// [`Self::write`], making the datagram in `buffer`'s allocation where it is large enough
+    /// (ntp-dtls patch p12: a caller done with a buffer, the request a reply answers, saves
+    /// an allocation). `buffer`'s contents are discarded.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::write`].
+    pub fn write_reusing(&mut self, p: &[u8], buffer: BytesMut) -> Result<()> {
         if self.is_connection_closed() {
             return Err(Error::ErrConnClosed);
         }
@@ -225,7 +236,7 @@ impl DTLSConn {
             // alone would make it), without the packet queue and its per-record vectors.
             // ntp-dtls patch p6: and sealed from `p` into the datagram, without a `Packet`
             // (a copy of `p`) or a marshalled plaintext (another).
-            let raw = self.process_application_data(p)?;
+            let raw = self.process_application_data(p, buffer)?;
             self.outgoing_compacted_raw_packets.push_back(raw);
             return Ok(());
         }
@@ -398,7 +409,7 @@ impl DTLSConn {
     /// `process_packet` of an application data record of `p` in the local epoch, encrypted
     /// (ntp-dtls patch p6): the same header, sequence number and bytes, sealed from `p` into
     /// the datagram.
-    fn process_application_data(&mut self, p: &[u8]) -> Result<BytesMut> {
+    fn process_application_data(&mut self, p: &[u8], buffer: BytesMut) -> Result<BytesMut> {
         let epoch = self.get_local_epoch();
         let header = RecordLayerHeader {
             content_type: ContentType::ApplicationData,
@@ -410,7 +421,7 @@ impl DTLSConn {
         let mut raw_header = [0u8; RECORD_LAYER_HEADER_SIZE];
         header.marshal(&mut &mut raw_header[..])?;
         if let Some(cipher_suite) = &mut self.state.cipher_suite {
-            return cipher_suite.encrypt_record(&header, &raw_header, p);
+            return cipher_suite.encrypt_record(&header, &raw_header, p, buffer);
         }
         let mut raw_packet = BytesMut::with_capacity(RECORD_LAYER_HEADER_SIZE + p.len());
         raw_packet.extend_from_slice(&raw_header);

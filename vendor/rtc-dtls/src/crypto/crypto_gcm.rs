@@ -67,7 +67,8 @@ impl CryptoGcm {
     }
 
     /// [`Self::encrypt`] of the record `header` ‖ `payload`, into the datagram to send
-    /// (ntp-dtls patch p6: without the joined plaintext copy, nor a `Vec` to convert).
+    /// (ntp-dtls patch p6: without the joined plaintext copy, nor a `Vec` to convert), made in
+    /// `buffer` (patch p12: cleared, and grown only if it is too small).
     ///
     /// # Errors
     ///
@@ -77,10 +78,11 @@ impl CryptoGcm {
         pkt_rlh: &RecordLayerHeader,
         header: &[u8],
         payload: &[u8],
+        buffer: bytes::BytesMut,
     ) -> Result<bytes::BytesMut> {
-        let mut r = bytes::BytesMut::with_capacity(
-            RECORD_LAYER_HEADER_SIZE + 8 + payload.len() + CRYPTO_GCM_TAG_LENGTH,
-        );
+        let mut r = buffer;
+        r.clear();
+        r.reserve(RECORD_LAYER_HEADER_SIZE + 8 + payload.len() + CRYPTO_GCM_TAG_LENGTH);
         self.seal_into(
             pkt_rlh,
             &header[..RECORD_LAYER_HEADER_SIZE],
@@ -167,10 +169,9 @@ impl CryptoGcm {
             return Ok(bytes::BytesMut::from(&r[RECORD_LAYER_HEADER_SIZE..]));
         }
 
-        let mut d = bytes::BytesMut::with_capacity(
-            r.len()
-                .saturating_sub(RECORD_LAYER_HEADER_SIZE + 8 + CRYPTO_GCM_TAG_LENGTH),
-        );
+        // Room for the record itself (patch p12): a reply of the same size can be made in
+        // this allocation once the data has been read (`DTLSConn::write_reusing`).
+        let mut d = bytes::BytesMut::with_capacity(r.len());
         self.open_into(&h, r, false, &mut d)?;
         Ok(d)
     }
@@ -312,6 +313,7 @@ mod tests {
                 &header,
                 &raw[..RECORD_LAYER_HEADER_SIZE],
                 &raw[RECORD_LAYER_HEADER_SIZE..],
+                bytes::BytesMut::new(),
             )
             .unwrap();
         let encrypted = cg.encrypt(&header, &raw).unwrap();

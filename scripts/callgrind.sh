@@ -33,8 +33,9 @@ for tool in valgrind callgrind_control callgrind_annotate; do
 done
 
 [[ ${CG_BUILD:-1} == 0 ]] || cargo build --release --quiet --bin ntp-dtls --example dtls_load
-bin=target/release/ntp-dtls
-load=target/release/examples/dtls_load
+target_dir=${CARGO_TARGET_DIR:-target}
+bin=$target_dir/release/ntp-dtls
+load=$target_dir/release/examples/dtls_load
 
 mkdir -p "$out"
 work=$(mktemp -d)

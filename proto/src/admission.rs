@@ -325,17 +325,19 @@ impl Admission {
             New,
             /// The handshake in progress (a first one, or a replacement).
             Handshake,
-            /// The established association.
-            Late,
         }
-        let target = match self.peers.get(&peer) {
+        let target = match self.peers.get_mut(&peer) {
             None => Target::New,
             Some(Phase::HalfOpen(_)) => Target::Handshake,
-            Some(Phase::Established { replacement, .. }) => match (arrival, replacement) {
+            Some(Phase::Established {
+                replacement, guard, ..
+            }) => match (arrival, replacement) {
                 (Arrival::ClientHello, None) => Target::New,
                 // As the engine routes it: handshake records to the replacement.
                 (Arrival::ClientHello | Arrival::Handshake, Some(_)) => Target::Handshake,
-                _ => Target::Late,
+                // The established association: only its guard has a say (`admit` takes
+                // everything else an established peer sends), with this one look-up.
+                _ => return guard.check(now, datagram, &limits),
             },
         };
         match target {
@@ -366,12 +368,6 @@ impl Admission {
                     }
                 }
                 Ok(())
-            }
-            Target::Late => {
-                if let Some(Phase::Established { guard, .. }) = self.peers.get_mut(&peer) {
-                    guard.check(now, datagram, &limits)?;
-                }
-                self.admit(now, peer, datagram.len(), arrival)
             }
         }
     }
@@ -473,6 +469,8 @@ impl Admission {
                 (Arrival::ClientHello | Arrival::Handshake, Some(handshake)) => {
                     handshake.add(len, limits.max_handshake_bytes)
                 }
+                // Everything else to the established association (`admit_datagram` relies on
+                // this to skip the call).
                 _ => Ok(()),
             },
         }

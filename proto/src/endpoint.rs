@@ -264,18 +264,25 @@ impl Endpoint {
             return;
         }
         let mut events = std::mem::take(&mut self.scratch);
-        if !self.engine.receive(now, peer, datagram, &mut events) {
+        // The engine's timeout for the peer is taken with the datagram (what `schedule` would
+        // ask it after drain_engine, which leaves the engine's associations as they are).
+        let Some(timeout) = self
+            .engine
+            .receive_then_poll_timeout(now, peer, datagram, &mut events)
+        else {
             self.stats.incr(Counter::DropNotHandshake);
             self.admission.removed(peer);
             self.scratch = events;
             return;
-        }
+        };
         if crate::record::is_client_hello(datagram) {
             // Before drain_engine: the ServerHello already leaves from this address.
             self.bind_local(peer, local);
         }
         self.drain_engine(now);
-        self.schedule(peer);
+        if let Some(due) = timeout {
+            self.timers.push(Reverse((due, peer)));
+        }
         for event in events.drain(..) {
             match event {
                 Event::Data { peer, payload } => {
@@ -437,7 +444,8 @@ impl Endpoint {
                         Ok(reply) => {
                             // Answered in-process: the builtin time source's "forwarding".
                             self.stats.incr(Counter::RequestsForwarded);
-                            self.send_reply(now, peer, &reply, departure)
+                            // The request has been read: its buffer can hold the reply's record.
+                            self.send_reply_reusing(now, peer, &reply, request, departure)
                         }
                         Err(rejection) => self.stats.incr(rejection.into()),
                     }
@@ -520,7 +528,19 @@ impl Endpoint {
         datagram: &[u8],
         departure: Departure,
     ) {
-        match self.engine.send(now, peer, datagram) {
+        self.send_reply_reusing(now, peer, datagram, BytesMut::new(), departure)
+    }
+
+    /// [`Endpoint::send_reply`], the record made in `buffer` where the engine can.
+    fn send_reply_reusing(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        buffer: BytesMut,
+        departure: Departure,
+    ) {
+        match self.engine.send_reusing(now, peer, datagram, buffer) {
             // No admission.activity here: idleness is the peer's silence, and its request
             // has just counted.
             Ok(()) => {

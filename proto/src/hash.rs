@@ -56,6 +56,7 @@ pub struct KeyedState;
 
 impl BuildHasher for KeyedState {
     type Hasher = KeyedHasher;
+    #[inline(always)]
     fn build_hasher(&self) -> KeyedHasher {
         let secrets = secrets();
         KeyedHasher {
@@ -99,7 +100,9 @@ pub struct KeyedHasher {
 }
 
 impl KeyedHasher {
-    #[inline]
+    // Always inlined (as the Hasher methods below): a key's words are written at known
+    // positions, so the position checks fold away; called out of line, each word cost a call.
+    #[inline(always)]
     fn word(&mut self, x: u64) {
         self.words += 1;
         if self.words <= WORDS {
@@ -114,7 +117,7 @@ impl KeyedHasher {
 }
 
 impl Hasher for KeyedHasher {
-    #[inline]
+    #[inline(always)]
     fn write(&mut self, bytes: &[u8]) {
         let mut chunks = bytes.chunks_exact(8);
         for chunk in &mut chunks {
@@ -131,27 +134,27 @@ impl Hasher for KeyedHasher {
             self.word(u64::from_le_bytes(word));
         }
     }
-    #[inline]
+    #[inline(always)]
     fn write_u8(&mut self, i: u8) {
         self.word(u64::from(i));
     }
-    #[inline]
+    #[inline(always)]
     fn write_u16(&mut self, i: u16) {
         self.word(u64::from(i));
     }
-    #[inline]
+    #[inline(always)]
     fn write_u32(&mut self, i: u32) {
         self.word(u64::from(i));
     }
-    #[inline]
+    #[inline(always)]
     fn write_u64(&mut self, i: u64) {
         self.word(i);
     }
-    #[inline]
+    #[inline(always)]
     fn write_usize(&mut self, i: usize) {
         self.word(i as u64);
     }
-    #[inline]
+    #[inline(always)]
     fn finish(&self) -> u64 {
         // The word count as one more term keys of different lengths apart.
         let a = self.secrets.a[WORDS];

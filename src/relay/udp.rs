@@ -380,6 +380,9 @@ pub struct SendQueue {
     /// What to report when each leaves (see [`SendQueue::departed`]).
     departures: Vec<Option<Departure>>,
     stamps: TxStamps,
+    /// Scratch for one sendmmsg's destination addresses, made for the datagrams it sends only
+    /// (an array of [`BATCH`], 128 bytes each, cost more to fill than the call it was for).
+    addresses: Vec<Option<SockaddrStorage>>,
 }
 
 impl Default for SendQueue {
@@ -390,6 +393,7 @@ impl Default for SendQueue {
             sources: Vec::with_capacity(BATCH),
             departures: Vec::with_capacity(BATCH),
             stamps: TxStamps::default(),
+            addresses: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -537,7 +541,12 @@ impl SendQueue {
                 .take_while(|s| **s == source)
                 .count();
             let end = start + run;
-            match send_chunk(socket, &self.queued[start..end], source) {
+            match send_chunk(
+                socket,
+                &self.queued[start..end],
+                source,
+                &mut self.addresses,
+            ) {
                 Ok(sent) if sent > 0 => {
                     if socket.tx_timestamps {
                         for departure in &self.departures[start..start + sent] {
@@ -737,6 +746,7 @@ fn send_chunk(
     socket: &DatagramSocket,
     chunk: &[(Option<SocketAddr>, bytes::BytesMut)],
     source: Option<IpAddr>,
+    addresses: &mut Vec<Option<SockaddrStorage>>,
 ) -> io::Result<usize> {
     let fd = socket.io.get_ref().as_raw_fd();
     let info = source.and_then(|source| SourceInfo::new(source, socket.ipv6));
@@ -753,12 +763,12 @@ fn send_chunk(
             chunk.get(index).map_or(&[][..], |(_, datagram)| datagram),
         )]
     });
-    let addresses: [Option<SockaddrStorage>; BATCH] = std::array::from_fn(|index| {
+    addresses.clear();
+    addresses.extend(
         chunk
-            .get(index)
-            .and_then(|(destination, _)| *destination)
-            .map(SockaddrStorage::from)
-    });
+            .iter()
+            .map(|(destination, _)| destination.map(SockaddrStorage::from)),
+    );
     // Each header set's control room is exactly one message's (the kernel rejects room left
     // unfilled), so each kind of source has its own.
     let headers = match info {
@@ -772,7 +782,7 @@ fn send_chunk(
             fd,
             headers,
             slices.iter().take(chunk.len()),
-            &addresses[..chunk.len()],
+            &addresses[..],
             control.as_ref().map_or(&[][..], |c| &c[..]),
             MsgFlags::empty(),
         )

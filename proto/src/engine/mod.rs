@@ -225,8 +225,35 @@ pub trait DtlsEngine {
         datagram: &[u8],
         events: &mut Vec<Event>,
     ) -> bool;
+    /// [`DtlsEngine::receive`], then (unless that returned false: None)
+    /// [`DtlsEngine::poll_timeout`] for `peer`, in one call, which an engine may answer with
+    /// fewer look-ups of `peer`.
+    fn receive_then_poll_timeout(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        events: &mut Vec<Event>,
+    ) -> Option<Option<Instant>> {
+        if !self.receive(now, peer, datagram, events) {
+            return None;
+        }
+        Some(self.poll_timeout(peer))
+    }
     /// Queues one application datagram to `peer` as one record.
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError>;
+    /// [`DtlsEngine::send`], with a buffer the caller is done with (its contents are discarded)
+    /// that an engine may make the datagram in, saving an allocation.
+    fn send_reusing(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        payload: &[u8],
+        buffer: BytesMut,
+    ) -> Result<(), SendError> {
+        drop(buffer);
+        self.send(now, peer, payload)
+    }
     /// The next datagram to put on the wire.
     fn poll_transmit(&mut self) -> Option<Transmit>;
     /// When `peer` next needs [`DtlsEngine::handle_timeout`] (handshake retransmission).

@@ -13,6 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::BytesMut;
+
 use rtc_dtls::cipher_suite::CipherSuiteId;
 use rtc_dtls::config::{
     ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig,
@@ -61,6 +63,8 @@ pub struct RtcEngine {
     refusal: RefusalSlot,
     /// The reference identifier (client role), for name-mismatch audit lines.
     server_name: Option<String>,
+    /// rtc-dtls's events of one datagram, kept so that no datagram allocates a vector for them.
+    slot_events: Vec<EndpointEvent>,
 }
 
 type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
@@ -626,6 +630,7 @@ impl RtcEngine {
             server_suite: "",
             refusal,
             server_name,
+            slot_events: Vec::new(),
         }
     }
 
@@ -728,16 +733,14 @@ impl RtcEngine {
         policy::check_chain(&state.peer_certificates).err()
     }
 
-    /// Which slot a datagram from a known peer belongs to.
-    fn route(&mut self, peer: SocketAddr, datagram: &[u8]) -> usize {
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return 0;
-        };
+    /// Which slot a datagram from a known peer, whose state is `state`, belongs to (`server`:
+    /// the engine's role).
+    fn route(state: &mut Peer, server: bool, datagram: &[u8]) -> usize {
         if !state.established {
             return state.slot;
         }
         let other = 1 - state.slot;
-        if self.client_config.is_none() && record::is_client_hello(datagram) {
+        if server && record::is_client_hello(datagram) {
             // A new handshake from an address with a live association: a client that restarted
             // on the same port, a NAT rebinding, or a spoofer. Only completing it proves which.
             state.replacement = Some(other);
@@ -756,23 +759,21 @@ impl RtcEngine {
         }
     }
 
+    /// What rtc-dtls reported for `peer`, whose state (as the caller just looked it up) is
+    /// `state`, on `slot`.
     fn on_slot_events(
         &mut self,
         now: Instant,
-        slot: usize,
-        peer: SocketAddr,
-        result: Result<Vec<EndpointEvent>, RtcError>,
+        (slot, peer, state): (usize, SocketAddr, Peer),
+        result: Result<&mut Vec<EndpointEvent>, RtcError>,
         datagram: Option<&[u8]>,
         events: &mut Vec<Event>,
     ) {
-        let Some(state) = self.peers.get(&peer).copied() else {
-            return;
-        };
         let is_replacement = state.replacement == Some(slot);
         let was_established = state.established && !is_replacement;
         match result {
             Ok(happened) => {
-                for event in happened {
+                for event in happened.drain(..) {
                     match event {
                         EndpointEvent::HandshakeComplete => {
                             if is_replacement {
@@ -889,25 +890,83 @@ impl DtlsEngine for RtcEngine {
         datagram: &[u8],
         events: &mut Vec<Event>,
     ) -> bool {
-        let new_peer = !self.peers.contains_key(&peer);
-        if new_peer {
-            // rtc-dtls would create an association for any datagram from a new address.
-            if !self.is_server() || !record::is_client_hello(datagram) {
-                return false;
-            }
-            self.peers.insert(
-                peer,
-                Peer {
+        self.receive_then_poll_timeout(now, peer, datagram, events)
+            .is_some()
+    }
+
+    fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
+        self.send_reusing(now, peer, payload, BytesMut::new())
+    }
+
+    fn send_reusing(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        payload: &[u8],
+        buffer: BytesMut,
+    ) -> Result<(), SendError> {
+        let Some(state) = self.peers.get(&peer).copied() else {
+            return Err(SendError::NoAssociation(peer));
+        };
+        if !state.established {
+            return Err(SendError::NotEstablished(peer));
+        }
+        let result = self.slots[state.slot].write_reusing(now, peer, payload, buffer);
+        self.drain();
+        result.map_err(|e| SendError::Engine(e.to_string()))
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    fn receive_then_poll_timeout(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+        events: &mut Vec<Event>,
+    ) -> Option<Option<Instant>> {
+        // One look-up of the peer's state: routing updates it in place, and the copy taken then
+        // is what on_slot_events, and poll_timeout after a datagram that changed nothing, would
+        // look up again (rtc-dtls's read touches none of it).
+        let server = self.is_server();
+        let (slot, state, new_peer) = match self.peers.get_mut(&peer) {
+            Some(state) => (Self::route(state, server, datagram), *state, false),
+            None => {
+                // rtc-dtls would create an association for any datagram from a new address.
+                if !server || !record::is_client_hello(datagram) {
+                    return None;
+                }
+                let state = Peer {
                     slot: 0,
                     established: false,
                     replacement: None,
-                },
-            );
-        }
-        let slot = self.route(peer, datagram);
-        let result = self.slots[slot].read_slice(now, peer, None, datagram);
+                };
+                self.peers.insert(peer, state);
+                (state.slot, state, true)
+            }
+        };
+        let mut happened = std::mem::take(&mut self.slot_events);
+        let result =
+            match self.slots[slot].read_slice_into(now, peer, None, datagram, &mut happened) {
+                Ok(()) => Ok(&mut happened),
+                Err(err) => {
+                    // As read_slice: a read that fails reports no events.
+                    happened.clear();
+                    Err(err)
+                }
+            };
+        // Only application data (or nothing) from a known peer leaves its state as it was.
+        let unchanged = !new_peer
+            && result.as_ref().is_ok_and(|happened| {
+                happened
+                    .iter()
+                    .all(|event| matches!(event, EndpointEvent::ApplicationData(_)))
+            });
         self.drain();
-        self.on_slot_events(now, slot, peer, result, Some(datagram), events);
+        self.on_slot_events(now, (slot, peer, state), result, Some(datagram), events);
+        self.slot_events = happened;
         // The first ClientHello may have been refused before rtc-dtls kept any state. (Only a
         // new peer's: a known peer's own slot holds its association; checked only then, as
         // these lookups would otherwise cost every datagram two more hashes of its address.)
@@ -918,23 +977,11 @@ impl DtlsEngine for RtcEngine {
                 }
             }
         }
-        true
-    }
-
-    fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
-        let Some(state) = self.peers.get(&peer).copied() else {
-            return Err(SendError::NoAssociation(peer));
-        };
-        if !state.established {
-            return Err(SendError::NotEstablished(peer));
+        if unchanged && state.established && state.replacement.is_none() {
+            // poll_timeout's answer for this state, without its look-up.
+            return Some(None);
         }
-        let result = self.slots[state.slot].write(now, peer, payload);
-        self.drain();
-        result.map_err(|e| SendError::Engine(e.to_string()))
-    }
-
-    fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        Some(self.poll_timeout(peer))
     }
 
     fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant> {
@@ -967,7 +1014,9 @@ impl DtlsEngine for RtcEngine {
             self.drain();
             if let Err(err) = result {
                 // Retransmissions exhausted (ErrInvalidFsmTransition): a handshake timeout.
-                self.on_slot_events(now, slot, peer, Err(err), None, events);
+                if let Some(state) = self.peers.get(&peer).copied() {
+                    self.on_slot_events(now, (slot, peer, state), Err(err), None, events);
+                }
             }
         }
     }

@@ -911,12 +911,20 @@ fn send_lag_predicts_the_median_of_recent_lags_and_ignores_the_unbelievable() {
         let read = start + Duration::from_millis(200 + 2 * i);
         lag2.observe(read, read + Duration::from_micros(50));
     }
-    assert_eq!(lag2.predict(), Duration::from_micros(50), "9 of 15 replaced");
+    assert_eq!(
+        lag2.predict(),
+        Duration::from_micros(50),
+        "9 of 15 replaced"
+    );
     for i in 0..8u64 {
         let read = start + Duration::from_secs(10 + i);
         lag.observe(read, read + Duration::from_micros(30));
     }
-    assert_eq!(lag.predict(), Duration::from_micros(30), "one a second: each taken in");
+    assert_eq!(
+        lag.predict(),
+        Duration::from_micros(30),
+        "one a second: each taken in"
+    );
 }
 
 #[test]

@@ -256,6 +256,22 @@ impl<S: BuildHasher> Endpoint<S> {
         ecn: Option<EcnCodepoint>,
         data: &[u8],
     ) -> Result<Vec<EndpointEvent>> {
+        let mut messages = vec![];
+        self.read_slice_into(now, remote, ecn, data, &mut messages)?;
+        Ok(messages)
+    }
+
+    /// [`Self::read_slice`] with the events appended to `messages` (ntp-dtls patch p8: a caller
+    /// can keep one vector for every datagram). On an error, `messages` holds the events that
+    /// `read_slice` would have dropped with it.
+    pub fn read_slice_into(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+        messages: &mut Vec<EndpointEvent>,
+    ) -> Result<()> {
         let conn = match self.connections.entry(remote) {
             Occupied(e) => e.into_mut(),
             Vacant(e) => {
@@ -269,9 +285,8 @@ impl<S: BuildHasher> Endpoint<S> {
         };
 
         // Handle packet on existing association, if any
-        let mut messages = vec![];
         {
-            let result = Self::read_into(conn, now, data, &mut messages);
+            let result = Self::read_into(conn, now, data, messages);
             // Whatever the outcome, deliver the data that arrived and send what the connection
             // queued: an alert in reply to the peer's (its close_notify, or a fatal alert) has to
             // go out even though this read is ending in an error.
@@ -295,12 +310,12 @@ impl<S: BuildHasher> Endpoint<S> {
             if conn.closed_by_peer {
                 self.connections.remove(&remote);
                 messages.push(EndpointEvent::PeerClosed);
-                return Ok(messages);
+                return Ok(());
             }
             result?;
         }
 
-        Ok(messages)
+        Ok(())
     }
 
     /// Queues application data for `remote`.
@@ -309,8 +324,24 @@ impl<S: BuildHasher> Endpoint<S> {
     ///
     /// Fails if there is no association with `remote`, or its handshake has not completed.
     pub fn write(&mut self, now: Instant, remote: SocketAddr, data: &[u8]) -> Result<()> {
+        self.write_reusing(now, remote, data, BytesMut::new())
+    }
+
+    /// [`Self::write`], the datagram made in `buffer`'s allocation where it can be (ntp-dtls
+    /// patch p12, see [`DTLSConn::write_reusing`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::write`].
+    pub fn write_reusing(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        data: &[u8],
+        buffer: BytesMut,
+    ) -> Result<()> {
         if let Some(conn) = self.connections.get_mut(&remote) {
-            conn.write(data)?;
+            conn.write_reusing(data, buffer)?;
             while let Some(payload) = conn.outgoing_raw_packet() {
                 self.transmits.push_back(TransportMessage {
                     now,

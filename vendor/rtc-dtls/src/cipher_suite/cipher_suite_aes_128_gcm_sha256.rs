@@ -99,16 +99,40 @@ impl CipherSuite for CipherSuiteAes128GcmSha256 {
     }
 
     fn encrypt(&mut self, pkt_rlh: &RecordLayerHeader, raw: &[u8]) -> Result<Vec<u8>> {
-        let cg = self.gcm.as_mut().ok_or(Error::Other(
-            "CipherSuite has not been initialized, unable to encrypt".to_owned(),
-        ))?;
+        // ntp-dtls patch p5: the error is built only when it is returned, not for every record.
+        let cg = self.gcm.as_mut().ok_or_else(|| {
+            Error::Other("CipherSuite has not been initialized, unable to encrypt".to_owned())
+        })?;
         cg.encrypt(pkt_rlh, raw)
     }
 
+    // ntp-dtls patch p6: sealed straight into the datagram.
+    fn encrypt_record(
+        &mut self,
+        pkt_rlh: &RecordLayerHeader,
+        header: &[u8],
+        payload: &[u8],
+        buffer: bytes::BytesMut,
+    ) -> Result<bytes::BytesMut> {
+        let cg = self.gcm.as_mut().ok_or_else(|| {
+            Error::Other("CipherSuite has not been initialized, unable to encrypt".to_owned())
+        })?;
+        cg.encrypt_record(pkt_rlh, header, payload, buffer)
+    }
+
     fn decrypt(&mut self, input: &[u8]) -> Result<Vec<u8>> {
-        let cg = self.gcm.as_mut().ok_or(Error::Other(
-            "CipherSuite has not been initialized, unable to decrypt".to_owned(),
-        ))?;
+        // ntp-dtls patch p5: the error is built only when it is returned, not for every record.
+        let cg = self.gcm.as_mut().ok_or_else(|| {
+            Error::Other("CipherSuite has not been initialized, unable to decrypt".to_owned())
+        })?;
         cg.decrypt(input)
+    }
+
+    // ntp-dtls patch p11: decrypted straight into the data.
+    fn decrypt_application_data(&mut self, input: &[u8]) -> Result<bytes::BytesMut> {
+        let cg = self.gcm.as_mut().ok_or_else(|| {
+            Error::Other("CipherSuite has not been initialized, unable to decrypt".to_owned())
+        })?;
+        cg.decrypt_application_data(input)
     }
 }

@@ -264,12 +264,46 @@ pub trait CipherSuite: Send {
     ///
     /// Fails if keys are not installed, or the cipher rejects the input.
     fn encrypt(&mut self, pkt_rlh: &RecordLayerHeader, raw: &[u8]) -> Result<Vec<u8>>;
+    /// [`Self::encrypt`] of the record `header` ‖ `payload` (`header` is `pkt_rlh` marshalled),
+    /// as the datagram to send (ntp-dtls patch p6). This default joins the two and calls
+    /// `encrypt`; a suite can seal them into the datagram without the joined copy, and into
+    /// `buffer`'s allocation (patch p12; its contents are discarded), which this default drops.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::encrypt`].
+    fn encrypt_record(
+        &mut self,
+        pkt_rlh: &RecordLayerHeader,
+        header: &[u8],
+        payload: &[u8],
+        buffer: bytes::BytesMut,
+    ) -> Result<bytes::BytesMut> {
+        drop(buffer);
+        let mut raw = Vec::with_capacity(header.len() + payload.len());
+        raw.extend_from_slice(header);
+        raw.extend_from_slice(payload);
+        let raw = self.encrypt(pkt_rlh, &raw)?;
+        Ok(bytes::BytesMut::from(bytes::Bytes::from(raw)))
+    }
     /// Unprotects one record.
     ///
     /// # Errors
     ///
     /// Fails if authentication fails, or the record is malformed.
     fn decrypt(&mut self, input: &[u8]) -> Result<Vec<u8>>;
+    /// The data of an application data record: [`Self::decrypt`] without the header (ntp-dtls
+    /// patch p11). This default decrypts and drops the header; a suite can decrypt straight
+    /// into the data.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::decrypt`].
+    fn decrypt_application_data(&mut self, input: &[u8]) -> Result<bytes::BytesMut> {
+        let mut data = bytes::BytesMut::from(bytes::Bytes::from(self.decrypt(input)?));
+        bytes::Buf::advance(&mut data, RECORD_LAYER_HEADER_SIZE);
+        Ok(data)
+    }
 }
 
 // Taken from https://www.iana.org/assignments/tls-parameters/tls-parameters.xml

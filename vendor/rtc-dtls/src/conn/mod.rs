@@ -191,6 +191,10 @@ impl DTLSConn {
 
     /// Takes the next datagram the caller should send.
     pub fn outgoing_raw_packet(&mut self) -> Option<BytesMut> {
+        // ntp-dtls patch p10: with no packet queued, handle_outgoing_packets has nothing to do.
+        if self.outgoing_packets.is_empty() && self.outgoing_queued_packets.is_empty() {
+            return self.outgoing_compacted_raw_packets.pop_front();
+        }
         if let Err(err) = self.handle_outgoing_packets() {
             warn!(
                 "handle_outgoing_packets [{}] with error {}",
@@ -208,8 +212,33 @@ impl DTLSConn {
     ///
     /// Fails if the connection is closed or the handshake has not finished.
     pub fn write(&mut self, p: &[u8]) -> Result<()> {
+        self.write_reusing(p, BytesMut::new())
+    }
+
+    /// [`Self::write`], making the datagram in `buffer`'s allocation where it is large enough
+    /// (ntp-dtls patch p12: a caller done with a buffer, the request a reply answers, saves
+    /// an allocation). `buffer`'s contents are discarded.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::write`].
+    pub fn write_reusing(&mut self, p: &[u8], buffer: BytesMut) -> Result<()> {
         if self.is_connection_closed() {
             return Err(Error::ErrConnClosed);
+        }
+
+        if self.is_handshake_completed()
+            && self.outgoing_packets.is_empty()
+            && self.outgoing_queued_packets.is_empty()
+        {
+            // ntp-dtls patch p2: an application data record with nothing queued before it
+            // goes straight to the outgoing datagrams, one record each (as compacting it
+            // alone would make it), without the packet queue and its per-record vectors.
+            // ntp-dtls patch p6: and sealed from `p` into the datagram, without a `Packet`
+            // (a copy of `p`) or a marshalled plaintext (another).
+            let raw = self.process_application_data(p, buffer)?;
+            self.outgoing_compacted_raw_packets.push_back(raw);
+            return Ok(());
         }
 
         let pkt = Packet {
@@ -225,15 +254,6 @@ impl DTLSConn {
         };
 
         if self.is_handshake_completed() {
-            if self.outgoing_packets.is_empty() && self.outgoing_queued_packets.is_empty() {
-                // ntp-dtls patch p2: an application data record with nothing queued before it
-                // goes straight to the outgoing datagrams, one record each (as compacting it
-                // alone would make it), without the packet queue and its per-record vectors.
-                let raw = self.process_packet(pkt)?;
-                self.outgoing_compacted_raw_packets
-                    .push_back(BytesMut::from(bytes::Bytes::from(raw)));
-                return Ok(());
-            }
             self.write_packets(vec![pkt]);
         } else {
             self.outgoing_queued_packets.push_back(pkt);
@@ -345,7 +365,28 @@ impl DTLSConn {
     }
 
     fn process_packet(&mut self, mut p: Packet) -> Result<Vec<u8>> {
-        let epoch = p.record.record_layer_header.epoch as usize;
+        let seq = self.next_local_sequence_number(p.record.record_layer_header.epoch)?;
+        p.record.record_layer_header.sequence_number = seq;
+
+        // Marshal straight into the Vec: `BufWriter` would heap-allocate an
+        // 8 KiB staging buffer for every outbound record. (ntp-dtls patch p2: sized once.)
+        let mut raw_packet =
+            Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + p.record.content.size());
+        p.record.marshal(&mut raw_packet)?;
+
+        if p.should_encrypt
+            && let Some(cipher_suite) = &mut self.state.cipher_suite
+        {
+            raw_packet = cipher_suite.encrypt(&p.record.record_layer_header, &raw_packet)?;
+        }
+
+        Ok(raw_packet)
+    }
+
+    /// The next record sequence number of `epoch` (ntp-dtls patch p6: `process_packet`'s, for
+    /// `process_application_data` too).
+    fn next_local_sequence_number(&mut self, epoch: u16) -> Result<u64> {
+        let epoch = epoch as usize;
         let seq = {
             while self.state.local_sequence_number.len() <= epoch {
                 self.state.local_sequence_number.push(0);
@@ -362,20 +403,29 @@ impl DTLSConn {
             // prior to allowing the sequence number to wrap.
             return Err(Error::ErrSequenceNumberOverflow);
         }
-        p.record.record_layer_header.sequence_number = seq;
+        Ok(seq)
+    }
 
-        // Marshal straight into the Vec: `BufWriter` would heap-allocate an
-        // 8 KiB staging buffer for every outbound record. (ntp-dtls patch p2: sized once.)
-        let mut raw_packet =
-            Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + p.record.content.size());
-        p.record.marshal(&mut raw_packet)?;
-
-        if p.should_encrypt
-            && let Some(cipher_suite) = &mut self.state.cipher_suite
-        {
-            raw_packet = cipher_suite.encrypt(&p.record.record_layer_header, &raw_packet)?;
+    /// `process_packet` of an application data record of `p` in the local epoch, encrypted
+    /// (ntp-dtls patch p6): the same header, sequence number and bytes, sealed from `p` into
+    /// the datagram.
+    fn process_application_data(&mut self, p: &[u8], buffer: BytesMut) -> Result<BytesMut> {
+        let epoch = self.get_local_epoch();
+        let header = RecordLayerHeader {
+            content_type: ContentType::ApplicationData,
+            protocol_version: PROTOCOL_VERSION1_2,
+            epoch,
+            sequence_number: self.next_local_sequence_number(epoch)?,
+            content_len: p.len() as u16,
+        };
+        let mut raw_header = [0u8; RECORD_LAYER_HEADER_SIZE];
+        header.marshal(&mut &mut raw_header[..])?;
+        if let Some(cipher_suite) = &mut self.state.cipher_suite {
+            return cipher_suite.encrypt_record(&header, &raw_header, p, buffer);
         }
-
+        let mut raw_packet = BytesMut::with_capacity(RECORD_LAYER_HEADER_SIZE + p.len());
+        raw_packet.extend_from_slice(&raw_header);
+        raw_packet.extend_from_slice(p);
         Ok(raw_packet)
     }
 
@@ -501,23 +551,29 @@ impl DTLSConn {
         // ntp-dtls patch p4: the records are handled as slices of the datagram (as
         // `unpack_datagram` does, a malformed datagram is refused whole before any record is
         // handled); a record is copied only if it has to be queued.
-        let mut records = Vec::new();
+        // ntp-dtls patch p8: checked in a first pass and walked again in a second, rather than
+        // collected into a vector.
+        let record_len = |offset: usize| {
+            RECORD_LAYER_HEADER_SIZE
+                + ((usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 2]) << 8)
+                    | usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 1]))
+        };
         let mut offset = 0;
         while offset != buf.len() {
             if buf.len() - offset <= RECORD_LAYER_HEADER_SIZE {
                 return Err(Error::ErrInvalidPacketLength);
             }
-            let len = RECORD_LAYER_HEADER_SIZE
-                + ((usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 2]) << 8)
-                    | usize::from(buf[offset + RECORD_LAYER_HEADER_SIZE - 1]));
+            let len = record_len(offset);
             if offset + len > buf.len() {
                 return Err(Error::ErrInvalidPacketLength);
             }
-            records.push(offset..offset + len);
             offset += len;
         }
-        for range in records {
-            let pkt = Cow::Borrowed(&buf[range]);
+        let mut offset = 0;
+        while offset != buf.len() {
+            let len = record_len(offset);
+            let pkt = Cow::Borrowed(&buf[offset..offset + len]);
+            offset += len;
             let (hs, alert, err) = self.handle_incoming_packet(pkt, enqueue);
             if let Some(alert) = alert {
                 self.outgoing_packets.push_back(Packet {
@@ -715,8 +771,18 @@ impl DTLSConn {
             }
 
             if let Some(cipher_suite) = &mut self.state.cipher_suite {
-                pkt = match cipher_suite.decrypt(&pkt) {
-                    Ok(pkt) => Cow::Owned(pkt),
+                // ntp-dtls patch p11: application data is decrypted straight into the data
+                // handed over, and delivered below.
+                let decrypted = if h.content_type == ContentType::ApplicationData {
+                    cipher_suite.decrypt_application_data(&pkt).map(Ok)
+                } else {
+                    cipher_suite.decrypt(&pkt).map(Err)
+                };
+                pkt = match decrypted {
+                    // The data of an application data record.
+                    Ok(Ok(data)) => return self.deliver_application_data(h.epoch, data),
+                    // Any other record, decrypted.
+                    Ok(Err(pkt)) => Cow::Owned(pkt),
                     Err(err) => {
                         debug!("{}: decrypt failed: {}", srv_cli_str(self.is_client), err);
 
@@ -919,6 +985,33 @@ impl DTLSConn {
             }
         };
 
+        (false, None, None)
+    }
+
+    /// The rest of `handle_incoming_packet` for the `data` of an application data record of
+    /// `epoch` (non-zero), decrypted (ntp-dtls patches p7, p11): what the steps after decryption
+    /// do with such a record (the fragment buffer's size check, the replay window's `accept`, the
+    /// data queued), without the decrypted record (its header and the data) that
+    /// `RecordLayer::unmarshal` would parse and copy the data out of.
+    fn deliver_application_data(
+        &mut self,
+        epoch: u16,
+        data: BytesMut,
+    ) -> (bool, Option<Alert>, Option<Error>) {
+        if self
+            .fragment_buffer
+            .would_overflow(RECORD_LAYER_HEADER_SIZE + data.len())
+        {
+            // Decode error must be silently discarded
+            // [RFC6347 Section-4.1.2.7]
+            debug!(
+                "{}: defragment failed: fragment buffer overflow",
+                srv_cli_str(self.is_client),
+            );
+            return (false, None, None);
+        }
+        self.replay_detector[epoch as usize].accept();
+        self.incoming_decrypted_packets.push_back(data);
         (false, None, None)
     }
 

@@ -59,7 +59,50 @@ impl CryptoGcm {
     pub fn encrypt(&mut self, pkt_rlh: &RecordLayerHeader, raw: &[u8]) -> Result<Vec<u8>> {
         let payload = &raw[RECORD_LAYER_HEADER_SIZE..];
         let raw = &raw[..RECORD_LAYER_HEADER_SIZE];
+        let mut r = Vec::with_capacity(
+            RECORD_LAYER_HEADER_SIZE + 8 + payload.len() + CRYPTO_GCM_TAG_LENGTH,
+        );
+        self.seal_into(pkt_rlh, raw, payload, &mut r)?;
+        Ok(r)
+    }
 
+    /// [`Self::encrypt`] of the record `header` ‖ `payload`, into the datagram to send
+    /// (ntp-dtls patch p6: without the joined plaintext copy, nor a `Vec` to convert), made in
+    /// `buffer` (patch p12: cleared, and grown only if it is too small).
+    ///
+    /// # Errors
+    ///
+    /// Fails if the cipher rejects the input.
+    pub fn encrypt_record(
+        &mut self,
+        pkt_rlh: &RecordLayerHeader,
+        header: &[u8],
+        payload: &[u8],
+        buffer: bytes::BytesMut,
+    ) -> Result<bytes::BytesMut> {
+        let mut r = buffer;
+        r.clear();
+        r.reserve(RECORD_LAYER_HEADER_SIZE + 8 + payload.len() + CRYPTO_GCM_TAG_LENGTH);
+        self.seal_into(
+            pkt_rlh,
+            &header[..RECORD_LAYER_HEADER_SIZE],
+            payload,
+            &mut r,
+        )?;
+        Ok(r)
+    }
+
+    /// Appends header, explicit nonce, ciphertext and tag of one record to the empty `r`.
+    fn seal_into<B>(
+        &mut self,
+        pkt_rlh: &RecordLayerHeader,
+        raw: &[u8],
+        payload: &[u8],
+        r: &mut B,
+    ) -> Result<()>
+    where
+        B: bytes::BufMut + std::ops::DerefMut<Target = [u8]>,
+    {
         let mut nonce = [0u8; CRYPTO_GCM_NONCE_LENGTH];
         nonce[..4].copy_from_slice(&self.local_write_iv[..4]);
         self.provider
@@ -72,12 +115,9 @@ impl CryptoGcm {
         // Assemble header + explicit nonce + payload once, then encrypt the
         // payload region in place with a detached tag: one allocation and one
         // payload copy instead of the former staging Vec + full re-copy.
-        let mut r = Vec::with_capacity(
-            RECORD_LAYER_HEADER_SIZE + 8 + payload.len() + CRYPTO_GCM_TAG_LENGTH,
-        );
-        r.extend_from_slice(raw);
-        r.extend_from_slice(&nonce[4..]);
-        r.extend_from_slice(payload);
+        r.put_slice(raw);
+        r.put_slice(&nonce[4..]);
+        r.put_slice(payload);
 
         let mut tag = [0; CRYPTO_GCM_TAG_LENGTH];
         self.local_gcm
@@ -88,14 +128,14 @@ impl CryptoGcm {
                 &mut tag,
             )
             .map_err(crypto_error)?;
-        r.extend_from_slice(&tag);
+        r.put_slice(&tag);
 
         // Update recordLayer size to include explicit nonce
         let r_len = (r.len() - RECORD_LAYER_HEADER_SIZE) as u16;
         r[RECORD_LAYER_HEADER_SIZE - 2..RECORD_LAYER_HEADER_SIZE]
             .copy_from_slice(&r_len.to_be_bytes());
 
-        Ok(r)
+        Ok(())
     }
 
     /// Unprotects one record.
@@ -111,6 +151,43 @@ impl CryptoGcm {
             return Ok(r.to_vec());
         }
 
+        // The header and the plaintext (exactly, for a record long enough to be opened).
+        let mut d = Vec::with_capacity(r.len().saturating_sub(8 + CRYPTO_GCM_TAG_LENGTH));
+        self.open_into(&h, r, true, &mut d)?;
+        Ok(d)
+    }
+
+    /// [`Self::decrypt`] without the header, into the data to hand over (ntp-dtls patch p11).
+    ///
+    /// # Errors
+    ///
+    /// Fails if authentication fails or the record is too short.
+    pub fn decrypt_application_data(&mut self, r: &[u8]) -> Result<bytes::BytesMut> {
+        let mut reader = Cursor::new(r);
+        let h = RecordLayerHeader::unmarshal(&mut reader)?;
+        if h.content_type == ContentType::ChangeCipherSpec {
+            return Ok(bytes::BytesMut::from(&r[RECORD_LAYER_HEADER_SIZE..]));
+        }
+
+        // Room for the record itself (patch p12): a reply of the same size can be made in
+        // this allocation once the data has been read (`DTLSConn::write_reusing`).
+        let mut d = bytes::BytesMut::with_capacity(r.len());
+        self.open_into(&h, r, false, &mut d)?;
+        Ok(d)
+    }
+
+    /// Appends the record's header (if `header`) and its authenticated plaintext to the empty
+    /// `d`.
+    fn open_into<B>(
+        &mut self,
+        h: &RecordLayerHeader,
+        r: &[u8],
+        header: bool,
+        d: &mut B,
+    ) -> Result<()>
+    where
+        B: bytes::BufMut + std::ops::DerefMut<Target = [u8]>,
+    {
         if r.len() <= (RECORD_LAYER_HEADER_SIZE + 8) {
             return Err(Error::ErrNotEnoughRoomForNonce);
         }
@@ -128,21 +205,18 @@ impl CryptoGcm {
         }
         let tag_start = out.len() - CRYPTO_GCM_TAG_LENGTH;
 
-        let additional_data = generate_aead_additional_data(&h, tag_start);
+        let additional_data = generate_aead_additional_data(h, tag_start);
 
-        let mut d = Vec::with_capacity(RECORD_LAYER_HEADER_SIZE + tag_start);
-        d.extend_from_slice(&r[..RECORD_LAYER_HEADER_SIZE]);
-        d.extend_from_slice(&out[..tag_start]);
+        if header {
+            d.put_slice(&r[..RECORD_LAYER_HEADER_SIZE]);
+        }
+        let start = d.len();
+        d.put_slice(&out[..tag_start]);
         self.remote_gcm
-            .open_in_place(
-                &nonce,
-                &additional_data,
-                &mut d[RECORD_LAYER_HEADER_SIZE..],
-                &out[tag_start..],
-            )
+            .open_in_place(&nonce, &additional_data, &mut d[start..], &out[tag_start..])
             .map_err(authentication_error)?;
 
-        Ok(d)
+        Ok(())
     }
 }
 
@@ -222,6 +296,53 @@ mod tests {
         raw.extend_from_slice(&[0u8; 8 + 10]);
 
         assert!(cg.decrypt(&raw).is_err());
+    }
+
+    /// ntp-dtls patches p6 and p11: `encrypt_record` is `encrypt` of header and payload joined,
+    /// and `decrypt_application_data` is `decrypt` without the header, failures included.
+    #[test]
+    fn test_crypto_gcm_record_variants_match() {
+        let key = [0x11u8; 16];
+        let iv = [0x22u8; 4];
+        let provider = crypto::default_provider().unwrap();
+        let mut cg = CryptoGcm::new(provider, &key, &iv, &key, &iv).unwrap();
+
+        let (header, raw) = make_record(b"application data!");
+        let sealed = cg
+            .encrypt_record(
+                &header,
+                &raw[..RECORD_LAYER_HEADER_SIZE],
+                &raw[RECORD_LAYER_HEADER_SIZE..],
+                bytes::BytesMut::new(),
+            )
+            .unwrap();
+        let encrypted = cg.encrypt(&header, &raw).unwrap();
+        // The explicit nonces are random; everything else is determined by them.
+        assert_eq!(sealed.len(), encrypted.len());
+        assert_eq!(
+            sealed[..RECORD_LAYER_HEADER_SIZE],
+            encrypted[..RECORD_LAYER_HEADER_SIZE]
+        );
+        for record in [&sealed[..], &encrypted[..]] {
+            let decrypted = cg.decrypt(record).unwrap();
+            assert_eq!(&decrypted[RECORD_LAYER_HEADER_SIZE..], b"application data!");
+            assert_eq!(
+                &cg.decrypt_application_data(record).unwrap()[..],
+                &decrypted[RECORD_LAYER_HEADER_SIZE..]
+            );
+        }
+
+        let mut tampered = sealed.to_vec();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0xff;
+        assert!(cg.decrypt(&tampered).is_err());
+        assert!(cg.decrypt_application_data(&tampered).is_err());
+        for short in [
+            RECORD_LAYER_HEADER_SIZE + 8,
+            RECORD_LAYER_HEADER_SIZE + 8 + 10,
+        ] {
+            assert!(cg.decrypt_application_data(&sealed[..short]).is_err());
+        }
     }
 
     /// Tampered ciphertext must fail authentication.

@@ -120,6 +120,12 @@ impl FragmentBuffer {
         }
     }
 
+    /// Whether `push` of a record of `len` bytes would be refused for the buffer's size, the one
+    /// check it makes of a record that is not a handshake record (ntp-dtls patch p11).
+    pub(crate) fn would_overflow(&self, len: usize) -> bool {
+        self.size + len >= FRAGMENT_BUFFER_MAX_SIZE
+    }
+
     // Attempts to push a DTLS packet to the FragmentBuffer
     // when it returns true it means the FragmentBuffer has inserted and the buffer shouldn't be handled
     // when an error returns it is fatal, and the DTLS connection should be stopped

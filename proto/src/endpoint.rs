@@ -34,7 +34,7 @@ use crate::admission::{Admission, AuditLimiter, Expiry, Limits, Refusal};
 use crate::engine::{
     DtlsEngine, Engine, Event, Failure, PeerIdentity, ServerSettings, SettingsError,
 };
-use crate::forward::{Departing, Departure, Forward, ReplyStamp};
+use crate::forward::{Departure, Forward, ReplyStamp};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::stats::{Counter, RttGauge, Stats};
 
@@ -429,13 +429,7 @@ impl Endpoint {
                         TimeSource::Forward => continue,
                     };
                     // T3 at the wire: the clock read plus the send lag of earlier replies.
-                    let departure = Departure {
-                        read: wall,
-                        what: Departing::Reply {
-                            received,
-                            corrected_receive: None,
-                        },
-                    };
+                    let departure = self.forward.own_reply_departure(wall, received);
                     match source.reply(
                         &request,
                         NtpTimestamp::from_system_time(received),

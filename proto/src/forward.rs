@@ -74,6 +74,9 @@ pub struct Departure {
     /// The clock read it was stamped with: its transmit timestamp cannot be earlier.
     pub read: SystemTime,
     pub what: Departing,
+    /// Whether its kernel transmit timestamp is wanted ([`SendLag::due`]): every datagram at a
+    /// device's pace, a sample under load. The others leave at their predicted time.
+    pub measure: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +105,8 @@ pub struct Forward<A> {
     /// Whether replies' timestamps are corrected for the residence here (on by default).
     correction: bool,
     translations: Translations,
-    /// Clock read -> kernel transmit timestamp, measured on this path's replies.
+    /// Clock read -> kernel transmit timestamp, measured on this path's requests and replies.
+    request_lag: SendLag,
     reply_lag: SendLag,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -116,6 +120,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             rtt,
             correction: true,
             translations: Translations::default(),
+            request_lag: SendLag::default(),
             reply_lag: SendLag::default(),
             observer: None,
         }
@@ -182,16 +187,19 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         Some(request)
     }
 
-    /// The request keyed `transmit` leaves now (`wall` read right before it is sent). The
-    /// departure is for the shell to report with the kernel's transmit timestamp.
+    /// The request keyed `transmit` leaves now (`wall` read right before it is sent): it is
+    /// taken to depart at its predicted time, until the shell reports the kernel's transmit
+    /// timestamp for the departure returned (when it is to be measured).
     pub fn request_sent(&mut self, now: Instant, wall: SystemTime, transmit: u64) -> Departure {
+        let predicted = wall + self.request_lag.predict();
         if let Some(exchange) = self.pending.value_mut(transmit) {
-            exchange.request_tx = Some(wall);
+            exchange.request_tx = Some(predicted);
             exchange.sent = Some(now);
         }
         Departure {
             read: wall,
             what: Departing::Request { transmit },
+            measure: self.request_lag.due(wall),
         }
     }
 
@@ -203,13 +211,18 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
     /// an unbelievable lag).
     pub fn departed(&mut self, departure: &Departure, transmitted: SystemTime) -> bool {
         match departure.what {
-            Departing::Request { transmit } => match self.pending.value_mut(transmit) {
-                Some(exchange) if exchange.request_tx == Some(departure.read) => {
-                    exchange.request_tx = Some(transmitted);
-                    true
+            Departing::Request { transmit } => {
+                if !self.request_lag.observe(departure.read, transmitted) {
+                    return false;
                 }
-                _ => false,
-            },
+                match self.pending.value_mut(transmit) {
+                    Some(exchange) => {
+                        exchange.request_tx = Some(transmitted);
+                        true
+                    }
+                    None => false,
+                }
+            }
             Departing::Reply {
                 received,
                 corrected_receive,
@@ -240,6 +253,19 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
     /// lag measured on earlier replies.
     pub fn predicted_departure(&self, wall: SystemTime) -> SystemTime {
         wall + self.reply_lag.predict()
+    }
+
+    /// The departure of a reply this relay made itself (the builtin time source), received at
+    /// `received` and finished now (`wall`).
+    pub fn own_reply_departure(&mut self, wall: SystemTime, received: SystemTime) -> Departure {
+        Departure {
+            read: wall,
+            what: Departing::Reply {
+                received,
+                corrected_receive: None,
+            },
+            measure: self.reply_lag.due(wall),
+        }
     }
 
     /// A reply received at `rx`: checked and matched to its request. Returns where it goes,
@@ -337,6 +363,9 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         if let Some(observer) = &self.observer {
             observer.outcome(outcome);
         }
+        // An interleaved client's next reply carries this one's departure: measure each.
+        let interleaved = stamp.matched == Matched::Receive || exchange.previous_reply.is_some();
+        let measure = self.reply_lag.due(wall) || (interleaved && corrected_receive.is_some());
         ReplySent {
             outcome,
             departure: Departure {
@@ -345,6 +374,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
                     received: stamp.reply_rx,
                     corrected_receive,
                 },
+                measure,
             },
         }
     }

@@ -63,20 +63,21 @@ pub struct SendLag {
     sorted: [u32; SEND_LAG_SAMPLES],
     len: usize,
     next: usize,
-    /// The clock read of the last lag taken in.
-    last_read: Option<SystemTime>,
-    /// Lags offered since then.
+    /// The clock read of the last datagram [`SendLag::due`] chose.
+    last_due: Option<SystemTime>,
+    /// Datagrams offered to [`SendLag::due`] since then.
     offered: u32,
 }
 
-/// A full window takes in at most one lag per this much time: under load the lag is learnt
-/// as well from a thousand replies a second as from all of them, at a fraction of the cost.
+/// Once the window is full, at most one datagram per this much time is measured: under load
+/// the lag is learnt as well from a thousand datagrams a second as from all of them, and each
+/// kernel timestamp costs the relay a system call or two and the kernel a queued message.
 pub const SEND_LAG_SPACING: Duration = Duration::from_millis(1);
 
-/// And, while replies come more often than one per [`SEND_LAG_QUIET`], one in this many.
+/// And, while datagrams come more often than one per [`SEND_LAG_QUIET`], one in this many.
 pub const SEND_LAG_EVERY: u32 = 8;
 
-/// Replies this far apart are each taken in (a device polling every second: every one).
+/// Datagrams this far apart are each measured (a device polling every second: every one).
 pub const SEND_LAG_QUIET: Duration = Duration::from_millis(100);
 
 impl SendLag {
@@ -89,20 +90,6 @@ impl SendLag {
         if lag > MAX_SEND_LAG {
             return false;
         }
-        self.offered = self.offered.saturating_add(1);
-        if self.len == SEND_LAG_SAMPLES
-            && let Some(last) = self.last_read
-        {
-            let since = read.duration_since(last).unwrap_or(Duration::ZERO);
-            let due = since >= SEND_LAG_QUIET
-                || (since >= SEND_LAG_SPACING && self.offered >= SEND_LAG_EVERY);
-            if !due {
-                // Believed, not needed.
-                return true;
-            }
-        }
-        self.last_read = Some(read);
-        self.offered = 0;
         // At most 10 ms: fits.
         let lag = lag.as_nanos() as u32;
         if self.len == SEND_LAG_SAMPLES {
@@ -120,6 +107,24 @@ impl SendLag {
         self.samples[self.next] = lag;
         self.next = (self.next + 1) % SEND_LAG_SAMPLES;
         true
+    }
+
+    /// Whether the datagram stamped with the clock read `read`, about to be sent, should be
+    /// measured (its kernel transmit timestamp asked for): each one until the window is full,
+    /// then as [`SEND_LAG_SPACING`], [`SEND_LAG_EVERY`] and [`SEND_LAG_QUIET`] say.
+    pub fn due(&mut self, read: SystemTime) -> bool {
+        self.offered = self.offered.saturating_add(1);
+        let due = self.len < SEND_LAG_SAMPLES
+            || self.last_due.is_none_or(|last| {
+                let since = read.duration_since(last).unwrap_or(Duration::ZERO);
+                since >= SEND_LAG_QUIET
+                    || (since >= SEND_LAG_SPACING && self.offered >= SEND_LAG_EVERY)
+            });
+        if due {
+            self.last_due = Some(read);
+            self.offered = 0;
+        }
+        due
     }
 
     /// The lag to expect for the next datagram: the median of the recent ones, zero until

@@ -41,6 +41,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{
@@ -67,8 +68,13 @@ pub struct DatagramSocket {
     io: AsyncFd<std::net::UdpSocket>,
     /// Which scratch headers its receives use (see [`RECV_HEADERS_V4`]).
     ipv6: bool,
-    /// Kernel transmit timestamps are on ([`DatagramSocket::enable_tx_timestamps`]).
+    /// Kernel transmit timestamps can be asked for ([`DatagramSocket::enable_tx_timestamps`]).
     tx_timestamps: bool,
+    /// Whether they are being generated now (only while a flush sends a datagram whose
+    /// departure is to be measured): the reporting flags of SO_TIMESTAMPING without and with
+    /// TX_SOFTWARE, and which is set.
+    tx_flags: [TimestampingFlag; 2],
+    tx_on: AtomicBool,
 }
 
 impl DatagramSocket {
@@ -91,27 +97,58 @@ impl DatagramSocket {
             io,
             ipv6,
             tx_timestamps: false,
+            tx_flags: [TimestampingFlag::empty(); 2],
+            tx_on: AtomicBool::new(false),
         })
     }
 
-    /// Asks the kernel for a software transmit timestamp of every datagram sent from now on,
-    /// on the error queue, keyed by a counter from 0, without the datagram (OPT_ID, OPT_TSONLY).
-    /// Receive timestamps stay SO_TIMESTAMPNS only (OPT_RX_FILTER, where the kernel knows it:
-    /// 5.18 and later; before, receives carry SO_TIMESTAMPING's copy too, which
-    /// [`RecvBatch`] has room for). Only for sockets whose every send goes through
-    /// [`SendQueue::flush`], which drains the error queue. Must be called before the first send.
+    /// Lets [`SendQueue::flush`] ask the kernel for software transmit timestamps of the
+    /// datagrams it sends whose departure is to be measured, on the error queue, keyed by a
+    /// counter from 0 that counts only timestamped datagrams, without the datagram (OPT_ID,
+    /// OPT_TSONLY). Generation (TX_SOFTWARE) is on only while such a flush sends. Receive
+    /// timestamps stay SO_TIMESTAMPNS only (OPT_RX_FILTER, where the kernel knows it: 5.18 and
+    /// later; before, receives carry SO_TIMESTAMPING's copy too, which [`RecvBatch`] has room
+    /// for). Only for sockets whose every send goes through [`SendQueue::flush`], which drains
+    /// the error queue. Must be called before the first send.
     pub fn enable_tx_timestamps(&mut self) -> io::Result<()> {
-        let base = TimestampingFlag::SOF_TIMESTAMPING_TX_SOFTWARE
-            | TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE
+        let base = TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE
             | TimestampingFlag::SOF_TIMESTAMPING_OPT_ID
             | TimestampingFlag::SOF_TIMESTAMPING_OPT_TSONLY;
         let filtered =
             base | TimestampingFlag::from_bits_retain(nix::libc::SOF_TIMESTAMPING_OPT_RX_FILTER);
         let socket = self.io.get_ref();
-        setsockopt(socket, sockopt::Timestamping, &filtered)
-            .or_else(|_| setsockopt(socket, sockopt::Timestamping, &base))?;
+        let base = match setsockopt(socket, sockopt::Timestamping, &filtered) {
+            Ok(()) => filtered,
+            Err(_) => {
+                setsockopt(socket, sockopt::Timestamping, &base)?;
+                base
+            }
+        };
+        let generating = base | TimestampingFlag::SOF_TIMESTAMPING_TX_SOFTWARE;
+        // Once, to know the kernel takes it before relying on it.
+        setsockopt(socket, sockopt::Timestamping, &generating)?;
+        setsockopt(socket, sockopt::Timestamping, &base)?;
+        self.tx_flags = [base, generating];
         self.tx_timestamps = true;
         Ok(())
+    }
+
+    /// Turns the generation of transmit timestamps on or off; false if it could not be.
+    fn generate_tx_timestamps(&self, on: bool) -> bool {
+        if self.tx_on.load(Ordering::Relaxed) == on {
+            return true;
+        }
+        let flags = &self.tx_flags[usize::from(on)];
+        match setsockopt(self.io.get_ref(), sockopt::Timestamping, flags) {
+            Ok(()) => {
+                self.tx_on.store(on, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, on, "transmit timestamps not switched");
+                false
+            }
+        }
     }
 
     pub fn tx_timestamps(&self) -> bool {
@@ -532,6 +569,14 @@ impl SendQueue {
         let mut start = 0;
         // (position, retries) of the datagram a pending ICMP error held back.
         let mut retried = (usize::MAX, 0u8);
+        // Transmit timestamps only while a departure to be measured goes out (each costs the
+        // kernel a queued message and us its reading).
+        let measure = socket.tx_timestamps
+            && self.departures.iter().flatten().any(|d| d.measure)
+            && socket.generate_tx_timestamps(true);
+        // (Still generating if switching off failed last time: then every datagram has a key,
+        // and the error queue must be read all the same.)
+        let stamping = measure || socket.tx_on.load(Ordering::Relaxed);
         while start < self.queued.len() {
             // One system call sends from one source address: a run of equal ones.
             let source = self.sources[start];
@@ -548,9 +593,10 @@ impl SendQueue {
                 &mut self.addresses,
             ) {
                 Ok(sent) if sent > 0 => {
-                    if socket.tx_timestamps {
+                    if stamping {
+                        // Every datagram sent now has a key; only those to measure are waited for.
                         for departure in &self.departures[start..start + sent] {
-                            self.stamps.sent(*departure);
+                            self.stamps.sent(departure.filter(|d| d.measure));
                         }
                     }
                     flushed.sent += sent;
@@ -593,7 +639,12 @@ impl SendQueue {
         self.tagged.clear();
         self.sources.clear();
         self.departures.clear();
-        if socket.tx_timestamps {
+        if measure {
+            socket.generate_tx_timestamps(false);
+        }
+        // A late timestamp (a driver that stamps after the call returned) is read with a
+        // later flush.
+        if stamping || !self.stamps.in_flight.is_empty() {
             let stamps = &mut self.stamps;
             if let Err(e) = read_tx_timestamps(socket, flushed.sent, |key, transmitted| {
                 stamps.stamped(key, transmitted)
@@ -940,17 +991,19 @@ mod tests {
         let (rx, mut tx) = (socket(), socket());
         tx.enable_tx_timestamps().expect("SO_TIMESTAMPING");
         let mut queue = SendQueue::default();
-        let departure = |transmit| Departure {
+        let departure = |transmit, measure| Departure {
             read: SystemTime::now(),
             what: Departing::Request { transmit },
+            measure,
         };
-        // More than a batch, every third without a departure (a handshake record): each
-        // timestamp must land on its own datagram, across send calls and error-queue reads.
+        // More than a batch, every third without a departure (a handshake record), every
+        // fifth not to be measured: each timestamp must land on its own datagram, across send
+        // calls and error-queue reads.
         let total = 2 * BATCH + 3;
         let mut reads = Vec::new();
         for i in 0..total {
-            let d = (i % 3 != 2).then(|| departure(i as u64));
-            if let Some(d) = d {
+            let d = (i % 3 != 2).then(|| departure(i as u64, i % 5 != 4));
+            if let Some(d) = d.filter(|d| d.measure) {
                 reads.push(d);
             }
             queue.push_departing(
@@ -1004,11 +1057,40 @@ mod tests {
             None,
             bytes::BytesMut::from(&[0u8][..]),
             true,
-            Some(departure(99)),
+            Some(departure(99, true)),
         );
         queue.flush(&tx);
         let again: Vec<_> = queue.departed().map(|(d, _)| d.what).collect();
         assert_eq!(again, vec![Departing::Request { transmit: 99 }]);
+        // Nothing to measure: no timestamp is generated, and keys stay in step.
+        for i in 0..3 {
+            queue.push_departing(
+                Some(addr(&rx)),
+                None,
+                bytes::BytesMut::from(&[0u8][..]),
+                true,
+                Some(departure(100 + i, false)),
+            );
+        }
+        queue.flush(&tx);
+        assert_eq!(queue.departed().count(), 0);
+        queue.push_departing(
+            Some(addr(&rx)),
+            None,
+            bytes::BytesMut::from(&[0u8][..]),
+            true,
+            Some(departure(200, true)),
+        );
+        queue.flush(&tx);
+        let last: Vec<_> = queue.departed().map(|(d, _)| d.what).collect();
+        assert_eq!(last, vec![Departing::Request { transmit: 200 }]);
+        // Had the kernel numbered the three unmeasured datagrams, 200's key would have been
+        // beyond the count, and it would not have been matched.
+        assert_eq!(
+            queue.stamps.next_key,
+            total as u32 + 2,
+            "only measured flushes' datagrams numbered"
+        );
     }
 
     #[test]
@@ -1018,6 +1100,7 @@ mod tests {
         let d = |transmit| Departure {
             read,
             what: Departing::Request { transmit },
+            measure: true,
         };
         let mut stamps = TxStamps::default();
         for i in 0..3 {

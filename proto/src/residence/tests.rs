@@ -883,48 +883,35 @@ fn send_lag_predicts_the_median_of_recent_lags_and_ignores_the_unbelievable() {
         lag.observe(read, read + Duration::from_micros(9));
     }
     assert_eq!(lag.predict(), Duration::from_micros(9));
-    // A full window takes in one lag per SEND_LAG_SPACING: a burst of slow sends within a
-    // millisecond of the last one taken changes nothing.
-    let last = read + Duration::from_millis(SEND_LAG_SAMPLES as u64);
-    for i in 0..SEND_LAG_SAMPLES as u64 {
-        let read = last + Duration::from_micros(10 * i);
-        assert!(
-            lag.observe(read, read + Duration::from_micros(90)),
-            "believed"
-        );
-    }
-    assert_eq!(lag.predict(), Duration::from_micros(9));
-    // Replies 2 ms apart: one in SEND_LAG_EVERY is taken in, so 8 x 15 of them fill the
-    // window anew; a device polling every second has each one taken in.
-    let mut lag2 = SendLag::default();
+}
+
+#[test]
+fn send_lag_measures_each_datagram_at_a_devices_pace_and_a_sample_under_load() {
+    let t = base();
+    let mut lag = SendLag::default();
+    // Until the window is full: every one.
     for i in 0..SEND_LAG_SAMPLES as u32 {
-        let read = last + SEND_LAG_QUIET * i;
-        lag2.observe(read, read + Duration::from_micros(9));
+        let read = t + Duration::from_micros(10) * i;
+        assert!(lag.due(read));
+        lag.observe(read, read + Duration::from_micros(5));
     }
-    let start = last + Duration::from_secs(10);
-    for i in 0..(SEND_LAG_EVERY as u64 * 7) {
-        let read = start + Duration::from_millis(2 * i);
-        lag2.observe(read, read + Duration::from_micros(50));
-    }
-    assert_eq!(lag2.predict(), Duration::from_micros(9), "7 of 15 replaced");
-    for i in 0..(SEND_LAG_EVERY as u64 * 2) {
-        let read = start + Duration::from_millis(200 + 2 * i);
-        lag2.observe(read, read + Duration::from_micros(50));
-    }
-    assert_eq!(
-        lag2.predict(),
-        Duration::from_micros(50),
-        "9 of 15 replaced"
-    );
-    for i in 0..8u64 {
-        let read = start + Duration::from_secs(10 + i);
-        lag.observe(read, read + Duration::from_micros(30));
-    }
-    assert_eq!(
-        lag.predict(),
-        Duration::from_micros(30),
-        "one a second: each taken in"
-    );
+    // Full, 10 us apart (load): one per SEND_LAG_SPACING.
+    let start = t + Duration::from_secs(1);
+    assert!(lag.due(start), "the first after a quiet second");
+    let due: Vec<u32> = (1..=300)
+        .filter(|i| lag.due(start + Duration::from_micros(10) * *i))
+        .collect();
+    assert_eq!(due, vec![100, 200, 300]);
+    // 2 ms apart: one in SEND_LAG_EVERY.
+    let start = start + Duration::from_secs(1);
+    assert!(lag.due(start));
+    let due: Vec<u32> = (1..=32)
+        .filter(|i| lag.due(start + Duration::from_millis(2) * *i))
+        .collect();
+    assert_eq!(due, vec![8, 16, 24, 32]);
+    // A second apart (devices polling): every one.
+    let start = start + Duration::from_secs(1);
+    assert!((0..5).all(|i| lag.due(start + Duration::from_secs(i))));
 }
 
 #[test]

@@ -72,7 +72,7 @@ pub struct SendLag {
 /// Once the window is full, at most one datagram per this much time is measured: under load
 /// the lag is learnt as well from a thousand datagrams a second as from all of them, and each
 /// kernel timestamp costs the relay a system call or two and the kernel a queued message.
-pub const SEND_LAG_SPACING: Duration = Duration::from_millis(1);
+pub const SEND_LAG_SPACING: Duration = Duration::from_millis(10);
 
 /// And, while datagrams come more often than one per [`SEND_LAG_QUIET`], one in this many.
 pub const SEND_LAG_EVERY: u32 = 8;

@@ -192,14 +192,17 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
     /// timestamp for the departure returned (when it is to be measured).
     pub fn request_sent(&mut self, now: Instant, wall: SystemTime, transmit: u64) -> Departure {
         let predicted = wall + self.request_lag.predict();
+        // An interleaved client's request: measured whatever the load, as its replies are.
+        let mut interleaved = false;
         if let Some(exchange) = self.pending.value_mut(transmit) {
             exchange.request_tx = Some(predicted);
             exchange.sent = Some(now);
+            interleaved = exchange.previous_reply.is_some();
         }
         Departure {
             read: wall,
             what: Departing::Request { transmit },
-            measure: self.request_lag.due(wall),
+            measure: self.request_lag.due(wall) || interleaved,
         }
     }
 

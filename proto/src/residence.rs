@@ -65,20 +65,14 @@ pub struct SendLag {
     next: usize,
     /// The clock read of the last datagram [`SendLag::due`] chose.
     last_due: Option<SystemTime>,
-    /// Datagrams offered to [`SendLag::due`] since then.
-    offered: u32,
 }
 
-/// Once the window is full, at most one datagram per this much time is measured: under load
-/// the lag is learnt as well from a thousand datagrams a second as from all of them, and each
-/// kernel timestamp costs the relay a system call or two and the kernel a queued message.
+/// Once the window is full, at most one datagram per this much time is measured: devices
+/// polling every few seconds each, even hundreds of them behind one server relay, nearly
+/// every one; under load 100 a second, from which the lag is learnt as well as from all, while
+/// each kernel timestamp costs the relay two setsockopt calls and an error-queue read and
+/// the kernel a queued message.
 pub const SEND_LAG_SPACING: Duration = Duration::from_millis(10);
-
-/// And, while datagrams come more often than one per [`SEND_LAG_QUIET`], one in this many.
-pub const SEND_LAG_EVERY: u32 = 8;
-
-/// Datagrams this far apart are each measured (a device polling every second: every one).
-pub const SEND_LAG_QUIET: Duration = Duration::from_millis(100);
 
 impl SendLag {
     /// One measured lag: the kernel's transmit timestamp minus the clock read. Lags outside
@@ -111,18 +105,15 @@ impl SendLag {
 
     /// Whether the datagram stamped with the clock read `read`, about to be sent, should be
     /// measured (its kernel transmit timestamp asked for): each one until the window is full,
-    /// then as [`SEND_LAG_SPACING`], [`SEND_LAG_EVERY`] and [`SEND_LAG_QUIET`] say.
+    /// then one per [`SEND_LAG_SPACING`].
     pub fn due(&mut self, read: SystemTime) -> bool {
-        self.offered = self.offered.saturating_add(1);
         let due = self.len < SEND_LAG_SAMPLES
             || self.last_due.is_none_or(|last| {
-                let since = read.duration_since(last).unwrap_or(Duration::ZERO);
-                since >= SEND_LAG_QUIET
-                    || (since >= SEND_LAG_SPACING && self.offered >= SEND_LAG_EVERY)
+                read.duration_since(last)
+                    .is_ok_and(|since| since >= SEND_LAG_SPACING)
             });
         if due {
             self.last_due = Some(read);
-            self.offered = 0;
         }
         due
     }

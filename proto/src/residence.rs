@@ -69,10 +69,12 @@ pub struct SendLag {
 
 /// Once the window is full, at most one datagram per this much time is measured: devices
 /// polling every few seconds each, even hundreds of them behind one server relay, nearly
-/// every one; under load 100 a second, from which the lag is learnt as well as from all, while
-/// each kernel timestamp costs the relay two setsockopt calls and an error-queue read and
-/// the kernel a queued message.
-pub const SEND_LAG_SPACING: Duration = Duration::from_millis(10);
+/// every one; under load a thousand a second, while each kernel timestamp costs the relay two
+/// setsockopt calls and an error-queue read and the kernel a queued message. Not sparser: the
+/// window must follow a change of pace (idle to back-to-back) within milliseconds, or the
+/// stale lags of the idle pace over-correct (one measured datagram per 10 ms put a
+/// back-to-back client's delay at -33 us in `make bench`, 12:27 on 2026-12-03).
+pub const SEND_LAG_SPACING: Duration = Duration::from_millis(1);
 
 impl SendLag {
     /// One measured lag: the kernel's transmit timestamp minus the clock read. Lags outside

@@ -895,20 +895,16 @@ fn send_lag_measures_each_datagram_at_a_devices_pace_and_a_sample_under_load() {
         assert!(lag.due(read));
         lag.observe(read, read + Duration::from_micros(5));
     }
-    // Full, 100 us apart (load): one per SEND_LAG_SPACING.
+    // Full, 10 us apart (load): one per SEND_LAG_SPACING.
     let start = t + Duration::from_secs(1);
     assert!(lag.due(start), "the first after a quiet second");
     let due: Vec<u32> = (1..=300)
-        .filter(|i| lag.due(start + Duration::from_micros(100) * *i))
+        .filter(|i| lag.due(start + Duration::from_micros(10) * *i))
         .collect();
     assert_eq!(due, vec![100, 200, 300]);
-    // 2 ms apart: one in five.
+    // 2 ms apart: each.
     let start = start + Duration::from_secs(1);
-    assert!(lag.due(start));
-    let due: Vec<u32> = (1..=20)
-        .filter(|i| lag.due(start + Duration::from_millis(2) * *i))
-        .collect();
-    assert_eq!(due, vec![5, 10, 15, 20]);
+    assert!((1..=20).all(|i| lag.due(start + Duration::from_millis(2) * i)));
     // A second apart (devices polling): every one.
     let start = start + Duration::from_secs(1);
     assert!((0..5).all(|i| lag.due(start + Duration::from_secs(i))));

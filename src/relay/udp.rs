@@ -1051,38 +1051,22 @@ mod tests {
                 "left {transmitted:?}, arrived {arrived:?}"
             );
         }
+        // One datagram per departure given, in one flush; the departures reported back.
+        let flush_one = |queue: &mut SendQueue, departures: &[Departure]| {
+            for d in departures {
+                let datagram = bytes::BytesMut::from(&[0u8][..]);
+                queue.push_departing(Some(addr(&rx)), None, datagram, true, Some(*d));
+            }
+            queue.flush(&tx);
+            queue.departed().map(|(d, _)| d.what).collect::<Vec<_>>()
+        };
         // The error queue was drained: a second flush reports only its own datagram.
-        queue.push_departing(
-            Some(addr(&rx)),
-            None,
-            bytes::BytesMut::from(&[0u8][..]),
-            true,
-            Some(departure(99, true)),
-        );
-        queue.flush(&tx);
-        let again: Vec<_> = queue.departed().map(|(d, _)| d.what).collect();
+        let again = flush_one(&mut queue, &[departure(99, true)]);
         assert_eq!(again, vec![Departing::Request { transmit: 99 }]);
         // Nothing to measure: no timestamp is generated, and keys stay in step.
-        for i in 0..3 {
-            queue.push_departing(
-                Some(addr(&rx)),
-                None,
-                bytes::BytesMut::from(&[0u8][..]),
-                true,
-                Some(departure(100 + i, false)),
-            );
-        }
-        queue.flush(&tx);
-        assert_eq!(queue.departed().count(), 0);
-        queue.push_departing(
-            Some(addr(&rx)),
-            None,
-            bytes::BytesMut::from(&[0u8][..]),
-            true,
-            Some(departure(200, true)),
-        );
-        queue.flush(&tx);
-        let last: Vec<_> = queue.departed().map(|(d, _)| d.what).collect();
+        let none = flush_one(&mut queue, &[100, 101, 102].map(|t| departure(t, false)));
+        assert_eq!(none, vec![]);
+        let last = flush_one(&mut queue, &[departure(200, true)]);
         assert_eq!(last, vec![Departing::Request { transmit: 200 }]);
         // Had the kernel numbered the three unmeasured datagrams, 200's key would have been
         // beyond the count, and it would not have been matched.

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::cli::ClientArgs;
 use crate::config::{ClientConfig, Tunnel as TunnelSettings};
-use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
+use crate::ops::daemon::{Reload, Shutdown, log_reload, next_change, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::timestamps::TimestampMetrics;
@@ -239,11 +239,15 @@ impl TunnelTask {
         let mut from_upstream: [RecvBatch; 3] = Default::default();
         let mut timer = LoopTimer::default();
         self.execute();
+        // Made once, not per iteration (see Shutdown::wait).
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        let mut reloaded = Box::pin(next_change(self.settings.clone()));
         loop {
             timer.arm(self.tunnel.poll_timeout());
             tokio::select! {
                 biased;
-                _ = shutdown.wait() => break,
+                _ = &mut stop => break,
                 received = self.local.recv_batch(&mut from_local) => match received {
                     Ok(_) => {
                         let now = Instant::now();
@@ -280,8 +284,8 @@ impl TunnelTask {
                     self.tunnel.resolved(Instant::now(), resolved);
                 },
                 _ = timer.fired() => self.tunnel.handle_timeout(Instant::now()),
-                Ok(()) = self.settings.changed() => {
-                    let settings = self.settings.borrow_and_update().clone();
+                (receiver, settings) = &mut reloaded => {
+                    reloaded.set(next_change(receiver));
                     self.tunnel.set_settings(settings);
                 }
             }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ServerConfig, Upstream};
-use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
+use crate::ops::daemon::{Reload, Shutdown, log_reload, next_change, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::timestamps::TimestampMetrics;
@@ -334,11 +334,15 @@ impl Worker {
         let mut from_peers = RecvBatch::default();
         let mut from_source = RecvBatch::default();
         let mut timer = LoopTimer::default();
+        // Made once, not per iteration (see Shutdown::wait).
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        let mut reloaded = Box::pin(next_change(self.settings.clone()));
         loop {
             timer.arm(self.endpoint.poll_timeout());
             tokio::select! {
                 biased;
-                _ = shutdown.wait() => break,
+                _ = &mut stop => break,
                 received = self.socket.recv_batch(&mut from_peers) => match received {
                     Ok(_) => {
                         // The clock read right after recvmmsg, for a datagram the kernel gave
@@ -370,8 +374,8 @@ impl Worker {
                     }
                 },
                 _ = timer.fired() => self.endpoint.handle_timeout(Instant::now()),
-                Ok(()) = self.settings.changed() => {
-                    let settings = self.settings.borrow_and_update().clone();
+                (receiver, settings) = &mut reloaded => {
+                    reloaded.set(next_change(receiver));
                     if let Some(settings) = settings {
                         if let Err(e) = self.endpoint.replace_settings(&settings) {
                             warn!(error = %e, "reloaded material refused by the DTLS engine");

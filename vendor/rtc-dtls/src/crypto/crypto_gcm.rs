@@ -103,12 +103,14 @@ impl CryptoGcm {
     where
         B: bytes::BufMut + std::ops::DerefMut<Target = [u8]>,
     {
+        // ntp-dtls patch p13: the explicit nonce is the record's epoch and sequence number (RFC
+        // 5288 section 3 allows it, RFC 9325 section 7.2.1 recommends it), unique under a key by
+        // construction; 8 random bytes per record repeat by chance, and a repeated GCM nonce
+        // gives the key's authentication away.
         let mut nonce = [0u8; CRYPTO_GCM_NONCE_LENGTH];
         nonce[..4].copy_from_slice(&self.local_write_iv[..4]);
-        self.provider
-            .random()
-            .fill(&mut nonce[4..])
-            .map_err(crypto_error)?;
+        nonce[4..6].copy_from_slice(&pkt_rlh.epoch.to_be_bytes());
+        nonce[6..].copy_from_slice(&pkt_rlh.sequence_number.to_be_bytes()[2..]);
 
         let additional_data = generate_aead_additional_data(pkt_rlh, payload.len());
 
@@ -317,12 +319,8 @@ mod tests {
             )
             .unwrap();
         let encrypted = cg.encrypt(&header, &raw).unwrap();
-        // The explicit nonces are random; everything else is determined by them.
-        assert_eq!(sealed.len(), encrypted.len());
-        assert_eq!(
-            sealed[..RECORD_LAYER_HEADER_SIZE],
-            encrypted[..RECORD_LAYER_HEADER_SIZE]
-        );
+        // The explicit nonce is the epoch and sequence number (patch p13): the same record.
+        assert_eq!(sealed[..], encrypted[..]);
         for record in [&sealed[..], &encrypted[..]] {
             let decrypted = cg.decrypt(record).unwrap();
             assert_eq!(&decrypted[RECORD_LAYER_HEADER_SIZE..], b"application data!");

@@ -68,6 +68,10 @@ pub struct DatagramSocket {
     io: AsyncFd<std::net::UdpSocket>,
     /// Which scratch headers its receives use (see [`RECV_HEADERS_V4`]).
     ipv6: bool,
+    /// Destination addresses are asked for: only on a socket bound to a wildcard address and
+    /// not connected (elsewhere every datagram's is the socket's own, and each control
+    /// message costs its parsing).
+    pktinfo: bool,
     /// Kernel transmit timestamps can be asked for ([`DatagramSocket::enable_tx_timestamps`]).
     tx_timestamps: bool,
     /// Whether they are being generated now (only while a flush sends a datagram whose
@@ -78,12 +82,14 @@ pub struct DatagramSocket {
 }
 
 impl DatagramSocket {
-    /// Takes over a bound socket (made non-blocking here, and asked for receive timestamps and
-    /// destination addresses). Must run inside the runtime.
+    /// Takes over a bound socket (made non-blocking here, and asked for receive timestamps,
+    /// and for destination addresses if it is bound to a wildcard address). Must run inside
+    /// the runtime.
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
-        let ipv6 = socket.local_addr()?.is_ipv6();
-        enable_control_messages(&socket, ipv6)?;
+        let bound = socket.local_addr()?;
+        let (ipv6, pktinfo) = (bound.is_ipv6(), bound.ip().is_unspecified());
+        enable_control_messages(&socket, ipv6, pktinfo)?;
         // Room for bursts: 256 clients answered at once overflowed the kernel's default
         // (208 KiB) between the relays. The kernel caps it at net.core.rmem_max.
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
@@ -96,6 +102,7 @@ impl DatagramSocket {
         Ok(DatagramSocket {
             io,
             ipv6,
+            pktinfo,
             tx_timestamps: false,
             tx_flags: [TimestampingFlag::empty(); 2],
             tx_on: AtomicBool::new(false),
@@ -159,9 +166,20 @@ impl DatagramSocket {
         Self::from_std(std::net::UdpSocket::bind(addr)?)
     }
 
-    /// Fixes the peer: `send` goes there and only its datagrams are received.
-    pub fn connect(&self, peer: SocketAddr) -> io::Result<()> {
-        self.io.get_ref().connect(peer)
+    /// Fixes the peer: `send` goes there and only its datagrams are received (and the local
+    /// address is fixed: destination addresses are no longer asked for).
+    pub fn connect(&mut self, peer: SocketAddr) -> io::Result<()> {
+        let socket = self.io.get_ref();
+        socket.connect(peer)?;
+        if self.pktinfo {
+            if self.ipv6 {
+                setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &false)?;
+            } else {
+                setsockopt(socket, sockopt::Ipv4PacketInfo, &false)?;
+            }
+            self.pktinfo = false;
+        }
+        Ok(())
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -178,7 +196,7 @@ impl DatagramSocket {
             // ERROR too: an ICMP error raises only EPOLLERR, not EPOLLIN, and must not wait for
             // the next datagram to be seen.
             let mut guard = self.io.ready(Interest::READABLE | Interest::ERROR).await?;
-            match guard.try_io(|socket| batch.fill(socket.get_ref(), self.ipv6)) {
+            match guard.try_io(|socket| batch.fill(socket.get_ref(), self.ipv6, self.pktinfo)) {
                 Ok(Ok(count)) => {
                     if count < BATCH {
                         // The queue is empty: clear readiness here rather than by a call that
@@ -205,13 +223,20 @@ impl DatagramSocket {
     }
 }
 
-/// Asks the kernel for the control messages [`Received`] carries: SO_TIMESTAMPNS, and
-/// IP_PKTINFO on an IPv4 socket or IPV6_RECVPKTINFO on an IPv6 one. On a dual-stack IPv6 socket
-/// the kernel reports an IPv4 datagram's destination as an IPv4-mapped IPV6_PKTINFO, so one
-/// option covers both families (and every datagram's control data has one size, see
-/// [`RecvBatch::fill`]).
-fn enable_control_messages(socket: &std::net::UdpSocket, ipv6: bool) -> io::Result<()> {
+/// Asks the kernel for the control messages [`Received`] carries: SO_TIMESTAMPNS, and if
+/// `pktinfo`, IP_PKTINFO on an IPv4 socket or IPV6_RECVPKTINFO on an IPv6 one. On a dual-stack
+/// IPv6 socket the kernel reports an IPv4 datagram's destination as an IPv4-mapped
+/// IPV6_PKTINFO, so one option covers both families (and every datagram's control data has one
+/// size, see [`RecvBatch::fill`]).
+fn enable_control_messages(
+    socket: &std::net::UdpSocket,
+    ipv6: bool,
+    pktinfo: bool,
+) -> io::Result<()> {
     setsockopt(socket, sockopt::ReceiveTimestampns, &true)?;
+    if !pktinfo {
+        return Ok(());
+    }
     if ipv6 {
         setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)?;
     } else {
@@ -234,7 +259,7 @@ pub struct Received<'a> {
     /// The address the datagram was sent to (IP_PKTINFO / IPV6_PKTINFO): on a socket bound to
     /// a wildcard, which of the host's addresses the peer used. An IPv4-mapped address (an
     /// IPv4 datagram on a dual-stack socket) is given as the IPv4 address. None if the kernel
-    /// gave none.
+    /// gave none, and on a socket bound to one address or connected (not asked for).
     pub local: Option<IpAddr>,
 }
 
@@ -268,6 +293,12 @@ thread_local! {
         RefCell::new(receive_headers());
     static RECV_HEADERS_V6: RefCell<MultiHeaders<SockaddrStorage>> =
         RefCell::new(receive_headers());
+    /// And for sockets that get no destination address (timestamps only): their receives leave
+    /// less control room behind than the others need.
+    static RECV_HEADERS_V4_NO_PKTINFO: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(receive_headers());
+    static RECV_HEADERS_V6_NO_PKTINFO: RefCell<MultiHeaders<SockaddrStorage>> =
+        RefCell::new(receive_headers());
     /// Scratch headers for sendmmsg (nix sets every field it reads before each call).
     static SEND_HEADERS: RefCell<MultiHeaders<SockaddrStorage>> =
         RefCell::new(MultiHeaders::preallocate(BATCH, None));
@@ -295,12 +326,18 @@ impl RecvBatch {
     /// One recvmmsg on a non-blocking socket: what is queued, up to [`BATCH`] datagrams.
     ///
     /// The kernel writes back into each header how much control data it used, and nix's
-    /// recvmmsg does not restore the room before the next call. Our sockets all get the same
-    /// control messages for every datagram (a timestamp and one pktinfo of the socket's family),
-    /// so the room left is exactly what the next datagram needs. Should a datagram come without
+    /// recvmmsg does not restore the room before the next call. A socket gets the same control
+    /// messages for every datagram (a timestamp, and one pktinfo of its family on a wildcard
+    /// socket), and each kind of socket has its own headers, so the room left is exactly what
+    /// the next datagram needs. Should a datagram come without
     /// either (a socket without the options, or control data cut short), the headers are made
     /// anew for the next call, so that one odd datagram costs no other its control data.
-    fn fill(&mut self, socket: &std::net::UdpSocket, ipv6: bool) -> io::Result<usize> {
+    fn fill(
+        &mut self,
+        socket: &std::net::UdpSocket,
+        ipv6: bool,
+        pktinfo: bool,
+    ) -> io::Result<usize> {
         self.count = 0;
         let fd = socket.as_raw_fd();
         let RecvBatch {
@@ -311,10 +348,11 @@ impl RecvBatch {
             locals,
             ..
         } = self;
-        let headers = if ipv6 {
-            &RECV_HEADERS_V6
-        } else {
-            &RECV_HEADERS_V4
+        let headers = match (ipv6, pktinfo) {
+            (false, true) => &RECV_HEADERS_V4,
+            (true, true) => &RECV_HEADERS_V6,
+            (false, false) => &RECV_HEADERS_V4_NO_PKTINFO,
+            (true, false) => &RECV_HEADERS_V6_NO_PKTINFO,
         };
         let count = headers.with_borrow_mut(|headers| {
             let mut slices = buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
@@ -350,7 +388,7 @@ impl RecvBatch {
                         }
                     }
                 }
-                renew |= rx.is_none() || local.is_none();
+                renew |= rx.is_none() || (pktinfo && local.is_none());
                 count += 1;
             }
             if renew {
@@ -971,7 +1009,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connected_socket_reports_an_unreachable_peer() {
-        let (rx, tx) = (socket(), socket());
+        let (rx, mut tx) = (socket(), socket());
         let gone = addr(&rx);
         drop(rx);
         tx.connect(gone).expect("connect");
@@ -1303,10 +1341,11 @@ mod tests {
     #[tokio::test]
     async fn a_socket_without_control_messages_costs_the_next_one_none() {
         // The kernel shrinks each header's control room to what it used; a datagram with none
-        // leaves none. The headers are renewed, so the next socket's datagram still has both.
+        // leaves none. The headers are renewed, so the next socket's datagram still has its
+        // timestamp. And a socket bound to one address (timestamps only) and a wildcard one
+        // (timestamp and destination) on one thread never cut each other's control data short.
         let (bare, tx) = (socket(), socket());
         setsockopt(bare.io.get_ref(), sockopt::ReceiveTimestampns, &false).expect("off");
-        setsockopt(bare.io.get_ref(), sockopt::Ipv4PacketInfo, &false).expect("off");
         for _ in 0..BATCH {
             tx.send_to(b"bare", addr(&bare)).expect("send");
         }
@@ -1317,17 +1356,30 @@ mod tests {
                 .iter()
                 .all(|r| r.kernel_rx.is_none() && r.local.is_none())
         );
-        let rx = socket();
-        for _ in 0..BATCH {
-            tx.send_to(b"full", addr(&rx)).expect("send");
-        }
-        assert_eq!(recv(&rx, &mut batch).await, BATCH);
-        for (index, received) in batch.iter().enumerate() {
-            assert!(
-                received.kernel_rx.is_some(),
-                "datagram {index} has no timestamp"
-            );
-            assert_eq!(received.local, Some(addr(&rx).ip()), "datagram {index}");
+        let one = socket();
+        let wildcard = DatagramSocket::bind("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let to_wildcard =
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr(&wildcard).port());
+        for round in 0..3 {
+            for (rx, to, local) in [
+                (&one, addr(&one), None),
+                (&wildcard, to_wildcard, Some(to_wildcard.ip())),
+            ] {
+                for _ in 0..BATCH {
+                    tx.send_to(b"full", to).expect("send");
+                }
+                assert_eq!(recv(rx, &mut batch).await, BATCH);
+                for (index, received) in batch.iter().enumerate() {
+                    assert!(
+                        received.kernel_rx.is_some(),
+                        "round {round}, to {to}: datagram {index} has no timestamp"
+                    );
+                    assert_eq!(
+                        received.local, local,
+                        "round {round}, to {to}: datagram {index}"
+                    );
+                }
+            }
         }
     }
 
@@ -1344,7 +1396,7 @@ mod tests {
         let port = addr(&wildcard).port();
         let mut clients = Vec::new();
         for ip in to {
-            let client = socket();
+            let mut client = socket();
             client.connect(SocketAddr::new(*ip, port)).expect("connect");
             client.send(b"hello").expect("send");
             clients.push(client);
@@ -1439,7 +1491,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pending_icmp_error_costs_the_next_datagram_nothing() {
-        let (rx, tx) = (socket(), socket());
+        let (rx, mut tx) = (socket(), socket());
         let gone = addr(&rx);
         drop(rx);
         tx.connect(gone).expect("connect");

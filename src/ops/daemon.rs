@@ -137,24 +137,11 @@ impl Shutdown {
         ))
     }
 
-    /// Resolves once shutdown has been asked for. A loop that selects on it per datagram
-    /// should pin one `wait()` outside the loop: made anew each iteration, it registers and
-    /// drops a waiter every time (measured at 150 instructions per reply on the server relay).
+    /// Resolves once shutdown has been asked for. (A relay loop, which selects per datagram,
+    /// hears it through a [`crate::ops::control::Control`] instead: cheaper to poll.)
     pub async fn wait(&mut self) {
         let _ = self.receiver.wait_for(|stop| *stop).await;
     }
-}
-
-/// The next value sent on a watch channel, as one future that lives across a select loop's
-/// iterations (see [`Shutdown::wait`] for why): `(receiver, value)` once a new value is there,
-/// the receiver to be handed to the next `next_change`. Pending for ever once the sender is
-/// gone, so a select loop never spins on a closed channel.
-pub async fn next_change<T: Clone>(mut receiver: watch::Receiver<T>) -> (watch::Receiver<T>, T) {
-    if receiver.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-    let value = receiver.borrow_and_update().clone();
-    (receiver, value)
 }
 
 /// Fires a [`Reload`] made by [`Reload::manual`].

@@ -2,6 +2,7 @@
 //! status, configuration checks, privileges.
 
 pub mod check;
+pub mod control;
 pub mod daemon;
 pub mod metrics;
 pub mod observe;

@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 
 use crate::cli::ClientArgs;
 use crate::config::{ClientConfig, Tunnel as TunnelSettings};
-use crate::ops::daemon::{Reload, Shutdown, log_reload, next_change, notify_ready, start_services};
+use crate::ops::control::{Control, ControlEvent};
+use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::timestamps::TimestampMetrics;
@@ -234,20 +235,20 @@ impl TunnelTask {
         }
     }
 
-    async fn run(mut self, mut shutdown: Shutdown) {
+    async fn run(mut self, shutdown: Shutdown) {
         let mut from_local = RecvBatch::default();
         let mut from_upstream: [RecvBatch; 3] = Default::default();
         let mut timer = LoopTimer::default();
         self.execute();
-        // Made once, not per iteration (see Shutdown::wait).
-        let stop = shutdown.wait();
-        tokio::pin!(stop);
-        let mut reloaded = Box::pin(next_change(self.settings.clone()));
+        let control = Control::spawn(shutdown, self.settings.clone());
         loop {
             timer.arm(self.tunnel.poll_timeout());
             tokio::select! {
                 biased;
-                _ = &mut stop => break,
+                event = control.next() => match event {
+                    ControlEvent::Stop => break,
+                    ControlEvent::Settings(settings) => self.tunnel.set_settings(settings),
+                },
                 received = self.local.recv_batch(&mut from_local) => match received {
                     Ok(_) => {
                         let now = Instant::now();
@@ -284,10 +285,6 @@ impl TunnelTask {
                     self.tunnel.resolved(Instant::now(), resolved);
                 },
                 _ = timer.fired() => self.tunnel.handle_timeout(Instant::now()),
-                (receiver, settings) = &mut reloaded => {
-                    reloaded.set(next_change(receiver));
-                    self.tunnel.set_settings(settings);
-                }
             }
             self.execute();
         }

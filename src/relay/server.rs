@@ -18,7 +18,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ServerConfig, Upstream};
-use crate::ops::daemon::{Reload, Shutdown, log_reload, next_change, notify_ready, start_services};
+use crate::ops::control::{Control, ControlEvent};
+use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
 use crate::relay::timer::LoopTimer;
 use crate::relay::timestamps::TimestampMetrics;
@@ -330,19 +331,24 @@ impl Worker {
         })
     }
 
-    async fn run(&mut self, mut shutdown: Shutdown) {
+    async fn run(&mut self, shutdown: Shutdown) {
         let mut from_peers = RecvBatch::default();
         let mut from_source = RecvBatch::default();
         let mut timer = LoopTimer::default();
-        // Made once, not per iteration (see Shutdown::wait).
-        let stop = shutdown.wait();
-        tokio::pin!(stop);
-        let mut reloaded = Box::pin(next_change(self.settings.clone()));
+        let control = Control::spawn(shutdown, self.settings.clone());
         loop {
             timer.arm(self.endpoint.poll_timeout());
             tokio::select! {
                 biased;
-                _ = &mut stop => break,
+                event = control.next() => match event {
+                    ControlEvent::Stop => break,
+                    ControlEvent::Settings(Some(settings)) => {
+                        if let Err(e) = self.endpoint.replace_settings(&settings) {
+                            warn!(error = %e, "reloaded material refused by the DTLS engine");
+                        }
+                    }
+                    ControlEvent::Settings(None) => {}
+                },
                 received = self.socket.recv_batch(&mut from_peers) => match received {
                     Ok(_) => {
                         // The clock read right after recvmmsg, for a datagram the kernel gave
@@ -374,14 +380,6 @@ impl Worker {
                     }
                 },
                 _ = timer.fired() => self.endpoint.handle_timeout(Instant::now()),
-                (receiver, settings) = &mut reloaded => {
-                    reloaded.set(next_change(receiver));
-                    if let Some(settings) = settings {
-                        if let Err(e) = self.endpoint.replace_settings(&settings) {
-                            warn!(error = %e, "reloaded material refused by the DTLS engine");
-                        }
-                    }
-                }
             }
             self.execute();
         }

@@ -63,8 +63,9 @@ pub struct SendLag {
     sorted: [u32; SEND_LAG_SAMPLES],
     len: usize,
     next: usize,
-    /// The clock read of the last datagram [`SendLag::due`] chose.
-    last_due: Option<SystemTime>,
+    /// The clock read of the last datagram [`SendLag::due`] chose, and when the next one is
+    /// due (kept, so that the check per datagram is two comparisons, not a subtraction).
+    last_due: Option<(SystemTime, SystemTime)>,
 }
 
 /// Once the window is full, at most one datagram per this much time is measured: devices
@@ -108,14 +109,15 @@ impl SendLag {
     /// Whether the datagram stamped with the clock read `read`, about to be sent, should be
     /// measured (its kernel transmit timestamp asked for): each one until the window is full,
     /// then one per [`SEND_LAG_SPACING`].
+    /// A clock stepped back makes the next datagram due (rather than none until the clock is
+    /// back where it was).
     pub fn due(&mut self, read: SystemTime) -> bool {
         let due = self.len < SEND_LAG_SAMPLES
-            || self.last_due.is_none_or(|last| {
-                read.duration_since(last)
-                    .is_ok_and(|since| since >= SEND_LAG_SPACING)
-            });
+            || self
+                .last_due
+                .is_none_or(|(last, next)| read >= next || read < last);
         if due {
-            self.last_due = Some(read);
+            self.last_due = Some((read, read.checked_add(SEND_LAG_SPACING).unwrap_or(read)));
         }
         due
     }

@@ -908,6 +908,11 @@ fn send_lag_measures_each_datagram_at_a_devices_pace_and_a_sample_under_load() {
     // A second apart (devices polling): every one.
     let start = start + Duration::from_secs(1);
     assert!((0..5).all(|i| lag.due(start + Duration::from_secs(i))));
+    // The clock stepped back a second: the next is due, then one per spacing again.
+    let stepped = start + Duration::from_secs(3);
+    assert!(lag.due(stepped), "the first after the step");
+    assert!(!lag.due(stepped + Duration::from_micros(10)));
+    assert!(lag.due(stepped + SEND_LAG_SPACING));
 }
 
 #[test]

@@ -1558,3 +1558,41 @@ fn explicit_nonces_are_the_record_sequence() {
     // Both Finished messages and ten records of data.
     assert!(protected >= 12, "{protected} protected records seen");
 }
+
+// ---------------------------------------------------------------------------------------------
+// (p14) Every application data record was decrypted into a new allocation. A caller that has
+// a buffer it is done with (a datagram it sent) now hands it over, and the data is made in it.
+
+#[test]
+fn application_data_is_decrypted_into_a_spare_buffer() {
+    let mut e = Established::new();
+    let spare = BytesMut::with_capacity(512);
+    let at = spare.as_ptr();
+    let mut spares = vec![spare];
+    let mut events = Vec::new();
+    let d = Established::protect(&mut e.as_client, ContentType::ApplicationData, 300, b"ping");
+    e.link
+        .server
+        .read_slice_reusing(e.link.now, CLIENT, None, &d, &mut events, &mut spares)
+        .expect("read");
+    let data: Vec<&BytesMut> = events
+        .iter()
+        .filter_map(|event| match event {
+            EndpointEvent::ApplicationData(data) => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data, [&BytesMut::from(&b"ping"[..])]);
+    assert_eq!(data[0].as_ptr(), at, "the data is not in the spare buffer");
+    assert!(spares.is_empty());
+    // A datagram that decrypts nothing (a replay of the same record) leaves the spare alone.
+    let spare = BytesMut::with_capacity(512);
+    let mut spares = vec![spare];
+    events.clear();
+    let _ =
+        e.link
+            .server
+            .read_slice_reusing(e.link.now, CLIENT, None, &d, &mut events, &mut spares);
+    assert!(events.is_empty());
+    assert_eq!(spares.len(), 1);
+}

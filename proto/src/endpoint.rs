@@ -395,6 +395,12 @@ impl Endpoint {
     /// A datagram sent for a [`Transmit`]'s `departure` left at `transmitted` (its kernel
     /// transmit timestamp, checked by the shell to lie between the departure's clock read and
     /// the end of the send): see [`Forward::departed`].
+    /// A buffer the caller is done with (a datagram sent): the DTLS engine may decrypt a
+    /// later datagram into it.
+    pub fn recycle(&mut self, buffer: BytesMut) {
+        self.engine.recycle(buffer);
+    }
+
     pub fn departed(&mut self, departure: &Departure, transmitted: SystemTime) -> bool {
         self.forward.departed(departure, transmitted)
     }

@@ -651,6 +651,15 @@ impl Tunnel {
     /// A datagram sent for an action's `departure` left at `transmitted` (its kernel transmit
     /// timestamp, checked by the shell to lie between the departure's clock read and the end
     /// of the send): see [`Forward::departed`].
+    /// A buffer the caller is done with (a datagram sent): the DTLS engine may decrypt a
+    /// later datagram into it.
+    pub fn recycle(&mut self, buffer: BytesMut) {
+        // The serving association's: it decrypts nearly every reply.
+        if let Some(current) = self.current_mut() {
+            current.engine.recycle(buffer);
+        }
+    }
+
     pub fn departed(&mut self, departure: &Departure, transmitted: SystemTime) -> bool {
         self.forward.departed(departure, transmitted)
     }

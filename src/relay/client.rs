@@ -365,7 +365,7 @@ impl TunnelTask {
                     if let Some(position) = self.sockets.iter().position(|s| s.id == id) {
                         let mut closing = self.sockets.remove(position);
                         self.flush_socket_of(&mut closing);
-                        report_departures(&mut self.tunnel, &mut closing.outgoing);
+                        report_flushed(&mut self.tunnel, &mut closing.outgoing);
                     }
                 }
             }
@@ -395,7 +395,7 @@ impl TunnelTask {
             if self.flush_socket_of(socket) {
                 unreachable.push(socket.id);
             }
-            report_departures(&mut self.tunnel, &mut socket.outgoing);
+            report_flushed(&mut self.tunnel, &mut socket.outgoing);
         }
         self.sockets = sockets;
         // A pending ICMP error the send path took from the socket: the receive path will not
@@ -413,7 +413,7 @@ impl TunnelTask {
                 debug!(tunnel = %self.tunnel.name(), error = %e, failed = flushed.failed,
                     "replies not delivered");
             }
-            report_departures(&mut self.tunnel, &mut self.to_local);
+            report_flushed(&mut self.tunnel, &mut self.to_local);
         }
         told
     }
@@ -504,10 +504,14 @@ impl TunnelTask {
     }
 }
 
-/// Tells the tunnel when its datagrams really left (their kernel transmit timestamps).
-fn report_departures(tunnel: &mut Tunnel, queue: &mut SendQueue) {
+/// After a flush: tells the tunnel when its datagrams really left (their kernel transmit
+/// timestamps), and hands it their buffers to decrypt the next datagrams into.
+fn report_flushed(tunnel: &mut Tunnel, queue: &mut SendQueue) {
     for (departure, transmitted) in queue.departed() {
         tunnel.departed(&departure, transmitted);
+    }
+    for buffer in queue.spent() {
+        tunnel.recycle(buffer);
     }
 }
 

@@ -437,7 +437,7 @@ impl Worker {
                 stats.add(Counter::DropDeliveryFailed, flushed.failed as u64);
                 debug!(error = %e, failed = flushed.failed, "send failed");
             }
-            report_departures(&mut self.endpoint, &mut self.to_peers);
+            report_flushed(&mut self.endpoint, &mut self.to_peers);
         }
         self.flush_time_server();
         while let Some(event) = self.endpoint.poll_event() {
@@ -467,7 +467,7 @@ impl Worker {
                     stats.add(Counter::DropUpstreamError, flushed.failed as u64);
                     debug!(error = %e, failed = flushed.failed, "requests not forwarded");
                 }
-                report_departures(&mut self.endpoint, &mut self.to_time_server);
+                report_flushed(&mut self.endpoint, &mut self.to_time_server);
             }
         }
     }
@@ -536,9 +536,13 @@ fn record_server_certificates(
     obs.set_certificates(&certificates);
 }
 
-/// Tells the endpoint when its datagrams really left (their kernel transmit timestamps).
-fn report_departures(endpoint: &mut Endpoint, queue: &mut SendQueue) {
+/// After a flush: tells the endpoint when its datagrams really left (their kernel transmit
+/// timestamps), and hands it their buffers to decrypt the next datagrams into.
+fn report_flushed(endpoint: &mut Endpoint, queue: &mut SendQueue) {
     for (departure, transmitted) in queue.departed() {
         endpoint.departed(&departure, transmitted);
+    }
+    for buffer in queue.spent() {
+        endpoint.recycle(buffer);
     }
 }

@@ -458,6 +458,9 @@ pub struct SendQueue {
     /// Scratch for one sendmmsg's destination addresses, made for the datagrams it sends only
     /// (an array of [`BATCH`], 128 bytes each, cost more to fill than the call it was for).
     addresses: Vec<Option<SockaddrStorage>>,
+    /// The buffers of the datagrams the last flush handled, for the caller to reuse
+    /// ([`SendQueue::spent`]).
+    spent: Vec<bytes::BytesMut>,
 }
 
 impl Default for SendQueue {
@@ -469,6 +472,7 @@ impl Default for SendQueue {
             departures: Vec::with_capacity(BATCH),
             stamps: TxStamps::default(),
             addresses: Vec::with_capacity(BATCH),
+            spent: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -597,6 +601,15 @@ impl SendQueue {
         self.queued.is_empty()
     }
 
+    /// The buffers of the datagrams the last flush sent (or dropped), cleared: what the
+    /// protocol core can decrypt the next datagrams into instead of allocating.
+    pub fn spent(&mut self) -> impl Iterator<Item = bytes::BytesMut> + '_ {
+        self.spent.drain(..).map(|mut buffer| {
+            buffer.clear();
+            buffer
+        })
+    }
+
     /// Sends everything queued, [`BATCH`] per system call, without waiting: a datagram the
     /// kernel refuses (a full send buffer, an unreachable destination) is dropped and counted,
     /// and the rest still go. Returns the counts, and an error exactly when something failed
@@ -673,7 +686,8 @@ impl SendQueue {
                 }
             }
         }
-        self.queued.clear();
+        self.spent
+            .extend(self.queued.drain(..).map(|(_, buffer)| buffer));
         self.tagged.clear();
         self.sources.clear();
         self.departures.clear();

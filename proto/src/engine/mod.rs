@@ -254,6 +254,11 @@ pub trait DtlsEngine {
         drop(buffer);
         self.send(now, peer, payload)
     }
+    /// A buffer the caller is done with (a datagram sent), that an engine may decrypt a later
+    /// datagram's data into, saving an allocation. Its contents are discarded.
+    fn recycle(&mut self, buffer: BytesMut) {
+        drop(buffer);
+    }
     /// The next datagram to put on the wire.
     fn poll_transmit(&mut self) -> Option<Transmit>;
     /// When `peer` next needs [`DtlsEngine::handle_timeout`] (handshake retransmission).

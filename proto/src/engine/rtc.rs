@@ -65,7 +65,14 @@ pub struct RtcEngine {
     server_name: Option<String>,
     /// rtc-dtls's events of one datagram, kept so that no datagram allocates a vector for them.
     slot_events: Vec<EndpointEvent>,
+    /// Buffers of datagrams sent, for received data to be decrypted into (rtc-dtls patch p14):
+    /// a request's buffer becomes its reply's datagram (p12), and once that is sent, the next
+    /// request's data. At most [`MAX_SPARES`].
+    spares: Vec<BytesMut>,
 }
+
+/// Spare buffers kept: a receive batch's worth.
+const MAX_SPARES: usize = 32;
 
 type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
 
@@ -631,6 +638,7 @@ impl RtcEngine {
             refusal,
             server_name,
             slot_events: Vec::new(),
+            spares: Vec::new(),
         }
     }
 
@@ -898,6 +906,12 @@ impl DtlsEngine for RtcEngine {
         self.send_reusing(now, peer, payload, BytesMut::new())
     }
 
+    fn recycle(&mut self, buffer: BytesMut) {
+        if self.spares.len() < MAX_SPARES {
+            self.spares.push(buffer);
+        }
+    }
+
     fn send_reusing(
         &mut self,
         now: Instant,
@@ -948,15 +962,21 @@ impl DtlsEngine for RtcEngine {
             }
         };
         let mut happened = std::mem::take(&mut self.slot_events);
-        let result =
-            match self.slots[slot].read_slice_into(now, peer, None, datagram, &mut happened) {
-                Ok(()) => Ok(&mut happened),
-                Err(err) => {
-                    // As read_slice: a read that fails reports no events.
-                    happened.clear();
-                    Err(err)
-                }
-            };
+        let result = match self.slots[slot].read_slice_reusing(
+            now,
+            peer,
+            None,
+            datagram,
+            &mut happened,
+            &mut self.spares,
+        ) {
+            Ok(()) => Ok(&mut happened),
+            Err(err) => {
+                // As read_slice: a read that fails reports no events.
+                happened.clear();
+                Err(err)
+            }
+        };
         // Only application data (or nothing) from a known peer leaves its state as it was.
         let unchanged = !new_peer
             && result.as_ref().is_ok_and(|happened| {

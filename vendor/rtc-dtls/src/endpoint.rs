@@ -272,6 +272,21 @@ impl<S: BuildHasher> Endpoint<S> {
         data: &[u8],
         messages: &mut Vec<EndpointEvent>,
     ) -> Result<()> {
+        self.read_slice_reusing(now, remote, ecn, data, messages, &mut Vec::new())
+    }
+
+    /// [`Self::read_slice_into`] with buffers the caller is done with (ntp-dtls patch p14): an
+    /// application data record is decrypted into the last of `spares` (taken from it), not
+    /// into a new allocation; a buffer not used stays in `spares`.
+    pub fn read_slice_reusing(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+        messages: &mut Vec<EndpointEvent>,
+        spares: &mut Vec<BytesMut>,
+    ) -> Result<()> {
         let conn = match self.connections.entry(remote) {
             Occupied(e) => e.into_mut(),
             Vacant(e) => {
@@ -286,7 +301,11 @@ impl<S: BuildHasher> Endpoint<S> {
 
         // Handle packet on existing association, if any
         {
+            conn.spare = spares.pop();
             let result = Self::read_into(conn, now, data, messages);
+            if let Some(spare) = conn.spare.take() {
+                spares.push(spare);
+            }
             // Whatever the outcome, deliver the data that arrived and send what the connection
             // queued: an alert in reply to the peer's (its close_notify, or a fatal alert) has to
             // go out even though this read is ending in an error.

@@ -128,11 +128,15 @@ impl CipherSuite for CipherSuiteAes128GcmSha256 {
         cg.decrypt(input)
     }
 
-    // ntp-dtls patch p11: decrypted straight into the data.
-    fn decrypt_application_data(&mut self, input: &[u8]) -> Result<bytes::BytesMut> {
+    // ntp-dtls patches p11 and p14: decrypted straight into the data, in `buffer`.
+    fn decrypt_application_data(
+        &mut self,
+        input: &[u8],
+        buffer: bytes::BytesMut,
+    ) -> Result<bytes::BytesMut> {
         let cg = self.gcm.as_mut().ok_or_else(|| {
             Error::Other("CipherSuite has not been initialized, unable to decrypt".to_owned())
         })?;
-        cg.decrypt_application_data(input)
+        cg.decrypt_application_data_into(input, buffer)
     }
 }

@@ -294,12 +294,16 @@ pub trait CipherSuite: Send {
     fn decrypt(&mut self, input: &[u8]) -> Result<Vec<u8>>;
     /// The data of an application data record: [`Self::decrypt`] without the header (ntp-dtls
     /// patch p11). This default decrypts and drops the header; a suite can decrypt straight
-    /// into the data.
+    /// into the data, made in `buffer` (patch p14: a buffer the caller is done with).
     ///
     /// # Errors
     ///
     /// As [`Self::decrypt`].
-    fn decrypt_application_data(&mut self, input: &[u8]) -> Result<bytes::BytesMut> {
+    fn decrypt_application_data(
+        &mut self,
+        input: &[u8],
+        _buffer: bytes::BytesMut,
+    ) -> Result<bytes::BytesMut> {
         let mut data = bytes::BytesMut::from(bytes::Bytes::from(self.decrypt(input)?));
         bytes::Buf::advance(&mut data, RECORD_LAYER_HEADER_SIZE);
         Ok(data)

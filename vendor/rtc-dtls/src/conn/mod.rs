@@ -110,6 +110,9 @@ pub struct DTLSConn {
     /// Reset on every `read`, unlike the sticky `handshake_rx`, so a completed association can tell
     /// an RFC 6347 §4.2.4 last-flight repeat from ordinary post-handshake application data.
     pub(crate) received_handshake_in_last_datagram: bool,
+    /// ntp-dtls patch p14: a buffer the caller is done with, for the next application data
+    /// record to be decrypted into (see `Endpoint::read_slice_reusing`).
+    pub(crate) spare: Option<BytesMut>,
 }
 
 impl DTLSConn {
@@ -176,6 +179,7 @@ impl DTLSConn {
             retransmit: false,
             handshake_rx: None,
             received_handshake_in_last_datagram: false,
+            spare: None,
         }
     }
 
@@ -774,7 +778,8 @@ impl DTLSConn {
                 // ntp-dtls patch p11: application data is decrypted straight into the data
                 // handed over, and delivered below.
                 let decrypted = if h.content_type == ContentType::ApplicationData {
-                    cipher_suite.decrypt_application_data(&pkt).map(Ok)
+                    let buffer = self.spare.take().unwrap_or_default();
+                    cipher_suite.decrypt_application_data(&pkt, buffer).map(Ok)
                 } else {
                     cipher_suite.decrypt(&pkt).map(Err)
                 };

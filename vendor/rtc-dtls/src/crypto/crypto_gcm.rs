@@ -165,6 +165,20 @@ impl CryptoGcm {
     ///
     /// Fails if authentication fails or the record is too short.
     pub fn decrypt_application_data(&mut self, r: &[u8]) -> Result<bytes::BytesMut> {
+        self.decrypt_application_data_into(r, bytes::BytesMut::new())
+    }
+
+    /// [`Self::decrypt_application_data`] made in `buffer` (ntp-dtls patch p14: cleared, and
+    /// grown only if it is too small).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::decrypt_application_data`].
+    pub fn decrypt_application_data_into(
+        &mut self,
+        r: &[u8],
+        buffer: bytes::BytesMut,
+    ) -> Result<bytes::BytesMut> {
         let mut reader = Cursor::new(r);
         let h = RecordLayerHeader::unmarshal(&mut reader)?;
         if h.content_type == ContentType::ChangeCipherSpec {
@@ -173,7 +187,9 @@ impl CryptoGcm {
 
         // Room for the record itself (patch p12): a reply of the same size can be made in
         // this allocation once the data has been read (`DTLSConn::write_reusing`).
-        let mut d = bytes::BytesMut::with_capacity(r.len());
+        let mut d = buffer;
+        d.clear();
+        d.reserve(r.len());
         self.open_into(&h, r, false, &mut d)?;
         Ok(d)
     }

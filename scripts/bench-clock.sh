@@ -23,7 +23,8 @@
 # the corrected rows say "n/a (correction not built)" and are not run.
 #
 # DURATION=120 (seconds of the measurement window; default 120), QUICK=1 (or BENCH_QUICK=1 from
-# make bench): 30 s. CLOCK_KEEP=1 keeps the work directory. Writes target/bench/clock-offset.svg
+# make bench): 30 s. CLOCK_BIN=path runs that ntp-dtls binary instead of building one (to compare
+# two builds in alternating runs). CLOCK_KEEP=1 keeps the work directory. Writes target/bench/clock-offset.svg
 # (offset over time per basic path) and prints a markdown report on stdout, progress on stderr.
 # Every process started here is stopped on exit; every wait is bounded.
 set -euo pipefail
@@ -57,9 +58,16 @@ ntpdate=$(command -v ntpdate || echo /usr/sbin/ntpdate)
 stunnel=$(command -v stunnel4 || command -v stunnel || true)
 [[ -x $chronyd ]] || die "chronyd missing (make deps)"
 
-note "building (cargo build --release: ntp-dtls, example ntp_probe)"
-cargo build --release --quiet --bin ntp-dtls --example ntp_probe
-bin=$PWD/target/release/ntp-dtls
+if [[ -n ${CLOCK_BIN:-} ]]; then
+    # A given binary (an A/B comparison of two builds): nothing is built but the probe.
+    [[ -x $CLOCK_BIN ]] || die "CLOCK_BIN=$CLOCK_BIN is not an executable"
+    bin=$CLOCK_BIN
+    cargo build --release --quiet --example ntp_probe
+else
+    note "building (cargo build --release: ntp-dtls, example ntp_probe)"
+    cargo build --release --quiet --bin ntp-dtls --example ntp_probe
+    bin=$PWD/target/release/ntp-dtls
+fi
 probe=$PWD/target/release/examples/ntp_probe
 report=$PWD/scripts/clock-report.py
 mkdir -p target/bench

@@ -252,12 +252,10 @@ impl TunnelTask {
                 received = self.local.recv_batch(&mut from_local) => match received {
                     Ok(_) => {
                         let now = Instant::now();
-                        // The clock read right after recvmmsg, for a datagram the kernel gave
-                        // no receive timestamp.
-                        let read = SystemTime::now();
                         for Received { from, data, kernel_rx, .. } in from_local.iter() {
                             if let Some(from) = from {
-                                let rx = kernel_rx.unwrap_or(read);
+                                // No kernel receive timestamp: a clock read right after recvmmsg.
+                                let rx = kernel_rx.unwrap_or_else(SystemTime::now);
                                 self.tunnel.handle_request(now, rx, from, data);
                             }
                         }
@@ -266,12 +264,11 @@ impl TunnelTask {
                 },
                 (slot, received) = recv_any(&self.sockets, &mut from_upstream) => {
                     let now = Instant::now();
-                    let read = SystemTime::now();
                     if let Some(id) = self.sockets.get(slot).map(|s| s.id) {
                         match received {
                             Ok(_) => {
                                 for Received { data, kernel_rx, .. } in from_upstream[slot].iter() {
-                                    let rx = kernel_rx.unwrap_or(read);
+                                    let rx = kernel_rx.unwrap_or_else(SystemTime::now);
                                     self.tunnel.handle_datagram(now, rx, id, data);
                                 }
                             }
@@ -320,10 +317,12 @@ impl TunnelTask {
 
     /// Does what the tunnel asks; the sends are queued for [`Self::flush`].
     fn execute_actions(&mut self) {
+        // One monotonic read for the pass (timers and round trips need no finer).
+        let now = Instant::now();
         loop {
             // Read right before the datagram is finished: a reply's transmit timestamp is
             // corrected with it, and it is sent in this same pass.
-            let Some(action) = self.tunnel.poll_action(Instant::now(), SystemTime::now()) else {
+            let Some(action) = self.tunnel.poll_action(now, SystemTime::now()) else {
                 break;
             };
             match action {

@@ -351,13 +351,11 @@ impl Worker {
                 },
                 received = self.socket.recv_batch(&mut from_peers) => match received {
                     Ok(_) => {
-                        // The clock read right after recvmmsg, for a datagram the kernel gave
-                        // no receive timestamp.
-                        let read = SystemTime::now();
                         let now = Instant::now();
                         for Received { from, data, kernel_rx, local } in from_peers.iter() {
                             if let Some(peer) = from {
-                                let rx = kernel_rx.unwrap_or(read);
+                                // No kernel receive timestamp: a clock read right after recvmmsg.
+                                let rx = kernel_rx.unwrap_or_else(SystemTime::now);
                                 let local = local.filter(|_| self.wildcard);
                                 self.endpoint.handle_datagram_to(now, rx, peer, local, data);
                             }
@@ -366,12 +364,11 @@ impl Worker {
                     Err(e) => debug!(error = %e, "receive error"),
                 },
                 received = recv_time_server(self.time_server.as_ref(), &mut from_source) => {
-                    let read = SystemTime::now();
                     let now = Instant::now();
                     match received {
                         Ok(_) => {
                             for Received { data, kernel_rx, .. } in from_source.iter() {
-                                let rx = kernel_rx.unwrap_or(read);
+                                let rx = kernel_rx.unwrap_or_else(SystemTime::now);
                                 self.endpoint.handle_time_server_reply(now, rx, data);
                             }
                         }
@@ -393,12 +390,12 @@ impl Worker {
         // A reload may have turned the residence correction on or off.
         self.endpoint
             .set_timestamp_correction(self.obs.timestamp_correction());
+        // One monotonic read for the pass (timers and round trips need no finer), and a wall
+        // clock read per datagram: a reply's transmit timestamp is corrected with it.
+        let now = Instant::now();
         // Requests first, sent at once, so that a reply finished below is not held behind
         // their system call: its transmit timestamp is corrected with the clock read for it.
-        while let Some(request) = self
-            .endpoint
-            .poll_request(Instant::now(), SystemTime::now())
-        {
+        while let Some(request) = self.endpoint.poll_request(now, SystemTime::now()) {
             self.to_time_server.push_departing(
                 None,
                 None,
@@ -415,9 +412,7 @@ impl Worker {
             ntp,
             local,
             departure,
-        }) = self
-            .endpoint
-            .poll_transmit(Instant::now(), SystemTime::now())
+        }) = self.endpoint.poll_transmit(now, SystemTime::now())
         {
             match destination {
                 Destination::TimeServer => self

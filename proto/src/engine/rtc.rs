@@ -903,7 +903,9 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn send(&mut self, now: Instant, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
-        self.send_reusing(now, peer, payload, BytesMut::new())
+        // A spare buffer (a datagram sent earlier) holds the record, if there is one.
+        let buffer = self.spares.pop().unwrap_or_default();
+        self.send_reusing(now, peer, payload, buffer)
     }
 
     fn recycle(&mut self, buffer: BytesMut) {

@@ -12,6 +12,9 @@
 #
 #   scripts/callgrind.sh                    # 20 000 requests over 4 associations
 #   CG_REQUESTS=5000 CG_TOP=40 scripts/callgrind.sh
+#   CG_RELAY=client scripts/callgrind.sh    # the client relay instead: CG_REQUESTS queries from
+#                                           # CG_WINDOW examples/ntp_probe clients through it, to a
+#                                           # server relay (builtin source) outside valgrind
 #
 # Output: one `callgrind` key=value line (ir_total, replies, ir_per_reply), then the tables.
 # The raw profile stays in $CG_OUT (default target/callgrind/) for callgrind_annotate.
@@ -32,42 +35,84 @@ for tool in valgrind callgrind_control callgrind_annotate; do
     }
 done
 
-[[ ${CG_BUILD:-1} == 0 ]] || cargo build --release --quiet --bin ntp-dtls --example dtls_load
+relay=${CG_RELAY:-server}
+[[ $relay == server || $relay == client ]] || {
+    echo "callgrind.sh: CG_RELAY must be server or client" >&2
+    exit 2
+}
+[[ ${CG_BUILD:-1} == 0 ]] ||
+    cargo build --release --quiet --bin ntp-dtls --example dtls_load --example ntp_probe
 target_dir=${CARGO_TARGET_DIR:-target}
 bin=$target_dir/release/ntp-dtls
 load=$target_dir/release/examples/dtls_load
+probe=$target_dir/release/examples/ntp_probe
 
 mkdir -p "$out"
 work=$(mktemp -d)
 server_pid=
+client_pid=
 cleanup() {
+    [[ -n $client_pid ]] && kill -TERM "$client_pid" 2>/dev/null && wait "$client_pid" 2>/dev/null
     [[ -n $server_pid ]] && kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-"$bin" certs --out "$work/pki" --server-name localhost >/dev/null
-# One source address for every association: lift the per-source handshake rate.
-printf '[limits]\nhandshake_rate = 1000000\nhandshake_burst = 1000000\n' >"$work/server.toml"
-rm -f "$out"/callgrind.out
-: >"$work/server.log"
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/callgrind.out" \
-    "$bin" server --config "$work/server.toml" --listen 127.0.0.1:0 --upstream builtin \
-    --cert "$work/pki/server.pem" --key "$work/pki/server.key.pem" --workers 1 \
-    >"$work/server.log" 2>&1 &
-server_pid=$!
+# The address a relay's "ready" line names (listen=...), from its log; empty until it is there.
+ready_addr() { sed 's/\x1b\[[0-9;]*m//g' "$1" | sed -n 's/.* ready .*listen=\([^ ]*\).*/\1/p' | head -1 || true; }
 
-addr=
-for _ in $(seq 600); do # up to 60 s: valgrind starts slowly
-    addr=$(sed 's/\x1b\[[0-9;]*m//g' "$work/server.log" | sed -n 's/.* ready .*listen=\([^ ]*\).*/\1/p' | head -1 || true)
-    [[ -n $addr ]] && break
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-done
-if [[ -z $addr ]]; then
-    echo "callgrind.sh: the server did not become ready:" >&2
-    cat "$work/server.log" >&2
-    exit 1
+"$bin" certs --out "$work/pki" --server-name localhost >/dev/null
+rm -f "$out"/callgrind.out
+if [[ $relay == client ]]; then
+    : >"$work/server.log"
+    : >"$work/client.log"
+    "$bin" server --listen 127.0.0.1:0 --upstream builtin --cert "$work/pki/server.pem" \
+        --key "$work/pki/server.key.pem" >"$work/server.log" 2>&1 &
+    server_pid=$!
+    addr=
+    for _ in $(seq 100); do addr=$(ready_addr "$work/server.log"); [[ -n $addr ]] && break; sleep 0.1; done
+    [[ -n $addr ]] || { echo "callgrind.sh: the server relay did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/callgrind.out" \
+        "$bin" client --listen 127.0.0.1:0 --server "$addr" --ca "$work/pki/ca.pem" \
+        --server-name localhost >"$work/client.log" 2>&1 &
+    client_pid=$!
+    listen=
+    for _ in $(seq 600); do # up to 60 s: valgrind starts slowly
+        grep -q "association established" "$work/client.log" && listen=$(ready_addr "$work/client.log")
+        [[ -n $listen ]] && break
+        kill -0 "$client_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -n $listen ]] || { echo "callgrind.sh: the client relay did not connect:" >&2; cat "$work/client.log" >&2; exit 1; }
+    callgrind_control -i on "$client_pid" >/dev/null
+    result=$(timeout -k 5 600 "$probe" run "$listen" --clients "$window" --count "$requests" \
+        --timeout 2 --max-seconds 590 | grep -o 'status=.*')
+    callgrind_control -i off "$client_pid" >/dev/null
+    kill -TERM "$client_pid"
+    wait "$client_pid" 2>/dev/null || true
+    client_pid=
+fi
+if [[ $relay == server ]]; then
+    # One source address for every association: lift the per-source handshake rate.
+    printf '[limits]\nhandshake_rate = 1000000\nhandshake_burst = 1000000\n' >"$work/server.toml"
+    : >"$work/server.log"
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/callgrind.out" \
+        "$bin" server --config "$work/server.toml" --listen 127.0.0.1:0 --upstream builtin \
+        --cert "$work/pki/server.pem" --key "$work/pki/server.key.pem" --workers 1 \
+        >"$work/server.log" 2>&1 &
+    server_pid=$!
+
+    addr=
+    for _ in $(seq 600); do # up to 60 s: valgrind starts slowly
+        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$work/server.log" | sed -n 's/.* ready .*listen=\([^ ]*\).*/\1/p' | head -1 || true)
+        [[ -n $addr ]] && break
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $addr ]]; then
+        echo "callgrind.sh: the server did not become ready:" >&2
+        cat "$work/server.log" >&2
+        exit 1
 fi
 
 result=$(timeout -k 5 600 "$load" "$addr" --ca "$work/pki/ca.pem" --server-name localhost \
@@ -79,6 +124,7 @@ result=$(timeout -k 5 600 "$load" "$addr" --ca "$work/pki/ca.pem" --server-name 
 kill -TERM "$server_pid"
 wait "$server_pid" 2>/dev/null || true
 server_pid=
+fi
 
 valid=$(sed -n 's/.* valid=\([0-9]*\).*/\1/p' <<<"$result")
 profile=$out/callgrind.out
@@ -87,8 +133,8 @@ profile=$out/callgrind.out
     exit 1
 }
 total=$(callgrind_annotate "$profile" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }')
-echo "callgrind requests=$requests associations=$assoc window=$window replies=$valid ir_total=$total ir_per_reply=$((total / valid)) profile=$profile"
-echo "dtls_load: $result"
+echo "callgrind relay=$relay requests=$requests associations=$assoc window=$window replies=$valid ir_total=$total ir_per_reply=$((total / valid)) profile=$profile"
+if [[ $relay == server ]]; then echo "dtls_load: $result"; else echo "ntp_probe: $result"; fi
 # Instrumentation is on only during the load phase, so frames entered before it (main, the
 # tokio worker loop) are not on callgrind's stack; lines at 99% and above (inclusive) are the
 # outermost frames that were, and are left out, as any self cost above 30% would be.

@@ -33,7 +33,7 @@
 # here is stopped on exit.
 #
 # BENCH_QUICK=1: 200 sequential queries per cell and 3-second load phases, for development.
-# A full run takes about 15 minutes once built (the storm, callgrind, 1 vs 2 workers and the
+# A full run takes about 15 minutes once built (the storm, callgrind of each relay, 1 vs 2 workers and the
 # 120-s real-client clock section included).
 # BENCH_KEEP=1 keeps the work directory (logs, raw samples) and prints its path.
 set -euo pipefail
@@ -752,5 +752,5 @@ echo '```'
 bash scripts/bench-attack.sh # the "under attack" section (issue 10)
 echo
 echo "bench: done in ${elapsed} s"
-echo; echo "Reconnect storm, instructions per reply, 1 vs 2 workers (perf, issue 14):"; echo '```'; { STORM_BUILD=0 STORM_N=$([[ $quick == 1 ]] && echo 2000 || echo 19900) scripts/bench-storm.sh; command -v valgrind >/dev/null && CG_BUILD=0 CG_TOP=0 scripts/callgrind.sh; command -v taskset >/dev/null && WORKERS_BUILD=0 WORKERS_ROUNDS=$([[ $quick == 1 ]] && echo 1 || echo 3) scripts/bench-workers.sh; } 2>&1 | grep -v '^sending command'; echo '```'
+echo; echo "Reconnect storm, instructions per reply, 1 vs 2 workers (perf, issue 14):"; echo '```'; { STORM_BUILD=0 STORM_N=$([[ $quick == 1 ]] && echo 2000 || echo 19900) scripts/bench-storm.sh; command -v valgrind >/dev/null && CG_BUILD=0 CG_TOP=0 scripts/callgrind.sh && CG_BUILD=0 CG_TOP=0 CG_RELAY=client CG_REQUESTS=5000 scripts/callgrind.sh; command -v taskset >/dev/null && WORKERS_BUILD=0 WORKERS_ROUNDS=$([[ $quick == 1 ]] && echo 1 || echo 3) scripts/bench-workers.sh; } 2>&1 | grep -v '^sending command'; echo '```'
 bash scripts/bench-clock.sh # issue 16: real chronyd clients, own processes (BENCH_QUICK=1: 30 s)

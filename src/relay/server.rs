@@ -247,9 +247,6 @@ struct Worker {
     /// Which worker this is, for the association gauges.
     index: usize,
     socket: DatagramSocket,
-    /// Bound to 0.0.0.0 or ::: replies must name their source address (the one each peer sent
-    /// to), or a multi-homed host answers from the route's choice and the peer drops it.
-    wildcard: bool,
     /// The socket to the time server; None for the builtin source.
     time_server: Option<DatagramSocket>,
     endpoint: Endpoint,
@@ -278,11 +275,6 @@ impl Worker {
         if let Err(e) = socket.enable_tx_timestamps() {
             warn!(error = %e, "no kernel transmit timestamps: replies' departures are clock reads");
         }
-        let wildcard = socket
-            .local_addr()
-            .context("cannot read the socket's address")?
-            .ip()
-            .is_unspecified();
         let (time_server, source, upstream_label) = match config.upstream {
             Upstream::Udp(addr) => {
                 let bind: IpAddr = if addr.is_ipv4() {
@@ -320,7 +312,6 @@ impl Worker {
             settings,
             index,
             socket,
-            wildcard,
             time_server,
             endpoint,
             obs,
@@ -356,7 +347,10 @@ impl Worker {
                             if let Some(peer) = from {
                                 // No kernel receive timestamp: a clock read right after recvmmsg.
                                 let rx = kernel_rx.unwrap_or_else(SystemTime::now);
-                                let local = local.filter(|_| self.wildcard);
+                                // Only a socket bound to 0.0.0.0 or :: reports it: there replies
+                                // must leave from the address each peer sent to, or a
+                                // multi-homed host answers from the route's choice and the peer
+                                // drops it.
                                 self.endpoint.handle_datagram_to(now, rx, peer, local, data);
                             }
                         }

@@ -615,6 +615,9 @@ impl SendQueue {
     /// and the rest still go. Returns the counts, and an error exactly when something failed
     /// (the last one).
     pub fn flush(&mut self, socket: &DatagramSocket) -> (Flushed, Option<io::Error>) {
+        // Buffers the caller did not take after the last flush go: `spent` never outgrows one
+        // flush.
+        self.spent.clear();
         let mut flushed = Flushed::default();
         let mut last_error = None;
         let mut start = 0;

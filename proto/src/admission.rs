@@ -11,7 +11,7 @@ use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::hash::{KeyedMap, keyed_map};
+use crate::hash::{AddrKey, KeyedMap, keyed_map};
 use crate::record::{self, Fragment};
 use crate::stats::Counter;
 
@@ -253,6 +253,28 @@ enum Phase {
     },
 }
 
+/// Whether a datagram that arrives as `arrival` from a peer with an established association
+/// is that association's, as the engine routes it: a ClientHello opens a replacement, and
+/// while one is in progress handshake records are its; everything else is the association's.
+fn to_established(arrival: Arrival, replacing: bool) -> bool {
+    match arrival {
+        Arrival::ClientHello => false,
+        Arrival::Handshake => !replacing,
+        Arrival::Other => true,
+    }
+}
+
+/// An established association's last-activity mark, lent by
+/// [`Admission::admit_established`] so that the caller marks it without a second look-up.
+pub struct Activity<'a>(&'a mut Instant);
+
+impl Activity<'_> {
+    /// Authenticated traffic arrived at `now`.
+    pub fn record(self, now: Instant) {
+        *self.0 = now;
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -265,7 +287,7 @@ const MAX_TRACKED_SOURCES: usize = 65_536;
 pub struct Admission {
     limits: Limits,
     handshake_limits: HandshakeLimits,
-    peers: KeyedMap<SocketAddr, Phase>,
+    peers: KeyedMap<AddrKey, Phase>,
     half_open: usize,
     buckets: KeyedMap<IpAddr, Bucket>,
     /// (deadline, peer); entries may be stale and are re-checked when they come due.
@@ -298,6 +320,34 @@ impl Admission {
         &self.handshake_limits
     }
 
+    /// [`Admission::admit_datagram`] for a datagram to `peer`'s established association (its
+    /// records, not a ClientHello nor a replacement's handshake), with the one look-up kept
+    /// for the caller: the guard's verdict, and with it the association's [`Activity`], to be
+    /// marked once the engine has authenticated what the datagram carried. None when the
+    /// datagram is not the established association's: `admit_datagram` decides those.
+    pub fn admit_established(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+    ) -> Option<Result<Activity<'_>, Refusal>> {
+        let arrival = classify(datagram);
+        let limits = self.handshake_limits;
+        match self.peers.get_mut(&AddrKey(peer))? {
+            Phase::Established {
+                replacement,
+                guard,
+                last_activity,
+                ..
+            } if to_established(arrival, replacement.is_some()) => Some(
+                guard
+                    .check(now, datagram, &limits)
+                    .map(|()| Activity(last_activity)),
+            ),
+            _ => None,
+        }
+    }
+
     /// Decides whether `datagram` from `peer` may reach the engine: the pre-parser's checks
     /// on its plaintext handshake content (see [`HandshakeGuard`]), then [`Admission::admit`]
     /// on its first record. Nothing is counted for a datagram the pre-parser refuses.
@@ -326,19 +376,22 @@ impl Admission {
             /// The handshake in progress (a first one, or a replacement).
             Handshake,
         }
-        let target = match self.peers.get_mut(&peer) {
+        let target = match self.peers.get_mut(&AddrKey(peer)) {
             None => Target::New,
             Some(Phase::HalfOpen(_)) => Target::Handshake,
             Some(Phase::Established {
                 replacement, guard, ..
-            }) => match (arrival, replacement) {
-                (Arrival::ClientHello, None) => Target::New,
-                // As the engine routes it: handshake records to the replacement.
-                (Arrival::ClientHello | Arrival::Handshake, Some(_)) => Target::Handshake,
-                // The established association: only its guard has a say (`admit` takes
-                // everything else an established peer sends), with this one look-up.
-                _ => return guard.check(now, datagram, &limits),
-            },
+            }) => {
+                if to_established(arrival, replacement.is_some()) {
+                    // Only its guard has a say (`admit` takes everything else an established
+                    // peer sends), with this one look-up.
+                    return guard.check(now, datagram, &limits);
+                }
+                match arrival {
+                    Arrival::ClientHello if replacement.is_none() => Target::New,
+                    _ => Target::Handshake,
+                }
+            }
         };
         match target {
             Target::New => {
@@ -374,7 +427,7 @@ impl Admission {
 
     /// The handshake in progress with `peer`: its first, or a replacement.
     fn handshake_mut(&mut self, peer: SocketAddr) -> Option<&mut Handshake> {
-        match self.peers.get_mut(&peer)? {
+        match self.peers.get_mut(&AddrKey(peer))? {
             Phase::HalfOpen(handshake) => Some(handshake),
             Phase::Established { replacement, .. } => replacement.as_mut(),
         }
@@ -386,7 +439,7 @@ impl Admission {
     /// with a replacement in progress counts against the replacement; its established
     /// association's records go freely.
     pub fn outbound(&mut self, peer: SocketAddr, datagram: &[u8]) -> Result<(), Refusal> {
-        match self.peers.get_mut(&peer) {
+        match self.peers.get_mut(&AddrKey(peer)) {
             Some(Phase::HalfOpen(handshake)) => handshake.outbound(datagram),
             Some(Phase::Established {
                 replacement: Some(handshake),
@@ -420,7 +473,7 @@ impl Admission {
         arrival: Arrival,
     ) -> Result<(), Refusal> {
         let limits = &self.limits;
-        match self.peers.get_mut(&peer) {
+        match self.peers.get_mut(&AddrKey(peer)) {
             None => {
                 if arrival != Arrival::ClientHello {
                     return Err(Refusal::NotClientHello);
@@ -433,7 +486,7 @@ impl Admission {
                 }
                 self.take_token(now, peer.ip())?;
                 self.peers.insert(
-                    peer,
+                    AddrKey(peer),
                     Phase::HalfOpen(Handshake::started(
                         now,
                         len,
@@ -452,7 +505,8 @@ impl Admission {
                         return Err(Refusal::HalfOpenLimit);
                     }
                     self.take_token(now, peer.ip())?;
-                    if let Some(Phase::Established { replacement, .. }) = self.peers.get_mut(&peer)
+                    if let Some(Phase::Established { replacement, .. }) =
+                        self.peers.get_mut(&AddrKey(peer))
                     {
                         *replacement = Some(Handshake::started(
                             now,
@@ -512,7 +566,7 @@ impl Admission {
     pub fn established(&mut self, now: Instant, peer: SocketAddr) {
         let idle = self.limits.idle_timeout;
         let limits = self.handshake_limits;
-        match self.peers.get_mut(&peer) {
+        match self.peers.get_mut(&AddrKey(peer)) {
             Some(phase @ Phase::HalfOpen(_)) => {
                 let mut guard = match phase {
                     Phase::HalfOpen(handshake) => handshake.guard,
@@ -548,7 +602,7 @@ impl Admission {
 
     /// Authenticated traffic arrived on (or was sent into) an established association.
     pub fn activity(&mut self, now: Instant, peer: SocketAddr) {
-        if let Some(Phase::Established { last_activity, .. }) = self.peers.get_mut(&peer) {
+        if let Some(Phase::Established { last_activity, .. }) = self.peers.get_mut(&AddrKey(peer)) {
             *last_activity = now;
         }
     }
@@ -556,9 +610,9 @@ impl Admission {
     /// A handshake failed in the engine: a first one is gone, a replacement leaves the
     /// established association as it was.
     pub fn handshake_failed(&mut self, peer: SocketAddr) {
-        match self.peers.get_mut(&peer) {
+        match self.peers.get_mut(&AddrKey(peer)) {
             Some(Phase::HalfOpen(_)) => {
-                self.peers.remove(&peer);
+                self.peers.remove(&AddrKey(peer));
                 self.half_open -= 1;
             }
             Some(Phase::Established {
@@ -574,7 +628,7 @@ impl Admission {
 
     /// The engine no longer holds anything for `peer`.
     pub fn removed(&mut self, peer: SocketAddr) {
-        match self.peers.remove(&peer) {
+        match self.peers.remove(&AddrKey(peer)) {
             Some(Phase::HalfOpen(_))
             | Some(Phase::Established {
                 replacement: Some(_),
@@ -594,7 +648,7 @@ impl Admission {
             self.timers.pop();
             let timeout = self.limits.handshake_timeout;
             let idle = self.limits.idle_timeout;
-            let Entry::Occupied(mut entry) = self.peers.entry(peer) else {
+            let Entry::Occupied(mut entry) = self.peers.entry(AddrKey(peer)) else {
                 continue;
             };
             match entry.get_mut() {
@@ -1153,6 +1207,42 @@ mod tests {
             vec![Expiry::Idle { peer: addr(2) }]
         );
         assert_eq!(a.associations(), 0);
+    }
+
+    #[test]
+    fn an_established_associations_records_lend_its_activity_mark() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(limits());
+        let data = record(23, 1, &[0u8; 40]);
+        // No association, then a half-open one: not the fast path's to decide.
+        assert!(a.admit_established(t0, addr(1), &data).is_none());
+        a.admit(t0, addr(1), 100, Arrival::ClientHello).ok();
+        assert!(a.admit_established(t0, addr(1), &data).is_none());
+        a.established(t0, addr(1));
+        // A ClientHello opens a replacement: admit_datagram's too.
+        assert!(a.admit_established(t0, addr(1), &hello(0)).is_none());
+        // The association's own records are; their mark moves the idle deadline...
+        let mark = a.admit_established(t0, addr(1), &data);
+        let Some(Ok(mark)) = mark else {
+            panic!("an established association's record was not admitted");
+        };
+        mark.record(t0 + Duration::from_secs(60));
+        assert!(expire(&mut a, t0 + Duration::from_secs(100)).is_empty());
+        assert_eq!(
+            expire(&mut a, t0 + Duration::from_secs(160)),
+            vec![Expiry::Idle { peer: addr(1) }]
+        );
+        // ... and a mark not recorded (nothing authenticated) does not.
+        a.admit(t0, addr(2), 100, Arrival::ClientHello).ok();
+        a.established(t0, addr(2));
+        assert!(matches!(
+            a.admit_established(t0, addr(2), &data),
+            Some(Ok(_))
+        ));
+        assert_eq!(
+            expire(&mut a, t0 + Duration::from_secs(200)),
+            vec![Expiry::Idle { peer: addr(2) }]
+        );
     }
 
     #[test]

@@ -254,15 +254,27 @@ impl Endpoint {
         local: Option<IpAddr>,
         datagram: &[u8],
     ) {
-        if let Err(refusal) = self.admission.admit_datagram(now, peer, datagram) {
-            self.refuse_datagram(now, peer, datagram.len(), refusal);
-            if refusal == Refusal::HandshakeBytes {
-                self.engine.abandon_handshake(now, peer);
-                self.admission.handshake_failed(peer);
-                self.drain_engine(now);
+        // An established association's records take one admission look-up, whose activity
+        // mark is kept for after the engine (the common case); the rest take the full path.
+        let admitted = match self.admission.admit_established(now, peer, datagram) {
+            Some(verdict) => verdict.map(Some),
+            None => self
+                .admission
+                .admit_datagram(now, peer, datagram)
+                .map(|()| None),
+        };
+        let activity = match admitted {
+            Ok(activity) => activity,
+            Err(refusal) => {
+                self.refuse_datagram(now, peer, datagram.len(), refusal);
+                if refusal == Refusal::HandshakeBytes {
+                    self.engine.abandon_handshake(now, peer);
+                    self.admission.handshake_failed(peer);
+                    self.drain_engine(now);
+                }
+                return;
             }
-            return;
-        }
+        };
         let mut events = std::mem::take(&mut self.scratch);
         // The engine's timeout for the peer is taken with the datagram (what `schedule` would
         // ask it after drain_engine, which leaves the engine's associations as they are).
@@ -275,6 +287,14 @@ impl Endpoint {
             self.scratch = events;
             return;
         };
+        // Authenticated application data is the association's activity. Without a mark (a
+        // datagram that completed a handshake and carried data) it is recorded by look-up.
+        let data = events.iter().any(|e| matches!(e, Event::Data { .. }));
+        match activity {
+            Some(activity) if data => activity.record(now),
+            None if data => self.admission.activity(now, peer),
+            _ => {}
+        }
         if crate::record::is_client_hello(datagram) {
             // Before drain_engine: the ServerHello already leaves from this address.
             self.bind_local(peer, local);
@@ -286,7 +306,6 @@ impl Endpoint {
         for event in events.drain(..) {
             match event {
                 Event::Data { peer, payload } => {
-                    self.admission.activity(now, peer);
                     if ntp::keepalive_nonce(&payload).is_some() {
                         self.keepalive(now, peer, &payload);
                     } else if payload.is_empty() {

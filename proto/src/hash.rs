@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 
 /// Words absorbed by multiply-shift; beyond this, SipHash takes the rest.
@@ -169,6 +170,34 @@ impl Hasher for KeyedHasher {
     }
 }
 
+/// A socket address as a map key, hashed as one word (IPv4: address and port) or three
+/// (IPv6: the address's two halves, the port) where `SocketAddr`'s own `Hash` writes four or
+/// more (its variant, the address's length, its bytes, the port, and an IPv6 address's flow
+/// and scope): the server relay looks its peers up several times per datagram. Equality is
+/// `SocketAddr`'s; an IPv6 address's flow label and scope are compared but not hashed, which
+/// keeps equal keys' hashes equal (scopes are the host's interfaces, not a sender's choice).
+/// Distinct addresses give distinct words, and IPv4 and IPv6 keys differ in their word
+/// count, which [`KeyedHasher::finish`] takes in: the family's universality holds for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrKey(pub SocketAddr);
+
+impl Hash for AddrKey {
+    #[inline(always)]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self.0 {
+            SocketAddr::V4(a) => {
+                state.write_u64((u64::from(a.ip().to_bits()) << 16) | u64::from(a.port()))
+            }
+            SocketAddr::V6(a) => {
+                let ip = a.ip().to_bits();
+                state.write_u64((ip >> 64) as u64);
+                state.write_u64(ip as u64);
+                state.write_u64(u64::from(a.port()));
+            }
+        }
+    }
+}
+
 /// One key's hash, for tests and for tables that keep hashes (e.g. a sketch).
 pub fn hash_one<T: Hash>(value: &T) -> u64 {
     KeyedState.hash_one(value)
@@ -178,7 +207,7 @@ pub fn hash_one<T: Hash>(value: &T) -> u64 {
 mod tests {
     use super::*;
     use std::collections::HashSet;
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
     #[test]
     fn distinct_socket_addresses_spread_over_buckets() {
@@ -194,6 +223,36 @@ mod tests {
             .map(|port| hash_one(&SocketAddr::from((Ipv4Addr::LOCALHOST, port))) >> 57)
             .collect();
         assert_eq!(tags.len(), 128);
+    }
+
+    #[test]
+    fn address_keys_spread_over_buckets_as_socket_addresses_do() {
+        for ip in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ] {
+            let key = |port| AddrKey(SocketAddr::new(ip, port));
+            let buckets: HashSet<u64> = (0..=u16::MAX)
+                .map(|port| hash_one(&key(port)) & 0xffff)
+                .collect();
+            assert!(buckets.len() > 38_000, "{ip}: {} buckets", buckets.len());
+            let tags: HashSet<u64> = (0..4096u16)
+                .map(|port| hash_one(&key(port)) >> 57)
+                .collect();
+            assert_eq!(tags.len(), 128, "{ip}");
+        }
+        // An IPv4 address, the same as IPv4-mapped IPv6, and its neighbours: all distinct.
+        let v4 = Ipv4Addr::new(192, 0, 2, 1);
+        let hashes: HashSet<u64> = [
+            SocketAddr::from((v4, 123)),
+            SocketAddr::from((v4.to_ipv6_mapped(), 123)),
+            SocketAddr::from((Ipv4Addr::new(192, 0, 2, 2), 123)),
+            SocketAddr::from((v4, 124)),
+        ]
+        .iter()
+        .map(|a| hash_one(&AddrKey(*a)))
+        .collect();
+        assert_eq!(hashes.len(), 4);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use rtc_shared::TransportProtocol;
 use rtc_shared::error::Error as RtcError;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::hash::{KeyedMap, KeyedState, keyed_map};
+use crate::hash::{AddrKey, KeyedMap, KeyedState, keyed_map};
 use crate::identity::KeyKind;
 use crate::verify::{PeerRole, PeerVerifier, Refusal, Verification};
 use crate::{policy, record};
@@ -50,7 +50,7 @@ pub struct RtcEngine {
     /// address it knows for a retransmission. A replacement handshake runs in the other slot and
     /// takes over only when it completes, so a spoofed ClientHello never ends a live association.
     slots: [Endpoint<KeyedState>; 2],
-    peers: KeyedMap<SocketAddr, Peer>,
+    peers: KeyedMap<AddrKey, Peer>,
     /// Present in the client role: the config each `connect` uses.
     client_config: Option<Arc<HandshakeConfig>>,
     /// Drained from the endpoints after every call, so that the close_notify rtc-dtls queues
@@ -789,7 +789,7 @@ impl RtcEngine {
                                 self.drop_slot(now, state.slot, peer);
                             }
                             self.peers.insert(
-                                peer,
+                                AddrKey(peer),
                                 Peer {
                                     slot,
                                     established: true,
@@ -845,11 +845,11 @@ impl RtcEngine {
                 // replacement leaves the live association as it was.
                 self.drop_slot(now, slot, peer);
                 if is_replacement {
-                    if let Some(state) = self.peers.get_mut(&peer) {
+                    if let Some(state) = self.peers.get_mut(&AddrKey(peer)) {
                         state.replacement = None;
                     }
                 } else {
-                    self.peers.remove(&peer);
+                    self.peers.remove(&AddrKey(peer));
                 }
                 let failure = match (&err, datagram.and_then(plaintext_alert)) {
                     (RtcError::ErrAlertFatalOrClose, Some(alert)) => Failure::PeerAlert(alert),
@@ -881,7 +881,7 @@ impl DtlsEngine for RtcEngine {
         self.drain();
         result.map_err(|e| SendError::Engine(e.to_string()))?;
         self.peers.insert(
-            peer,
+            AddrKey(peer),
             Peer {
                 slot: 0,
                 established: false,
@@ -921,7 +921,7 @@ impl DtlsEngine for RtcEngine {
         payload: &[u8],
         buffer: BytesMut,
     ) -> Result<(), SendError> {
-        let Some(state) = self.peers.get(&peer).copied() else {
+        let Some(state) = self.peers.get(&AddrKey(peer)).copied() else {
             return Err(SendError::NoAssociation(peer));
         };
         if !state.established {
@@ -947,7 +947,7 @@ impl DtlsEngine for RtcEngine {
         // is what on_slot_events, and poll_timeout after a datagram that changed nothing, would
         // look up again (rtc-dtls's read touches none of it).
         let server = self.is_server();
-        let (slot, state, new_peer) = match self.peers.get_mut(&peer) {
+        let (slot, state, new_peer) = match self.peers.get_mut(&AddrKey(peer)) {
             Some(state) => (Self::route(state, server, datagram), *state, false),
             None => {
                 // rtc-dtls would create an association for any datagram from a new address.
@@ -959,7 +959,7 @@ impl DtlsEngine for RtcEngine {
                     established: false,
                     replacement: None,
                 };
-                self.peers.insert(peer, state);
+                self.peers.insert(AddrKey(peer), state);
                 (state.slot, state, true)
             }
         };
@@ -993,9 +993,9 @@ impl DtlsEngine for RtcEngine {
         // new peer's: a known peer's own slot holds its association; checked only then, as
         // these lookups would otherwise cost every datagram two more hashes of its address.)
         if new_peer {
-            if let Some(state) = self.peers.get(&peer).copied() {
+            if let Some(state) = self.peers.get(&AddrKey(peer)).copied() {
                 if self.slots[state.slot].get_connection_state(peer).is_none() {
-                    self.peers.remove(&peer);
+                    self.peers.remove(&AddrKey(peer));
                 }
             }
         }
@@ -1007,7 +1007,7 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn poll_timeout(&self, peer: SocketAddr) -> Option<Instant> {
-        let state = self.peers.get(&peer)?;
+        let state = self.peers.get(&AddrKey(peer))?;
         if state.established && state.replacement.is_none() {
             // An established association retransmits nothing: rtc-dtls may still hold the timer
             // of its last flight, but its handle_timeout does nothing once the handshake is
@@ -1022,7 +1022,7 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn handle_timeout(&mut self, now: Instant, peer: SocketAddr, events: &mut Vec<Event>) {
-        let Some(state) = self.peers.get(&peer).copied() else {
+        let Some(state) = self.peers.get(&AddrKey(peer)).copied() else {
             return;
         };
         for slot in [Some(state.slot), state.replacement].into_iter().flatten() {
@@ -1036,7 +1036,7 @@ impl DtlsEngine for RtcEngine {
             self.drain();
             if let Err(err) = result {
                 // Retransmissions exhausted (ErrInvalidFsmTransition): a handshake timeout.
-                if let Some(state) = self.peers.get(&peer).copied() {
+                if let Some(state) = self.peers.get(&AddrKey(peer)).copied() {
                     self.on_slot_events(now, (slot, peer, state), Err(err), None, events);
                 }
             }
@@ -1044,7 +1044,7 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn close(&mut self, now: Instant, peer: SocketAddr) {
-        if let Some(state) = self.peers.remove(&peer) {
+        if let Some(state) = self.peers.remove(&AddrKey(peer)) {
             if let Some(replacement) = state.replacement {
                 self.drop_slot(now, replacement, peer);
             }
@@ -1054,7 +1054,7 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn forget(&mut self, now: Instant, peer: SocketAddr) {
-        if let Some(state) = self.peers.remove(&peer) {
+        if let Some(state) = self.peers.remove(&AddrKey(peer)) {
             for slot in [Some(state.slot), state.replacement].into_iter().flatten() {
                 self.drop_slot(now, slot, peer);
             }
@@ -1062,12 +1062,12 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn abandon_handshake(&mut self, now: Instant, peer: SocketAddr) {
-        let Some(state) = self.peers.get(&peer).copied() else {
+        let Some(state) = self.peers.get(&AddrKey(peer)).copied() else {
             return;
         };
         if let Some(replacement) = state.replacement {
             self.drop_slot(now, replacement, peer);
-            if let Some(state) = self.peers.get_mut(&peer) {
+            if let Some(state) = self.peers.get_mut(&AddrKey(peer)) {
                 state.replacement = None;
             }
         } else if !state.established {
@@ -1076,11 +1076,13 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn knows(&self, peer: SocketAddr) -> bool {
-        self.peers.contains_key(&peer)
+        self.peers.contains_key(&AddrKey(peer))
     }
 
     fn is_established(&self, peer: SocketAddr) -> bool {
-        self.peers.get(&peer).is_some_and(|p| p.established)
+        self.peers
+            .get(&AddrKey(peer))
+            .is_some_and(|p| p.established)
     }
 
     fn associations(&self) -> usize {
@@ -1088,7 +1090,7 @@ impl DtlsEngine for RtcEngine {
     }
 
     fn peers(&self) -> Vec<SocketAddr> {
-        self.peers.keys().copied().collect()
+        self.peers.keys().map(|key| key.0).collect()
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::relays::{Pki, Relay, rss_kib, start_client, start_server};
+use common::relays::{Pki, Relay, cpu_seconds, rss_kib, start_client, start_server};
 use common::*;
 use ntp_dtls::proto::engine::{DtlsEngine, Engine};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -37,22 +37,6 @@ const OFFSET_LIMIT_S: f64 = 0.05;
 
 fn any_local() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
-}
-
-/// utime + stime of a process, in seconds (/proc/PID/stat, USER_HZ = 100).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // state is field 3 of stat, i.e. index 0 here; utime is 14 (index 11), stime 15 (12).
-    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// chronyd -x, a server relay in front of it, a client relay towards that, one association up.

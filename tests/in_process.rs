@@ -32,6 +32,7 @@ fn daemon_args() -> DaemonArgs {
     DaemonArgs {
         metrics: None,
         user: None,
+        busy_poll_us: None,
         check: false,
     }
 }
@@ -108,7 +109,11 @@ fn both_relays_in_process_serve_and_stop_on_a_manual_shutdown() {
                 for settings in client_config.tunnels {
                     let local = DatagramSocket::bind(settings.listen).expect("local socket");
                     let _ = local_tx.send(local.local_addr().expect("addr"));
-                    bound.push(BoundTunnel { settings, local });
+                    bound.push(BoundTunnel {
+                        settings,
+                        local,
+                        busy_poll: client_config.daemon.busy_poll,
+                    });
                 }
                 let (_reloads, reloaded) = tokio::sync::mpsc::unbounded_channel();
                 tokio::task::LocalSet::new()

@@ -9,7 +9,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::relays::{DtlsTestClient, Pki, start_client, start_server};
+use common::relays::{DtlsTestClient, Pki, cpu_seconds, start_client, start_server};
 use common::*;
 
 const LOCAL_ANY: &str = "127.0.0.1:0";
@@ -187,6 +187,43 @@ fn fifty_concurrent_clients_on_fresh_ports_each_get_their_own_reply() {
         );
     }
     assert_eq!(server.daemon.count_after_exit("association established"), 1);
+}
+
+/// Busy polling keeps the server relay's loop reading its sockets after each forwarded request
+/// and reply: with the widest window (10 ms) every request of a paced client is still answered,
+/// and once the traffic stops the loop sleeps again. A loop that kept polling would spend the
+/// whole idle second on the CPU; one that sleeps spends next to nothing.
+#[test]
+fn a_busy_polling_server_relay_answers_every_request_and_sleeps_once_traffic_stops() {
+    let chronyd = Chronyd::start(loopback_ip(1));
+    let pki = Pki::generate(&["localhost"]);
+    let server = start_server(
+        &pki,
+        &chronyd.addr().to_string(),
+        &["--busy-poll-us", "10000"],
+    );
+    let client = start_client(
+        &pki.ca(),
+        any_local(),
+        server.addr,
+        &["--server-name", "localhost"],
+    );
+    for i in 0..20 {
+        assert!(
+            ntp_query(client.addr, Duration::from_secs(2)).is_some(),
+            "request {i} went unanswered"
+        );
+    }
+    let pid = server.daemon.pid();
+    let before = cpu_seconds(pid);
+    // The measurement window: an idle second, after the last window of 10 ms has passed.
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_seconds(pid) - before;
+    assert!(
+        spent < 0.2,
+        "the idle server relay spent {spent:.2} CPU-seconds in a second: it did not sleep"
+    );
+    assert!(ntp_query(client.addr, Duration::from_secs(2)).is_some());
 }
 
 fn mode_packet(mode: u8) -> [u8; 48] {

@@ -300,6 +300,11 @@ pub const CLIENT_KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "",
+        "busy_poll_us",
+        "Microseconds the relay keeps reading its sockets after each receive before it sleeps, 0 to 10000: a reply within the window is met awake, for CPU spent while traffic flows. Default 0 (the replies of a client relay come over the network, later than a window worth polling). --busy-poll-us overrides it; a change needs a restart.",
+    ),
+    (
+        "",
         "crl",
         "CRL files (PEM or DER), a list; checked against every certificate of the server relays' chains but the trust anchor, for every tunnel. Re-read at SIGHUP. --crl on the command line.",
     ),
@@ -390,6 +395,11 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
         "",
         "timestamp_correction",
         "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
+    ),
+    (
+        "",
+        "busy_poll_us",
+        "Microseconds the relay keeps reading its sockets after it forwarded a request or received a reply, before it sleeps, 0 to 10000: the time server's reply, and under load the next request, are met awake rather than by waking a sleeping thread. Default 200; the price is CPU while traffic flows (under sustained load the relay never sleeps); 0 on a host whose CPU is better spent elsewhere. Peers' datagrams as such (handshakes, garbage) never open the window. --busy-poll-us overrides it; a change needs a restart.",
     ),
     (
         "",

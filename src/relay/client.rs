@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use ntp_dtls_proto::engine::ClientSettings;
@@ -27,7 +27,7 @@ use crate::config::{ClientConfig, Tunnel as TunnelSettings};
 use crate::ops::control::{Control, ControlEvent};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
-use crate::relay::timer::LoopTimer;
+use crate::relay::timer::{BusyPoll, LoopTimer};
 use crate::relay::timestamps::TimestampMetrics;
 use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
@@ -36,6 +36,8 @@ use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 pub struct BoundTunnel {
     pub settings: TunnelSettings,
     pub local: DatagramSocket,
+    /// The daemon's `busy_poll_us`.
+    pub busy_poll: Duration,
 }
 
 /// Binds every tunnel's local socket, starts metrics and drops privileges, then runs the
@@ -56,7 +58,11 @@ pub async fn run(
                 let local = DatagramSocket::bind(settings.listen).with_context(|| {
                     format!("{}: cannot listen on {}", settings.name, settings.listen)
                 })?;
-                bound.push(BoundTunnel { settings, local });
+                bound.push(BoundTunnel {
+                    settings,
+                    local,
+                    busy_poll: config.daemon.busy_poll,
+                });
             }
             let metrics = start_services(&config.daemon, &obs, &shutdown).await?;
             let metrics_label = metrics.map_or_else(|| "off".to_string(), |a| a.to_string());
@@ -194,6 +200,8 @@ struct TunnelTask {
     obs: Arc<Observatory>,
     settings: watch::Receiver<ClientSettings>,
     first_outcome: Option<tokio::sync::oneshot::Sender<bool>>,
+    /// Reads the sockets without sleeping for a while after each receive.
+    busy: BusyPoll,
 }
 
 impl TunnelTask {
@@ -232,6 +240,7 @@ impl TunnelTask {
             obs,
             settings,
             first_outcome: Some(first_outcome),
+            busy: BusyPoll::new(bound.busy_poll),
         }
     }
 
@@ -243,15 +252,17 @@ impl TunnelTask {
         let control = Control::spawn(shutdown, self.settings.clone());
         loop {
             timer.arm(self.tunnel.poll_timeout());
+            let poll_until = self.busy.until();
             tokio::select! {
                 biased;
                 event = control.next() => match event {
                     ControlEvent::Stop => break,
                     ControlEvent::Settings(settings) => self.tunnel.set_settings(settings),
                 },
-                received = self.local.recv_batch(&mut from_local) => match received {
+                received = self.local.recv_batch(&mut from_local, poll_until) => match received {
                     Ok(_) => {
                         let now = Instant::now();
+                        self.busy.received(now);
                         for Received { from, data, kernel_rx, .. } in from_local.iter() {
                             if let Some(from) = from {
                                 // No kernel receive timestamp: a clock read right after recvmmsg.
@@ -262,11 +273,12 @@ impl TunnelTask {
                     }
                     Err(e) => debug!(tunnel = %self.tunnel.name(), error = %e, "local receive error"),
                 },
-                (slot, received) = recv_any(&self.sockets, &mut from_upstream) => {
+                (slot, received) = recv_any(&self.sockets, &mut from_upstream, poll_until) => {
                     let now = Instant::now();
                     if let Some(id) = self.sockets.get(slot).map(|s| s.id) {
                         match received {
                             Ok(_) => {
+                                self.busy.received(now);
                                 for Received { data, kernel_rx, .. } in from_upstream[slot].iter() {
                                     let rx = kernel_rx.unwrap_or_else(SystemTime::now);
                                     self.tunnel.handle_datagram(now, rx, id, data);
@@ -535,22 +547,24 @@ fn open_socket(peer: SocketAddr) -> std::io::Result<DatagramSocket> {
 async fn recv_any(
     sockets: &[AssociationSocket],
     batches: &mut [RecvBatch; 3],
+    poll_until: Option<Instant>,
 ) -> (usize, std::io::Result<usize>) {
     async fn recv(
         socket: Option<&AssociationSocket>,
         batch: &mut RecvBatch,
+        poll_until: Option<Instant>,
     ) -> std::io::Result<usize> {
         match socket {
-            Some(socket) => socket.socket.recv_batch(batch).await,
+            Some(socket) => socket.socket.recv_batch(batch, poll_until).await,
             None => std::future::pending().await,
         }
     }
     let [a, b, c] = batches;
     tokio::select! {
         biased;
-        r = recv(sockets.first(), a) => (0, r),
-        r = recv(sockets.get(1), b) => (1, r),
-        r = recv(sockets.get(2), c) => (2, r),
+        r = recv(sockets.first(), a, poll_until) => (0, r),
+        r = recv(sockets.get(1), b, poll_until) => (1, r),
+        r = recv(sockets.get(2), c, poll_until) => (2, r),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::config::{ServerConfig, Upstream};
 use crate::ops::control::{Control, ControlEvent};
 use crate::ops::daemon::{Reload, Shutdown, log_reload, notify_ready, start_services};
 use crate::ops::observe::Observatory;
-use crate::relay::timer::LoopTimer;
+use crate::relay::timer::{BusyPoll, LoopTimer};
 use crate::relay::timestamps::TimestampMetrics;
 use crate::relay::udp::{DatagramSocket, Received, RecvBatch, SendQueue};
 
@@ -259,6 +259,8 @@ struct Worker {
     /// The time server's health as every worker sees it: the relay-wide state changes (and is
     /// logged) once, not once per worker.
     upstream_health: Arc<crate::ops::observe::UpstreamHealth>,
+    /// Reads the sockets without sleeping for a while after each receive (`busy_poll_us`).
+    busy: BusyPoll,
 }
 
 impl Worker {
@@ -309,6 +311,7 @@ impl Worker {
         endpoint.set_timestamp_observer(TimestampMetrics::new(obs.clone()));
         endpoint.set_timestamp_correction(obs.timestamp_correction());
         Ok(Worker {
+            busy: BusyPoll::new(config.daemon.busy_poll),
             settings,
             index,
             socket,
@@ -329,6 +332,7 @@ impl Worker {
         let control = Control::spawn(shutdown, self.settings.clone());
         loop {
             timer.arm(self.endpoint.poll_timeout());
+            let poll_until = self.busy.until();
             tokio::select! {
                 biased;
                 event = control.next() => match event {
@@ -340,7 +344,7 @@ impl Worker {
                     }
                     ControlEvent::Settings(None) => {}
                 },
-                received = self.socket.recv_batch(&mut from_peers) => match received {
+                received = self.socket.recv_batch(&mut from_peers, poll_until) => match received {
                     Ok(_) => {
                         let now = Instant::now();
                         for Received { from, data, kernel_rx, local } in from_peers.iter() {
@@ -357,10 +361,12 @@ impl Worker {
                     }
                     Err(e) => debug!(error = %e, "receive error"),
                 },
-                received = recv_time_server(self.time_server.as_ref(), &mut from_source) => {
+                received = recv_time_server(self.time_server.as_ref(), &mut from_source, poll_until) => {
                     let now = Instant::now();
                     match received {
                         Ok(_) => {
+                            // Replies (the time server's only): more may follow.
+                            self.busy.received(now);
                             for Received { data, kernel_rx, .. } in from_source.iter() {
                                 let rx = kernel_rx.unwrap_or_else(SystemTime::now);
                                 self.endpoint.handle_time_server_reply(now, rx, data);
@@ -390,6 +396,10 @@ impl Worker {
         // Requests first, sent at once, so that a reply finished below is not held behind
         // their system call: its transmit timestamp is corrected with the clock read for it.
         while let Some(request) = self.endpoint.poll_request(now, SystemTime::now()) {
+            // A request forwarded: its reply comes within the busy-poll window. Only this and
+            // the time server's replies open it, never a peer's datagram as such: garbage and
+            // handshakes from anyone must not buy a spinning loop for the price of a trickle.
+            self.busy.received(now);
             self.to_time_server.push_departing(
                 None,
                 None,
@@ -503,9 +513,10 @@ impl Worker {
 async fn recv_time_server(
     socket: Option<&DatagramSocket>,
     batch: &mut RecvBatch,
+    poll_until: Option<Instant>,
 ) -> std::io::Result<usize> {
     match socket {
-        Some(socket) => socket.recv_batch(batch).await,
+        Some(socket) => socket.recv_batch(batch, poll_until).await,
         None => std::future::pending().await,
     }
 }

@@ -48,10 +48,62 @@ impl LoopTimer {
     }
 }
 
+/// How long a relay loop keeps reading its sockets after it last received, before it sleeps
+/// (`busy_poll_us`). A request forwarded comes back as a reply tens of microseconds later: a
+/// loop that slept in between is woken for it, and on a virtual machine waking an idle vCPU
+/// costs as much as the relay's own work. Polling through the window meets the reply awake;
+/// the window restarts with every datagram, and ends (the loop sleeps) once it passes
+/// without one. Zero turns polling off.
+#[derive(Debug, Clone, Copy)]
+pub struct BusyPoll {
+    window: std::time::Duration,
+    until: Option<Instant>,
+}
+
+impl BusyPoll {
+    pub fn new(window: std::time::Duration) -> Self {
+        BusyPoll {
+            window,
+            until: None,
+        }
+    }
+
+    /// The loop received (or forwarded) datagrams at `now` whose sequel is worth meeting
+    /// awake.
+    pub fn received(&mut self, now: Instant) {
+        if !self.window.is_zero() {
+            self.until = now.checked_add(self.window);
+        }
+    }
+
+    /// Until when the sockets are to be read without sleeping (an instant that may have
+    /// passed: [`DatagramSocket::recv_batch`] reads the clock before it polls).
+    ///
+    /// [`DatagramSocket::recv_batch`]: super::udp::DatagramSocket::recv_batch
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn busy_polling_lasts_a_window_after_each_receive_and_never_when_off() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let mut busy = BusyPoll::new(us(50));
+        assert_eq!(busy.until(), None, "nothing received yet");
+        busy.received(t0);
+        assert_eq!(busy.until(), Some(t0 + us(50)));
+        busy.received(t0 + us(40));
+        assert_eq!(busy.until(), Some(t0 + us(90)), "restarted");
+        let mut off = BusyPoll::new(Duration::ZERO);
+        off.received(t0);
+        assert_eq!(off.until(), None);
+    }
 
     /// Runs `fired` until it resolves or `limit` of (paused) time passes; when it fired.
     async fn fired_within(timer: &mut LoopTimer, limit: Duration) -> Option<Instant> {

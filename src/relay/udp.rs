@@ -42,7 +42,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, TimestampingFlag,
@@ -187,11 +187,32 @@ impl DatagramSocket {
     }
 
     /// Waits for datagrams and takes up to [`BATCH`] of them into `batch`; returns how many.
+    ///
+    /// Until `poll_until` it does not sleep: the socket is read at once, and while nothing is
+    /// queued the task yields to the runtime and reads it again, until datagrams come or the
+    /// instant passes (see [`super::timer::BusyPoll`]). A relay that has just forwarded a
+    /// request so meets its reply awake: no wake-up of a sleeping thread (on a virtual
+    /// machine, of an idle vCPU) on the reply's path. One future for both phases: a nested
+    /// one cost ~80 instructions per reply on the server relay's path (callgrind).
+    ///
     /// Cancel-safe: nothing is taken from the socket before the future completes.
     ///
     /// An error is the socket's pending error (ICMP port unreachable on a connected socket
     /// comes back as ECONNREFUSED); datagrams queued behind it are taken by the next call.
-    pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+    pub async fn recv_batch(
+        &self,
+        batch: &mut RecvBatch,
+        poll_until: Option<Instant>,
+    ) -> io::Result<usize> {
+        if let Some(until) = poll_until {
+            while Instant::now() < until {
+                match batch.fill(self.io.get_ref(), self.ipv6, self.pktinfo) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    done => return done,
+                }
+                tokio::task::yield_now().await;
+            }
+        }
         loop {
             // ERROR too: an ICMP error raises only EPOLLERR, not EPOLLIN, and must not wait for
             // the next datagram to be seen.
@@ -910,10 +931,13 @@ mod tests {
     }
 
     async fn recv(socket: &DatagramSocket, batch: &mut RecvBatch) -> usize {
-        tokio::time::timeout(std::time::Duration::from_secs(5), socket.recv_batch(batch))
-            .await
-            .expect("a datagram within 5 s")
-            .expect("recv")
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            socket.recv_batch(batch, None),
+        )
+        .await
+        .expect("a datagram within 5 s")
+        .expect("recv")
     }
 
     #[tokio::test]
@@ -932,7 +956,7 @@ mod tests {
         // Short batch: readiness cleared, so nothing is ready until the next datagram.
         let idle = tokio::time::timeout(
             std::time::Duration::from_millis(20),
-            rx.recv_batch(&mut batch),
+            rx.recv_batch(&mut batch, None),
         );
         assert!(idle.await.is_err(), "no datagram is queued");
         tx.send_to(b"two", addr(&rx)).expect("send");
@@ -1032,10 +1056,12 @@ mod tests {
         tx.connect(gone).expect("connect");
         tx.send(b"anyone?").expect("send");
         let mut batch = RecvBatch::default();
-        let result =
-            tokio::time::timeout(std::time::Duration::from_secs(5), tx.recv_batch(&mut batch))
-                .await
-                .expect("the ICMP error within 5 s");
+        let result = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tx.recv_batch(&mut batch, None),
+        )
+        .await
+        .expect("the ICMP error within 5 s");
         let error = result.expect_err("port unreachable");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
@@ -1476,7 +1502,7 @@ mod tests {
         let mut batch = RecvBatch::default();
         let waited = tokio::time::timeout(
             Duration::from_millis(200),
-            clients[0].recv_batch(&mut batch),
+            clients[0].recv_batch(&mut batch, None),
         );
         assert!(
             waited.await.is_err(),

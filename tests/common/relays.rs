@@ -363,6 +363,22 @@ impl Drop for LossyProxy {
     }
 }
 
+/// utime + stime of a process, in seconds (/proc/PID/stat, USER_HZ = 100).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // state is field 3 of stat, i.e. index 0 here; utime is 14 (index 11), stime 15 (12).
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 /// Resident set size of a process, in KiB (VmRSS in /proc/PID/status).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

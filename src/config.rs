@@ -166,7 +166,7 @@ pub struct DaemonSettings {
 /// server answers a forwarded request within tens of microseconds, and under load the next
 /// request follows sooner still: polling 200 us meets both awake. Measured on the 2-vCPU
 /// development VM (docs/BENCHMARKS.md, "Busy polling"): replies/s at 16 clients +25%, and
-/// chronyd's basic offset p90 through the chain 23-30 us -> 9-15 us; the price is CPU while
+/// chronyd's basic offset p90 through the chain 23-30 us -> 9-20 us; the price is CPU while
 /// traffic flows (the relay never sleeps under sustained load). `busy_poll_us = 0` on a host
 /// whose CPU is better spent elsewhere.
 pub const DEFAULT_SERVER_BUSY_POLL_US: u64 = 200;

@@ -48,12 +48,13 @@ impl LoopTimer {
     }
 }
 
-/// How long a relay loop keeps reading its sockets after it last received, before it sleeps
-/// (`busy_poll_us`). A request forwarded comes back as a reply tens of microseconds later: a
-/// loop that slept in between is woken for it, and on a virtual machine waking an idle vCPU
-/// costs as much as the relay's own work. Polling through the window meets the reply awake;
-/// the window restarts with every datagram, and ends (the loop sleeps) once it passes
-/// without one. Zero turns polling off.
+/// How long a relay loop keeps reading its sockets after its last datagram worth waiting
+/// for, before it sleeps (`busy_poll_us`). A request forwarded comes back as a reply tens of
+/// microseconds later: a loop that slept in between is woken for it, and on a virtual machine
+/// waking an idle vCPU costs as much as the relay's own work. Polling through the window
+/// meets the reply awake; each such datagram (the loop says which: the server relay's
+/// forwarded requests and time-server replies) restarts the window, and the loop sleeps once
+/// it passes without one. Zero turns polling off.
 #[derive(Debug, Clone, Copy)]
 pub struct BusyPoll {
     window: std::time::Duration,

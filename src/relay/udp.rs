@@ -192,8 +192,7 @@ impl DatagramSocket {
     /// queued the task yields to the runtime and reads it again, until datagrams come or the
     /// instant passes (see [`super::timer::BusyPoll`]). A relay that has just forwarded a
     /// request so meets its reply awake: no wake-up of a sleeping thread (on a virtual
-    /// machine, of an idle vCPU) on the reply's path. One future for both phases: a nested
-    /// one cost ~80 instructions per reply on the server relay's path (callgrind).
+    /// machine, of an idle vCPU) on the reply's path.
     ///
     /// Cancel-safe: nothing is taken from the socket before the future completes.
     ///

@@ -6,7 +6,7 @@
 # relay (`ntp-dtls client`), polled every 0.2 s by dtls_load, is the legitimate client whose
 # first reply after the restart is timed. Loopback only; every phase is bounded in time.
 #
-#   scripts/bench-storm.sh                      # 20 000 associations
+#   scripts/bench-storm.sh                      # 19 900 associations (see below)
 #   STORM_N=2000 scripts/bench-storm.sh
 #
 # Prints dtls_load's `phase=storm` line (storm_t50_s, storm_t99_s, storm_t100_s from the moment

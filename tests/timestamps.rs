@@ -1,8 +1,9 @@
 //! The residence-time correction against real processes (docs/TIMESTAMPS.md): chronyd in
 //! interleaved mode through the corrected chain, one device and two behind one server relay;
 //! a reply with a MAC, from chronyd with a key file, delivered byte for byte as chronyd sent it;
-//! a plain reply corrected (T2 earlier, T3 later, nothing else changed); and
-//! `--no-timestamp-correction` delivering it untouched. Not a timing test: what is checked is
+//! a plain reply corrected (T2 earlier, T3 later, nothing else changed), its T3 from chronyd's
+//! own transmit time (asked in its interleaved mode), or without it from a chronyd that does
+//! not answer so; and `--no-timestamp-correction` delivering it untouched. Not a timing test: what is checked is
 //! what the relays do to the packets, seen by a recording proxy in front of the time server.
 
 mod common;
@@ -272,7 +273,77 @@ fn a_reply_with_a_mac_comes_back_byte_for_byte_and_a_plain_one_is_corrected() {
     assert!(t2 <= t3, "a corrected reply's T2 is no later than its T3");
     // Both relays' residences together stay far below a second.
     assert!(ntp_diff(t2_sent, t2) < 0.1 && ntp_diff(t3, t3_sent) < 0.1);
+    let basic = timestamps(&server_metrics, "corrected", "basic")
+        + timestamps(&server_metrics, "corrected", "basic_time_server_tx");
+    assert!(basic >= 1.0, "server relay corrected {basic} basic replies");
+}
+
+/// `ntp_dtls_NAME_total` of the relay serving metrics at `addr`.
+fn counter(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let name = format!("ntp_dtls_{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
+#[test]
+fn a_basic_reply_leaves_with_the_time_servers_own_transmit_time_from_its_interleaved_mode() {
+    let chronyd = Chronyd::start(loopback_ip(1));
+    let proxy = RecordingProxy::start(chronyd.addr());
+    let pki = Pki::generate(&["localhost"]);
+    let (server, client) = chain(&pki, proxy.addr, &[]);
+    let server_metrics = metrics_addr(&server.daemon);
+
+    let asked = request(false);
+    let delivered = ask(client.addr, &asked);
+    let sent = proxy.sent_with_origin(&asked[40..48]);
+    let t3_sent = ts(&sent, 40);
+    // The server relay asked chronyd, in its interleaved mode, when that reply left: an
+    // answer whose transmit timestamp is that reply's kernel transmit time, just after its T3.
+    let answers = proxy.replies.lock().expect("replies").clone();
+    let transmitted = answers
+        .iter()
+        .filter(|r| r.len() == 48 && r[24..32] != asked[40..48])
+        .map(|r| ts(r, 40))
+        .find(|&t| t > t3_sent && ntp_diff(t, t3_sent) < 0.01)
+        .unwrap_or_else(|| panic!("chronyd gave no transmit time for {sent:02x?}: {answers:02x?}"));
+    assert_eq!(&delivered[..32], &sent[..32], "only T2 and T3 differ");
+    let t3 = ts(&delivered, 40);
+    assert!(
+        t3 > transmitted && ntp_diff(t3, transmitted) < 0.1,
+        "T3 {t3:x} is the time server's transmit time {transmitted:x} plus the relays' residences"
+    );
+    assert_eq!(
+        timestamps(&server_metrics, "corrected", "basic_time_server_tx"),
+        1.0
+    );
+    assert_eq!(counter(&server_metrics, "time_server_tx_unavailable"), 0.0);
+}
+
+#[test]
+fn a_time_server_without_interleaved_answers_gets_its_basic_replies_corrected_as_before() {
+    // Without its client log chronyd answers every request in basic mode.
+    let chronyd = Chronyd::start_with(loopback_ip(1), &["noclientlog"]);
+    let pki = Pki::generate(&["localhost"]);
+    let (server, client) = chain(&pki, chronyd.addr(), &[]);
+    let server_metrics = metrics_addr(&server.daemon);
+    let asked = request(false);
+    let delivered = ask(client.addr, &asked);
+    assert_eq!(delivered[24..32], asked[40..48], "the reply to our request");
     assert!(timestamps(&server_metrics, "corrected", "basic") >= 1.0);
+    assert_eq!(
+        timestamps(&server_metrics, "corrected", "basic_time_server_tx"),
+        0.0
+    );
+    assert!(counter(&server_metrics, "time_server_tx_unavailable") >= 1.0);
 }
 
 #[test]

@@ -34,7 +34,7 @@ use crate::admission::{Admission, AuditLimiter, Expiry, Limits, Refusal};
 use crate::engine::{
     DtlsEngine, Engine, Event, Failure, PeerIdentity, ServerSettings, SettingsError,
 };
-use crate::forward::{Departure, Forward, ReplyStamp};
+use crate::forward::{Departure, Forward, ReplyFate, ReplyStamp};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::stats::{Counter, RttGauge, Stats};
 
@@ -136,6 +136,9 @@ enum ToPeer {
 struct QueuedRequest {
     transmit: u64,
     datagram: BytesMut,
+    /// The relay's own query about a held reply ([`crate::time_server_tx`]), not a client's
+    /// request: not counted as forwarded, its departure not measured.
+    query: bool,
 }
 
 #[derive(Debug, Default)]
@@ -177,12 +180,14 @@ impl Endpoint {
         stats: Arc<Stats>,
         rtt: Arc<RttGauge>,
     ) -> Result<Self, SettingsError> {
+        let mut forward = Forward::new(PENDING_CAPACITY, PENDING_TTL, stats.clone(), rtt);
+        forward.set_time_server_tx(matches!(source, TimeSource::Forward));
         Ok(Endpoint {
             engine: Engine::server(settings)?,
             admission: Admission::new(limits),
             audit_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
             defence_limiter: AuditLimiter::new(AUDIT_RATE, AUDIT_BURST),
-            forward: Forward::new(PENDING_CAPACITY, PENDING_TTL, stats.clone(), rtt),
+            forward,
             source,
             upstream: UpstreamHealth::default(),
             stats,
@@ -197,10 +202,14 @@ impl Endpoint {
         })
     }
 
-    /// Turns the residence correction of forwarded replies on or off (docs/TIMESTAMPS.md).
-    /// The builtin source always stamps its own receive and transmit times.
+    /// Turns the residence correction of forwarded replies on or off (docs/TIMESTAMPS.md),
+    /// and with it the measuring of the time server's transmit times for basic replies
+    /// ([`crate::time_server_tx`]). The builtin source always stamps its own receive and
+    /// transmit times.
     pub fn set_timestamp_correction(&mut self, on: bool) {
         self.forward.set_correction(on);
+        self.forward
+            .set_time_server_tx(on && matches!(self.source, TimeSource::Forward));
     }
 
     /// Where residence times and correction outcomes are reported.
@@ -324,8 +333,21 @@ impl Endpoint {
     /// A reply from the time server, received at `rx`.
     pub fn handle_time_server_reply(&mut self, now: Instant, rx: SystemTime, datagram: &[u8]) {
         let mut datagram = BytesMut::from(datagram);
-        let Some(route) = self.forward.reply(now, rx, &mut datagram) else {
-            return;
+        let (route, datagram) = match self.forward.time_server_reply(now, rx, &mut datagram) {
+            ReplyFate::Route(route) => (route, datagram),
+            ReplyFate::Held { query } => {
+                // The reply waits for the time server to say when it sent it.
+                self.upstream_answered(now);
+                self.stats.incr(Counter::TimeServerTxQueries);
+                self.to_time_server.push_back(QueuedRequest {
+                    transmit: ntp::check_request(&query).map_or(0, |q| q.transmit.0),
+                    datagram: BytesMut::from(&query[..]),
+                    query: true,
+                });
+                return;
+            }
+            ReplyFate::Released { route, reply } => (route, BytesMut::from(&reply[..])),
+            ReplyFate::Dropped => return,
         };
         self.upstream_answered(now);
         self.to_peers.push_back(ToPeer::Reply {
@@ -345,6 +367,13 @@ impl Endpoint {
     /// Time passed: retransmissions and expiries due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.forward.expire(now);
+        if let Some((route, reply)) = self.forward.release_overdue(now) {
+            self.to_peers.push_back(ToPeer::Reply {
+                peer: route.to,
+                datagram: BytesMut::from(&reply[..]),
+                stamp: route.stamp,
+            });
+        }
         while let Some(Reverse((due, peer))) = self.timers.peek().copied() {
             if due > now {
                 break;
@@ -400,6 +429,15 @@ impl Endpoint {
     /// time is not taken before a system call it then waits behind.
     pub fn poll_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
         let request = self.to_time_server.pop_front()?;
+        if request.query {
+            return Some(Transmit {
+                destination: Destination::TimeServer,
+                datagram: request.datagram,
+                ntp: false,
+                local: None,
+                departure: None,
+            });
+        }
         let departure = self.forward.request_sent(now, wall, request.transmit);
         self.upstream_asked(now);
         Some(Transmit {
@@ -524,6 +562,7 @@ impl Endpoint {
                     self.to_time_server.push_back(QueuedRequest {
                         transmit: request.transmit.0,
                         datagram: payload,
+                        query: false,
                     });
                 }
             }

@@ -21,6 +21,10 @@
 //! A request whose origin is a receive timestamp this relay corrected (chronyd's interleaved
 //! mode) gets the original back before it goes on, so the time server recognises it.
 //!
+//! On the server relay, a basic client's exchange may also be measured at the time server
+//! ([`crate::time_server_tx`]): the request is marked, its reply held until the time server has
+//! said when it really sent it, and then corrected for that too.
+//!
 //! Every drop lands in exactly one counter (what is sent is counted by the shell that sends it). Nothing here allocates or locks per datagram: the
 //! table's maps are sized up front, the round trip goes into atomics.
 
@@ -35,6 +39,7 @@ use crate::residence::{
     self, Direction, Observer, Outcome, Residences, SendLag, Translation, Translations, Unchanged,
 };
 use crate::stats::{Counter, RttGauge, Stats};
+use crate::time_server_tx::{Answer, TimeServerTx};
 
 /// What a relay keeps with each outstanding request.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +54,8 @@ pub struct Exchange {
     /// mode) and was translated back: the residence here of the reply that carried it, whose
     /// transmit time an interleaved reply to this request carries.
     pub previous_reply: Option<Duration>,
+    /// The request was marked for the time server's transmit timestamp (its reply is held).
+    marked: bool,
 }
 
 /// Where a reply goes, and what its last step needs.
@@ -65,6 +72,24 @@ pub struct ReplyStamp {
     pub reply_rx: SystemTime,
     /// Basic or interleaved: which key of the request the reply's origin matched.
     pub matched: Matched,
+    /// The time server's own send lag for this basic reply, when it gave it.
+    pub time_server_lag: Option<Duration>,
+}
+
+/// What became of a datagram from the time server ([`Forward::time_server_reply`]).
+#[derive(Debug)]
+pub enum ReplyFate<A> {
+    /// It goes on now, in the buffer it came in (corrected by [`Forward::reply_sent`]).
+    Route(Route<A>),
+    /// It is held for the time server's transmit timestamp: this query goes to the time server.
+    Held { query: [u8; ntp::HEADER_LEN] },
+    /// The answer to a query: the reply it held goes on now, in these bytes.
+    Released {
+        route: Route<A>,
+        reply: [u8; ntp::HEADER_LEN],
+    },
+    /// Dropped (counted), or a late answer to a query.
+    Dropped,
 }
 
 /// A datagram of this path on its way out, for the shell to report back with the kernel's
@@ -109,6 +134,7 @@ pub struct Forward<A> {
     request_lag: SendLag,
     reply_lag: SendLag,
     observer: Option<Arc<dyn Observer>>,
+    time_server_tx: TimeServerTx<Route<A>>,
 }
 
 impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
@@ -123,13 +149,23 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             request_lag: SendLag::default(),
             reply_lag: SendLag::default(),
             observer: None,
+            time_server_tx: TimeServerTx::default(),
         }
+    }
+
+    /// Whether basic exchanges are measured at the time server too ([`crate::time_server_tx`]):
+    /// only on a path whose next hop is the time server, and only while replies are corrected.
+    pub fn set_time_server_tx(&mut self, on: bool) {
+        self.time_server_tx.set_enabled(on);
     }
 
     /// Turns the residence correction of replies on or off. Translations already made still
     /// apply to the requests that echo them.
     pub fn set_correction(&mut self, on: bool) {
         self.correction = on;
+        if !on {
+            self.time_server_tx.set_enabled(false);
+        }
     }
 
     pub fn correction(&self) -> bool {
@@ -168,11 +204,16 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             request.origin = translation.original;
             previous_reply = Some(translation.reply_residence);
         }
+        let marked = self.correction
+            && self
+                .time_server_tx
+                .mark(now, &request, previous_reply.is_some(), datagram);
         let exchange = Exchange {
             request_rx: rx,
             request_tx: None,
             sent: None,
             previous_reply,
+            marked,
         };
         let inserted =
             self.pending
@@ -272,32 +313,90 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
     }
 
     /// A reply received at `rx`: checked and matched to its request. Returns where it goes,
-    /// None when it was dropped (counted).
+    /// None when it was dropped (counted). For a path that never measures the time server
+    /// (the client relay's); see [`Forward::time_server_reply`].
     pub fn reply(&mut self, now: Instant, rx: SystemTime, datagram: &mut [u8]) -> Option<Route<A>> {
+        match self.time_server_reply(now, rx, datagram) {
+            ReplyFate::Route(route) => Some(route),
+            // Not without set_time_server_tx: a released reply goes on without its lag.
+            ReplyFate::Released { route, .. } => Some(route),
+            ReplyFate::Held { .. } | ReplyFate::Dropped => None,
+        }
+    }
+
+    /// A datagram from the time server, received at `rx`: a reply, checked and matched to its
+    /// request, or the answer to a query about a held one.
+    pub fn time_server_reply(
+        &mut self,
+        now: Instant,
+        rx: SystemTime,
+        datagram: &mut [u8],
+    ) -> ReplyFate<A> {
         let reply: ReplyView = match ntp::check_reply(datagram) {
             Ok(reply) => reply,
             Err(rejection) => {
                 self.stats.incr(rejection.into());
                 debug!(%rejection, "reply dropped");
-                return None;
+                return ReplyFate::Dropped;
             }
         };
+        if self.time_server_tx.enabled() {
+            match self.time_server_tx.answer(now, &reply) {
+                Answer::NotOurs => {}
+                Answer::Release(held, lag) => {
+                    let mut route = held.route;
+                    route.stamp.time_server_lag = lag;
+                    if lag.is_none() {
+                        self.stats.incr(Counter::TimeServerTxUnavailable);
+                    }
+                    debug!(
+                        lag_ns = lag.map(|l| l.as_nanos() as u64),
+                        "time server's transmit timestamp for a held reply"
+                    );
+                    return ReplyFate::Released {
+                        route,
+                        reply: held.reply,
+                    };
+                }
+                Answer::Stale => return ReplyFate::Dropped,
+            }
+        }
         let Some(taken) = self.pending.take_entry(now, reply.origin.0) else {
             self.stats.incr(Counter::DropUnmatchedReply);
             debug!("reply dropped: matches no outstanding request");
-            return None;
+            return ReplyFate::Dropped;
         };
         if let Some(sent) = taken.value.sent {
             self.rtt.observe(now.saturating_duration_since(sent));
         }
-        Some(Route {
+        let route = Route {
             to: taken.addr,
             stamp: ReplyStamp {
                 exchange: taken.value,
                 reply_rx: rx,
                 matched: taken.matched,
+                time_server_lag: None,
             },
-        })
+        };
+        if !taken.value.marked {
+            return ReplyFate::Route(route);
+        }
+        match self
+            .time_server_tx
+            .hold(now, taken.transmit, &reply, datagram, route)
+        {
+            Ok(query) => ReplyFate::Held { query },
+            Err(route) => ReplyFate::Route(route),
+        }
+    }
+
+    /// A reply held for the time server's transmit timestamp whose query went unanswered goes
+    /// on as it is, once its deadline has passed (counted).
+    pub fn release_overdue(&mut self, now: Instant) -> Option<(Route<A>, [u8; ntp::HEADER_LEN])> {
+        let held = self.time_server_tx.expire(now)?;
+        self.stats.incr(Counter::TimeServerTxUnavailable);
+        debug!("held reply released: the time server did not answer its query");
+        Some((held.route, held.reply))
     }
 
     /// The reply leaves now (`wall` read right before it is sent): its receive and transmit
@@ -337,6 +436,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
                         Some(exchange.previous_reply.ok_or(Unchanged::UnknownResidence))
                     }
                 },
+                time_server_lag: stamp.time_server_lag,
             };
             match residence::correct(datagram, &residences) {
                 Ok(correction) => {
@@ -392,7 +492,13 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.next_deadline()
+        [
+            self.pending.next_deadline(),
+            self.time_server_tx.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Requests waiting for their reply.
@@ -409,6 +515,8 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
 mod tests {
     use super::*;
     use crate::ntp::{NtpTimestamp, build_request};
+    use crate::residence::Corrected;
+    use crate::time_server_tx::{HOLD_LIMIT, MARK};
 
     fn forward() -> Forward<u16> {
         Forward::new(
@@ -450,6 +558,83 @@ mod tests {
         );
         assert!(f.reply(t0, wall, &mut reply).is_none(), "delivered once");
         assert_eq!(f.stats.get(Counter::DropUnmatchedReply), 1);
+    }
+
+    #[test]
+    fn a_basic_reply_held_for_the_time_servers_transmit_time_leaves_as_if_sent_on_the_wire() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |us| wall + Duration::from_micros(us);
+        let ntp_at = |us| NtpTimestamp::from_system_time(at(us));
+        let mut f = forward();
+        f.set_time_server_tx(true);
+        // The request arrives at 0 us and leaves at 5 us, marked.
+        let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0002));
+        let view = f.request(t0, at(0), 7, &mut request).expect("forwarded");
+        assert_eq!(ntp::check_request(&request).unwrap().origin, MARK);
+        f.request_sent(t0, at(5), view.transmit.0);
+        // The time server receives it at 6 us, writes T3 = 8 us, and sends at 20 us; the
+        // relay has the reply at 21 us.
+        let t2 = NtpTimestamp(ntp_at(6).0 | 1);
+        let t3 = NtpTimestamp(ntp_at(8).0 & !1);
+        let mut reply = reply_to(&request);
+        reply[32..40].copy_from_slice(&t2.0.to_be_bytes());
+        reply[40..48].copy_from_slice(&t3.0.to_be_bytes());
+        let query = match f.time_server_reply(t0, at(21), &mut reply) {
+            ReplyFate::Held { query } => query,
+            other => panic!("not held: {other:?}"),
+        };
+        let q = ntp::check_request(&query).unwrap();
+        assert_eq!(q.origin, t2);
+        // The interleaved answer: its transmit field is when the held reply left.
+        let mut answer = reply_to(&query);
+        answer[24..32].copy_from_slice(&q.receive.0.to_be_bytes());
+        answer[40..48].copy_from_slice(&ntp_at(20).0.to_be_bytes());
+        let (route, mut held) = match f.time_server_reply(t0, at(23), &mut answer) {
+            ReplyFate::Released { route, reply } => (route, reply),
+            other => panic!("not released: {other:?}"),
+        };
+        assert_eq!(route.to, 7);
+        assert_eq!(held, reply, "held as the time server sent it");
+        // It leaves the relay at 30 us: T2 as if received at the relay's wire (0 us + the 1 us
+        // link), T3 as if sent there (30 us - the 1 us link).
+        let sent = f.reply_sent(t0, at(30), &mut held, &route.stamp);
+        assert_eq!(sent.outcome, Outcome::Corrected(Corrected::TimeServerTx));
+        let out = ntp::check_reply(&held).unwrap();
+        assert!((out.receive.diff_seconds(ntp_at(1))).abs() < 1e-8);
+        assert!((out.transmit.diff_seconds(ntp_at(29))).abs() < 1e-8);
+        assert_eq!(f.stats.get(Counter::TimeServerTxUnavailable), 0);
+    }
+
+    #[test]
+    fn a_held_reply_whose_query_is_lost_goes_on_corrected_as_before() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut f = forward();
+        f.set_time_server_tx(true);
+        let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0002));
+        let view = f.request(t0, wall, 7, &mut request).expect("forwarded");
+        f.request_sent(t0, wall, view.transmit.0);
+        let mut reply = reply_to(&request);
+        assert!(matches!(
+            f.time_server_reply(t0, wall, &mut reply),
+            ReplyFate::Held { .. }
+        ));
+        assert_eq!(f.next_deadline(), Some(t0 + HOLD_LIMIT));
+        assert!(f.release_overdue(t0).is_none());
+        let (route, mut held) = f.release_overdue(t0 + HOLD_LIMIT).expect("released");
+        assert_eq!(route.stamp.time_server_lag, None);
+        let sent = f.reply_sent(t0, wall, &mut held, &route.stamp);
+        assert_eq!(sent.outcome, Outcome::Corrected(Corrected::Basic));
+        assert_eq!(f.stats.get(Counter::TimeServerTxUnavailable), 1);
+        // Without correction nothing is marked.
+        f.set_correction(false);
+        let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0004));
+        f.request(t0, wall, 7, &mut request).expect("forwarded");
+        assert_eq!(
+            ntp::check_request(&request).unwrap().origin,
+            NtpTimestamp::ZERO
+        );
     }
 
     #[test]

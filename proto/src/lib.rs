@@ -9,6 +9,8 @@
 //! - [`pending`]: outstanding requests, so each reply goes back to whoever asked.
 //! - [`residence`]: the relays' residence-time correction of NTP timestamps (a transparent
 //!   clock), and the interleaved-mode translation it needs.
+//! - [`time_server_tx`]: the time server's own transmit time for a basic reply, asked of it in
+//!   its interleaved mode.
 //! - [`record`]: the DTLS record pre-parser that decides what may reach the engine.
 //! - [`admission`]: who may hold state on the server relay, how much and how long.
 //! - [`engine`]: the DTLS engine interface and its rtc-dtls implementation, with our policy.
@@ -34,6 +36,7 @@ pub mod policy;
 pub mod record;
 pub mod residence;
 pub mod stats;
+pub mod time_server_tx;
 pub mod tunnel;
 pub mod verify;
 pub mod x509;

@@ -407,6 +407,24 @@ pub fn correct_reply(buf: &mut [u8], earlier: Duration, later: Duration) -> Opti
     })
 }
 
+/// A number of NTP units (2^-32 s) as a duration, rounded to the nearest nanosecond.
+pub fn duration_of_units(units: u64) -> Duration {
+    let nanos = (u128::from(units) * u128::from(NANOS_PER_SEC) + (1 << 31)) >> 32;
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// Sets a request's receive field (what an interleaved reply echoes as its origin). False
+/// when the buffer is shorter than the header.
+pub fn set_receive(buf: &mut [u8], receive: NtpTimestamp) -> bool {
+    match buf.first_chunk_mut::<HEADER_LEN>() {
+        Some(header) => {
+            write_at::<OFF_RECEIVE_TS, 8>(header, receive.0.to_be_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
 /// Sets a request's origin timestamp (the interleaved translation back to what the time
 /// server sent). False when the buffer is shorter than the header.
 pub fn set_origin(buf: &mut [u8], origin: NtpTimestamp) -> bool {

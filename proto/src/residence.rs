@@ -148,6 +148,9 @@ pub enum Direction {
 pub enum Corrected {
     Basic,
     Interleaved,
+    /// A basic reply whose T3 was also moved to the time server's own transmit time, which it
+    /// gave in its interleaved mode ([`crate::time_server_tx`]).
+    TimeServerTx,
 }
 
 /// Why a reply passed with its timestamps unchanged.
@@ -179,9 +182,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, so counters can be registered up front and show zero.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Corrected(Corrected::Basic),
         Outcome::Corrected(Corrected::Interleaved),
+        Outcome::Corrected(Corrected::TimeServerTx),
         Outcome::Unchanged(Unchanged::Disabled),
         Outcome::Unchanged(Unchanged::Mac),
         Outcome::Unchanged(Unchanged::ExtensionFields),
@@ -200,6 +204,7 @@ impl Outcome {
         match self {
             Outcome::Corrected(Corrected::Basic) => "basic",
             Outcome::Corrected(Corrected::Interleaved) => "interleaved",
+            Outcome::Corrected(Corrected::TimeServerTx) => "basic_time_server_tx",
             Outcome::Unchanged(Unchanged::Disabled) => "disabled",
             Outcome::Unchanged(Unchanged::Mac) => "mac",
             Outcome::Unchanged(Unchanged::ExtensionFields) => "extension_fields",
@@ -248,6 +253,9 @@ pub struct Residences {
     /// For an interleaved reply, the residence here of the previous reply (whose transmit
     /// time the T3 is); None for a basic reply.
     pub interleaved_previous: Option<Result<Duration, Unchanged>>,
+    /// For a basic reply, the time server's own send lag (its T3 to its kernel transmit
+    /// timestamp), when it gave it ([`crate::time_server_tx`]): added to the reply's residence.
+    pub time_server_lag: Option<Duration>,
 }
 
 /// A corrected reply: what the relay must remember for the client's next interleaved request.
@@ -262,9 +270,10 @@ pub fn correct(datagram: &mut [u8], residences: &Residences) -> Result<Correctio
     ntp::rewritable_reply(datagram)?;
     let request = residences.request?;
     let reply = residences.reply?;
-    let (later, kind) = match residences.interleaved_previous {
-        None => (reply, Corrected::Basic),
-        Some(previous) => (previous?, Corrected::Interleaved),
+    let (later, kind) = match (residences.interleaved_previous, residences.time_server_lag) {
+        (None, None) => (reply, Corrected::Basic),
+        (None, Some(lag)) => (reply + lag, Corrected::TimeServerTx),
+        (Some(previous), _) => (previous?, Corrected::Interleaved),
     };
     let rewritten = ntp::correct_reply(datagram, request, later).ok_or(Unchanged::NotPlain)?;
     Ok(Correction { kind, rewritten })

@@ -56,6 +56,8 @@ counters! {
     UpstreamUnreachable => "upstream_unreachable", "ICMP errors (port unreachable, ...) on a socket towards the next hop; checked, not believed";
     EvictedPending => "pending_evicted", "outstanding requests evicted to make room for new ones";
     ExpiredPending => "pending_expired", "outstanding requests that got no reply in time";
+    TimeServerTxQueries => "time_server_tx_queries", "queries asking the time server, in its interleaved mode, when a held basic reply left (not in requests_forwarded)";
+    TimeServerTxUnavailable => "time_server_tx_unavailable", "replies held for the time server's transmit timestamp that went on without it (answered in basic mode, lost, or unbelievable)";
     AssociationsEstablished => "associations_established", "DTLS associations set up";
     AssociationsRefused => "associations_refused", "DTLS handshakes that failed";
     AssociationsClosed => "associations_closed", "established DTLS associations torn down";

@@ -857,7 +857,10 @@ impl FakeNtpServer {
                 let Ok((n, peer)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
-                let rx = shifted();
+                // Lowest bit clear, as servers other than chronyd may send it: chronyd flags
+                // its receive timestamps with it, and only those are asked about in its
+                // interleaved mode (time_server_tx), which would add queries to the count.
+                let rx = shifted() & !1;
                 all2.fetch_add(1, Ordering::Relaxed);
                 let Some(req) = parse_ntp(&buf[..n]) else {
                     continue;

@@ -154,6 +154,7 @@ fn a_reply_is_corrected_whole_or_left_alone() {
             request,
             reply: reply_residence,
             interleaved_previous,
+            time_server_lag: None,
         };
         assert!(correct(&mut p, &residences).is_err(), "{residences:?}");
         assert_eq!(p, original, "{residences:?}");
@@ -166,6 +167,7 @@ fn a_reply_is_corrected_whole_or_left_alone() {
             request: us(10),
             reply: us(500),
             interleaved_previous: Some(us(3)),
+            time_server_lag: None,
         },
     )
     .unwrap();
@@ -179,6 +181,42 @@ fn a_reply_is_corrected_whole_or_left_alone() {
     } = c.rewritten;
     assert!((receive_before.diff_seconds(receive_after) - 10e-6).abs() < 1e-9);
     assert!((transmit_after.diff_seconds(transmit_before) - 3e-6).abs() < 1e-9);
+}
+
+#[test]
+fn a_time_servers_own_send_lag_moves_a_basic_replys_transmit_timestamp_with_its_residence() {
+    let us = |n| Ok(Duration::from_micros(n));
+    let original = reply(ts(9, 0x1000_0001), ts(9, 0x2000_0000));
+    let mut p = original;
+    let c = correct(
+        &mut p,
+        &Residences {
+            request: us(10),
+            reply: us(20),
+            interleaved_previous: None,
+            time_server_lag: Some(Duration::from_micros(12)),
+        },
+    )
+    .unwrap();
+    assert_eq!(c.kind, Corrected::TimeServerTx);
+    let r = c.rewritten;
+    assert!((r.receive_before.diff_seconds(r.receive_after) - 10e-6).abs() < 1e-9);
+    assert!((r.transmit_after.diff_seconds(r.transmit_before) - 32e-6).abs() < 1e-9);
+    // An interleaved reply's T3 is already the time server's transmit time: no lag added.
+    let mut p = original;
+    let c = correct(
+        &mut p,
+        &Residences {
+            request: us(10),
+            reply: us(20),
+            interleaved_previous: Some(us(3)),
+            time_server_lag: Some(Duration::from_micros(12)),
+        },
+    )
+    .unwrap();
+    assert_eq!(c.kind, Corrected::Interleaved);
+    let r = c.rewritten;
+    assert!((r.transmit_after.diff_seconds(r.transmit_before) - 3e-6).abs() < 1e-9);
 }
 
 #[test]
@@ -838,7 +876,7 @@ fn an_interleaved_reply_the_relay_cannot_place_passes_unchanged() {
 fn every_outcome_has_its_own_label() {
     let labels: std::collections::HashSet<_> = Outcome::ALL.iter().map(|o| o.reason()).collect();
     assert_eq!(labels.len(), Outcome::ALL.len());
-    assert_eq!(Outcome::ALL.iter().filter(|o| o.is_corrected()).count(), 2);
+    assert_eq!(Outcome::ALL.iter().filter(|o| o.is_corrected()).count(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------

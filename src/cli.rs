@@ -208,8 +208,9 @@ pub struct ServerArgs {
     pub workers: Option<usize>,
 
     /// Leave NTP replies' receive and transmit timestamps as the time server sent them instead
-    /// of correcting them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the
-    /// file
+    /// of correcting them for the time spent in this relay, and do not ask the time server
+    /// (in chronyd's interleaved mode) when a basic reply left (docs/TIMESTAMPS.md); overrides
+    /// the file
     #[arg(long)]
     pub no_timestamp_correction: bool,
     // Client certificates' revocation (with --client-ca); --crl replaces the file's `crl`.

@@ -394,7 +394,7 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
     (
         "",
         "timestamp_correction",
-        "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
+        "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). For a basic client it also asks the time server, in chronyd's interleaved mode, when the reply left, and uses that as its transmit timestamp (at most 8 queries a second). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
         "",

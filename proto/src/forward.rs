@@ -36,7 +36,8 @@ use tracing::debug;
 use crate::ntp::{self, ReplyView, RequestView};
 use crate::pending::{Matched, PendingTable};
 use crate::residence::{
-    self, Direction, Observer, Outcome, Residences, SendLag, Translation, Translations, Unchanged,
+    self, Corrected, Direction, Observer, Outcome, Residences, SendLag, Translation, Translations,
+    Unchanged,
 };
 use crate::stats::{Counter, RttGauge, Stats};
 use crate::time_server_tx::{Answer, TimeServerTx};
@@ -102,6 +103,46 @@ pub struct Departure {
     /// Whether its kernel transmit timestamp is wanted ([`SendLag::due`]): every datagram at a
     /// device's pace, a sample under load. The others leave at their predicted time.
     pub measure: bool,
+    /// What a clock read right before the send may move ([`Departure::restamp`]).
+    pub movable: Movable,
+}
+
+/// How much of a departure's stamp a later clock read may move. Only a datagram sent as it is
+/// (not encrypted) can be restamped: a DTLS record's bytes are fixed once it is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movable {
+    /// Neither: a request, or a record (its reply was stamped before encryption).
+    Fixed,
+    /// The clock read only: the reply's transmit timestamp is not its own departure (an
+    /// interleaved reply carries the previous one's) or was left as the time server sent it.
+    Read,
+    /// The clock read and the reply's transmit timestamp, stamped from it (a corrected basic
+    /// reply).
+    ReadAndTransmit,
+}
+
+impl Departure {
+    /// The datagram is about to be sent, and the clock read right before it says `later`:
+    /// whatever happened since the stamp (the rest of the pass, the flush's own work) is not
+    /// left to the prediction. A corrected basic reply's T3 moves forward by the difference,
+    /// and [`Departure::read`] with it, so the send lag later measured from it is the system
+    /// call's alone, which is what the next prediction adds. Nothing moves backwards, and a
+    /// [`Movable::Fixed`] departure (a record, a request) is left alone.
+    pub fn restamp(&mut self, datagram: &mut [u8], later: SystemTime) {
+        let Ok(delay) = later.duration_since(self.read) else {
+            return;
+        };
+        match self.movable {
+            Movable::Fixed => return,
+            Movable::Read => {}
+            Movable::ReadAndTransmit => {
+                if !ntp::advance_transmit(datagram, delay) {
+                    return;
+                }
+            }
+        }
+        self.read = later;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +161,25 @@ pub enum Departing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplySent {
     pub outcome: Outcome,
+    /// For a reply that is sealed into a record before it is sent ([`Movable::Fixed`]).
     pub departure: Departure,
+}
+
+impl ReplySent {
+    /// The departure of a reply sent as it is, not encrypted (the client relay's to its local
+    /// clients): restampable ([`Departure::restamp`]).
+    pub fn unencrypted(&self) -> Departure {
+        let movable = match self.outcome {
+            Outcome::Corrected(Corrected::Basic | Corrected::TimeServerTx) => {
+                Movable::ReadAndTransmit
+            }
+            _ => Movable::Read,
+        };
+        Departure {
+            movable,
+            ..self.departure
+        }
+    }
 }
 
 pub struct Forward<A> {
@@ -244,6 +303,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
             read: wall,
             what: Departing::Request { transmit },
             measure: self.request_lag.due(wall) || interleaved,
+            movable: Movable::Fixed,
         }
     }
 
@@ -309,6 +369,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
                 corrected_receive: None,
             },
             measure: self.reply_lag.due(wall),
+            movable: Movable::Fixed,
         }
     }
 
@@ -478,6 +539,7 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
                     corrected_receive,
                 },
                 measure,
+                movable: Movable::Fixed,
             },
         }
     }
@@ -558,6 +620,51 @@ mod tests {
         );
         assert!(f.reply(t0, wall, &mut reply).is_none(), "delivered once");
         assert_eq!(f.stats.get(Counter::DropUnmatchedReply), 1);
+    }
+
+    #[test]
+    fn a_reply_sent_unencrypted_is_restamped_only_where_its_t3_is_its_own_departure() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |us| wall + Duration::from_micros(us);
+        let mut f = forward();
+        let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0002));
+        let view = f.request(t0, at(0), 7, &mut request).expect("forwarded");
+        f.request_sent(t0, at(5), view.transmit.0);
+        let mut reply = reply_to(&request);
+        let route = f.reply(t0, at(20), &mut reply).expect("routed");
+        let sent = f.reply_sent(t0, at(30), &mut reply, &route.stamp);
+        assert_eq!(sent.outcome, Outcome::Corrected(Corrected::Basic));
+        assert_eq!(sent.departure.movable, Movable::Fixed, "a record's default");
+        let mut departure = sent.unencrypted();
+        assert_eq!(departure.movable, Movable::ReadAndTransmit);
+        // Sent 7 us after the stamp: T3 and the read move by 7 us, nothing else.
+        let before = reply;
+        departure.restamp(&mut reply, at(37));
+        assert_eq!(departure.read, at(37));
+        assert_eq!(reply[..40], before[..40]);
+        let moved = ntp::check_reply(&reply).unwrap().transmit;
+        let stamped = ntp::check_reply(&before).unwrap().transmit;
+        assert!((moved.diff_seconds(stamped) - 7e-6).abs() < 1e-8);
+        assert_eq!(moved.0 & 1, stamped.0 & 1, "its lowest bit kept");
+        // Never backwards.
+        departure.restamp(&mut reply, at(36));
+        assert_eq!(departure.read, at(37));
+        assert_eq!(ntp::check_reply(&reply).unwrap().transmit, moved);
+        // A reply left as the time server sent it: only the read moves.
+        f.set_correction(false);
+        let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0004));
+        let view = f.request(t0, at(0), 7, &mut request).expect("forwarded");
+        f.request_sent(t0, at(5), view.transmit.0);
+        let mut reply = reply_to(&request);
+        let route = f.reply(t0, at(20), &mut reply).expect("routed");
+        let mut departure = f
+            .reply_sent(t0, at(30), &mut reply, &route.stamp)
+            .unencrypted();
+        assert_eq!(departure.movable, Movable::Read);
+        let before = reply;
+        departure.restamp(&mut reply, at(37));
+        assert_eq!((departure.read, reply), (at(37), before));
     }
 
     #[test]

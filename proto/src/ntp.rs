@@ -407,6 +407,18 @@ pub fn correct_reply(buf: &mut [u8], earlier: Duration, later: Duration) -> Opti
     })
 }
 
+/// Moves a reply's transmit timestamp `by` later (its lowest bit kept, as [`correct_reply`]
+/// does). False when the buffer is shorter than the header.
+pub fn advance_transmit(buf: &mut [u8], by: Duration) -> bool {
+    let Some(header) = buf.first_chunk_mut::<HEADER_LEN>() else {
+        return false;
+    };
+    let transmit = read_ts::<OFF_TRANSMIT_TS>(header);
+    let moved = shifted(transmit.0, ntp_units(by), true);
+    write_at::<OFF_TRANSMIT_TS, 8>(header, moved.to_be_bytes());
+    true
+}
+
 /// A number of NTP units (2^-32 s) as a duration, rounded to the nearest nanosecond.
 pub fn duration_of_units(units: u64) -> Duration {
     let nanos = (u128::from(units) * u128::from(NANOS_PER_SEC) + (1 << 31)) >> 32;

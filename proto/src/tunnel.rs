@@ -643,7 +643,8 @@ impl Tunnel {
             return Some(Action::Deliver {
                 to: reply.to,
                 datagram: reply.datagram,
-                departure: sent.departure,
+                // Sent as it is: the shell restamps it right before the send.
+                departure: sent.unencrypted(),
             });
         }
     }

@@ -129,7 +129,8 @@ pub struct ClientArgs {
     pub key: Option<PathBuf>,
 
     /// Leave NTP replies' receive and transmit timestamps as they arrive instead of correcting
-    /// them for the time spent in this relay (docs/TIMESTAMPS.md); overrides the file
+    /// them for the time spent in this relay, and do not ask (in chronyd's interleaved mode)
+    /// when a basic reply left (docs/TIMESTAMPS.md); overrides the file
     #[arg(long)]
     pub no_timestamp_correction: bool,
     #[command(flatten)]

@@ -295,19 +295,21 @@ fn counter(addr: &str, name: &str) -> f64 {
 }
 
 #[test]
-fn a_basic_reply_leaves_with_the_time_servers_own_transmit_time_from_its_interleaved_mode() {
+fn a_basic_reply_leaves_with_its_real_transmit_times_asked_in_chronyds_interleaved_mode() {
     let chronyd = Chronyd::start(loopback_ip(1));
     let proxy = RecordingProxy::start(chronyd.addr());
     let pki = Pki::generate(&["localhost"]);
     let (server, client) = chain(&pki, proxy.addr, &[]);
     let server_metrics = metrics_addr(&server.daemon);
+    let client_metrics = metrics_addr(&client.daemon);
 
     let asked = request(false);
     let delivered = ask(client.addr, &asked);
     let sent = proxy.sent_with_origin(&asked[40..48]);
     let t3_sent = ts(&sent, 40);
-    // The server relay asked chronyd, in its interleaved mode, when that reply left: an
-    // answer whose transmit timestamp is that reply's kernel transmit time, just after its T3.
+    // The client relay asked, through the server relay and in chronyd's interleaved mode,
+    // when that reply left: chronyd's answer carries its kernel transmit time, just after its
+    // T3 (and the server relay adds the residence it measured).
     let answers = proxy.replies.lock().expect("replies").clone();
     let transmitted = answers
         .iter()
@@ -322,10 +324,15 @@ fn a_basic_reply_leaves_with_the_time_servers_own_transmit_time_from_its_interle
         "T3 {t3:x} is the time server's transmit time {transmitted:x} plus the relays' residences"
     );
     assert_eq!(
-        timestamps(&server_metrics, "corrected", "basic_time_server_tx"),
+        timestamps(&client_metrics, "corrected", "basic_time_server_tx"),
         1.0
     );
-    assert_eq!(counter(&server_metrics, "time_server_tx_unavailable"), 0.0);
+    assert_eq!(counter(&client_metrics, "time_server_tx_queries"), 1.0);
+    assert_eq!(counter(&client_metrics, "time_server_tx_unavailable"), 0.0);
+    // The server relay left the request the client relay had marked alone (no second
+    // query), and translated the query's origin back to what chronyd sent.
+    assert_eq!(counter(&server_metrics, "time_server_tx_queries"), 0.0);
+    assert_eq!(timestamps(&server_metrics, "corrected", "interleaved"), 1.0);
 }
 
 #[test]
@@ -335,15 +342,17 @@ fn a_time_server_without_interleaved_answers_gets_its_basic_replies_corrected_as
     let pki = Pki::generate(&["localhost"]);
     let (server, client) = chain(&pki, chronyd.addr(), &[]);
     let server_metrics = metrics_addr(&server.daemon);
+    let client_metrics = metrics_addr(&client.daemon);
     let asked = request(false);
     let delivered = ask(client.addr, &asked);
     assert_eq!(delivered[24..32], asked[40..48], "the reply to our request");
     assert!(timestamps(&server_metrics, "corrected", "basic") >= 1.0);
+    assert!(timestamps(&client_metrics, "corrected", "basic") >= 1.0);
     assert_eq!(
-        timestamps(&server_metrics, "corrected", "basic_time_server_tx"),
+        timestamps(&client_metrics, "corrected", "basic_time_server_tx"),
         0.0
     );
-    assert!(counter(&server_metrics, "time_server_tx_unavailable") >= 1.0);
+    assert!(counter(&client_metrics, "time_server_tx_unavailable") >= 1.0);
 }
 
 #[test]

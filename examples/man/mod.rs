@@ -296,7 +296,7 @@ pub const CLIENT_KEYS: &[(&str, &str, &str)] = &[
     (
         "",
         "timestamp_correction",
-        "Correct NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
+        "Correct NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged). For a basic NTP client it also asks, through the server relay and in chronyd's interleaved mode, when the reply really left, and uses that as its transmit timestamp (at most 8 queries a second). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
         "",
@@ -394,7 +394,7 @@ pub const SERVER_KEYS: &[(&str, &str, &str)] = &[
     (
         "",
         "timestamp_correction",
-        "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). For a basic client it also asks the time server, in chronyd's interleaved mode, when the reply left, and uses that as its transmit timestamp (at most 8 queries a second). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
+        "Correct forwarded NTP replies' receive and transmit timestamps for the time the exchange spent in this relay, as a transparent clock does (packets with a MAC or extension fields pass unchanged; the builtin source stamps at its socket anyway). For a basic client that reaches it unmarked (a DTLS peer other than ntp-dtls) it also asks the time server, in chronyd's interleaved mode, when the reply left, and uses that as its transmit timestamp (at most 8 queries a second). Default true; false, or --no-timestamp-correction, turns it off. Applied at SIGHUP.",
     ),
     (
         "",

@@ -37,6 +37,7 @@ use crate::engine::{
 use crate::forward::{Departure, Forward, ReplyFate, ReplyStamp};
 use crate::ntp::{self, BuiltinSource, NtpTimestamp};
 use crate::stats::{Counter, RttGauge, Stats};
+use crate::time_server_tx::NextHop;
 
 /// Requests in flight to the time server at once; chronyd answers within microseconds, so this
 /// only fills when the time server is down.
@@ -181,7 +182,7 @@ impl Endpoint {
         rtt: Arc<RttGauge>,
     ) -> Result<Self, SettingsError> {
         let mut forward = Forward::new(PENDING_CAPACITY, PENDING_TTL, stats.clone(), rtt);
-        forward.set_time_server_tx(matches!(source, TimeSource::Forward));
+        forward.set_time_server_tx(matches!(source, TimeSource::Forward), NextHop::TimeServer);
         Ok(Endpoint {
             engine: Engine::server(settings)?,
             admission: Admission::new(limits),
@@ -208,8 +209,10 @@ impl Endpoint {
     /// transmit times.
     pub fn set_timestamp_correction(&mut self, on: bool) {
         self.forward.set_correction(on);
-        self.forward
-            .set_time_server_tx(on && matches!(self.source, TimeSource::Forward));
+        self.forward.set_time_server_tx(
+            on && matches!(self.source, TimeSource::Forward),
+            NextHop::TimeServer,
+        );
     }
 
     /// Where residence times and correction outcomes are reported.

@@ -21,9 +21,10 @@
 //! A request whose origin is a receive timestamp this relay corrected (chronyd's interleaved
 //! mode) gets the original back before it goes on, so the time server recognises it.
 //!
-//! On the server relay, a basic client's exchange may also be measured at the time server
-//! ([`crate::time_server_tx`]): the request is marked, its reply held until the time server has
-//! said when it really sent it, and then corrected for that too.
+//! A basic client's exchange may also be measured at the time server
+//! ([`crate::time_server_tx`]): the request is marked, its reply held until the next hop (the
+//! server relay, or on the server relay the time server) has said when it really left, and
+//! then corrected for that too.
 //!
 //! Every drop lands in exactly one counter (what is sent is counted by the shell that sends it). Nothing here allocates or locks per datagram: the
 //! table's maps are sized up front, the round trip goes into atomics.
@@ -40,7 +41,7 @@ use crate::residence::{
     Unchanged,
 };
 use crate::stats::{Counter, RttGauge, Stats};
-use crate::time_server_tx::{Answer, TimeServerTx};
+use crate::time_server_tx::{self, Answer, NextHop, Shift, TimeServerTx};
 
 /// What a relay keeps with each outstanding request.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +75,7 @@ pub struct ReplyStamp {
     /// Basic or interleaved: which key of the request the reply's origin matched.
     pub matched: Matched,
     /// The time server's own send lag for this basic reply, when it gave it.
-    pub time_server_lag: Option<Duration>,
+    pub time_server_lag: Option<crate::time_server_tx::Shift>,
 }
 
 /// What became of a datagram from the time server ([`Forward::time_server_reply`]).
@@ -214,8 +215,10 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
 
     /// Whether basic exchanges are measured at the time server too ([`crate::time_server_tx`]):
     /// only on a path whose next hop is the time server, and only while replies are corrected.
-    pub fn set_time_server_tx(&mut self, on: bool) {
+    /// `next_hop`: the time server (the server relay) or a server relay (the client relay).
+    pub fn set_time_server_tx(&mut self, on: bool, next_hop: NextHop) {
         self.time_server_tx.set_enabled(on);
+        self.time_server_tx.set_next_hop(next_hop);
     }
 
     /// Turns the residence correction of replies on or off. Translations already made still
@@ -411,7 +414,10 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
                         self.stats.incr(Counter::TimeServerTxUnavailable);
                     }
                     debug!(
-                        lag_ns = lag.map(|l| l.as_nanos() as u64),
+                        shift_ns = lag.map(|shift| match shift {
+                            Shift::Later(by) => by.as_nanos() as i64,
+                            Shift::Earlier(by) => -(by.as_nanos() as i64),
+                        }),
                         "time server's transmit timestamp for a held reply"
                     );
                     return ReplyFate::Released {
@@ -442,13 +448,28 @@ impl<A: Copy + Eq + std::fmt::Debug> Forward<A> {
         if !taken.value.marked {
             return ReplyFate::Route(route);
         }
-        match self
-            .time_server_tx
-            .hold(now, taken.transmit, &reply, datagram, route)
-        {
+        match self.time_server_tx.hold(
+            now,
+            self.hold_limit(),
+            taken.transmit,
+            &reply,
+            datagram,
+            route,
+        ) {
             Ok(query) => ReplyFate::Held { query },
             Err(route) => ReplyFate::Route(route),
         }
+    }
+
+    /// How long a held reply waits for its query's answer: [`time_server_tx::HOLD_LIMIT`], or
+    /// behind a longer path (the client relay's tunnel) four of its smoothed round trips, up to
+    /// [`time_server_tx::MAX_HOLD_LIMIT`].
+    fn hold_limit(&self) -> Duration {
+        let path = self
+            .rtt
+            .get()
+            .map_or(Duration::ZERO, |(_, smoothed)| smoothed * 4);
+        path.clamp(time_server_tx::HOLD_LIMIT, time_server_tx::MAX_HOLD_LIMIT)
     }
 
     /// A reply held for the time server's transmit timestamp whose query went unanswered goes
@@ -674,7 +695,7 @@ mod tests {
         let at = |us| wall + Duration::from_micros(us);
         let ntp_at = |us| NtpTimestamp::from_system_time(at(us));
         let mut f = forward();
-        f.set_time_server_tx(true);
+        f.set_time_server_tx(true, NextHop::TimeServer);
         // The request arrives at 0 us and leaves at 5 us, marked.
         let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0002));
         let view = f.request(t0, at(0), 7, &mut request).expect("forwarded");
@@ -718,7 +739,7 @@ mod tests {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let mut f = forward();
-        f.set_time_server_tx(true);
+        f.set_time_server_tx(true, NextHop::TimeServer);
         let mut request = build_request(NtpTimestamp(0xE000_0000_0000_0002));
         let view = f.request(t0, wall, 7, &mut request).expect("forwarded");
         f.request_sent(t0, wall, view.transmit.0);

@@ -547,7 +547,10 @@ impl BuiltinSource {
         // update is as recent as the request.
         write_at::<OFF_REFERENCE_TS, 8>(&mut p, receive.0.to_be_bytes());
         write_at::<OFF_ORIGIN_TS, 8>(&mut p, req_transmit.0.to_be_bytes());
-        write_at::<OFF_RECEIVE_TS, 8>(&mut p, receive.0.to_be_bytes());
+        // The lowest bit clear (0.23 ns): chronyd sets it on the receive timestamps it can be
+        // asked about in its interleaved mode; this source cannot be, so it does not invite
+        // the question (crate::time_server_tx holds only replies that carry it).
+        write_at::<OFF_RECEIVE_TS, 8>(&mut p, (receive.0 & !1).to_be_bytes());
         write_at::<OFF_TRANSMIT_TS, 8>(&mut p, transmit.0.to_be_bytes());
         Ok(p)
     }
@@ -801,6 +804,11 @@ mod tests {
         assert_ne!(&p[8..12], &[0; 4]);
         assert_eq!(&p[12..16], b"LOCL");
         assert_eq!(&p[16..24], &t2.0.to_be_bytes());
+        // A receive time with chronyd's interleaved flag (lowest bit) loses it: this source
+        // cannot be asked about its replies.
+        let flagged = ts(3_900_000_001, 0x11);
+        let p = src.reply(&req, flagged, t3).unwrap();
+        assert_eq!(check_reply(&p).unwrap().receive, t2);
     }
 
     #[test]

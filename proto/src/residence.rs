@@ -255,7 +255,7 @@ pub struct Residences {
     pub interleaved_previous: Option<Result<Duration, Unchanged>>,
     /// For a basic reply, the time server's own send lag (its T3 to its kernel transmit
     /// timestamp), when it gave it ([`crate::time_server_tx`]): added to the reply's residence.
-    pub time_server_lag: Option<Duration>,
+    pub time_server_lag: Option<crate::time_server_tx::Shift>,
 }
 
 /// A corrected reply: what the relay must remember for the client's next interleaved request.
@@ -272,7 +272,10 @@ pub fn correct(datagram: &mut [u8], residences: &Residences) -> Result<Correctio
     let reply = residences.reply?;
     let (later, kind) = match (residences.interleaved_previous, residences.time_server_lag) {
         (None, None) => (reply, Corrected::Basic),
-        (None, Some(lag)) => (reply + lag, Corrected::TimeServerTx),
+        (None, Some(shift)) => (
+            shift.apply(reply).ok_or(Unchanged::NegativeResidence)?,
+            Corrected::TimeServerTx,
+        ),
         (Some(previous), _) => (previous?, Corrected::Interleaved),
     };
     let rewritten = ntp::correct_reply(datagram, request, later).ok_or(Unchanged::NotPlain)?;

@@ -1,34 +1,38 @@
 //! The time server's own transmit time for a basic reply, asked of it in its interleaved mode.
 //!
 //! A time server in basic mode reads its transmit timestamp (T3) before it sends, and the rest
-//! of its send (the system call, the route look-up, cold after an idle second) happens after:
-//! chronyd 4.3 on the development VM takes 5-16 us (p50, idle pace) from its T3 to its kernel
+//! of its send (the system call, the route lookup, cold after an idle second) happens after:
+//! chronyd 4.3 on the development VM takes 5-22 us (p50, idle pace) from its T3 to its kernel
 //! transmit timestamp (docs/TIMESTAMPS.md). A basic client counts all of it as way back, so its
-//! offset is off by half. The relays' own residence correction cannot see it; but the time
-//! server can say it. chronyd (4.0 and later) keeps the kernel transmit timestamp of its reply
-//! to any request "formed in the interleaved mode" (version 4, origin with its lowest bit set,
-//! receive field unlike the transmit field), and sends it as the transmit timestamp of an
-//! interleaved reply to a later request whose origin is that reply's receive timestamp. So the
-//! server relay, at a device's pace:
+//! offset is off by half. A relay's own reply departure is predicted too (it must carry it).
+//! But the time server can say when a reply left: chronyd (4.0 and later) keeps the kernel
+//! transmit timestamp of its reply to any request "formed in the interleaved mode" (version 4,
+//! origin with its lowest bit set, receive field unlike the transmit field), and sends it as the
+//! transmit timestamp of an interleaved reply to a later request whose origin is that reply's
+//! receive timestamp; a server relay in between translates such a request and adds the
+//! residence it measured for that reply. So a relay, at a device's pace:
 //!
 //! 1. marks a basic client's request: origin := [`MARK`] (lowest bit set, no receive timestamp
 //!    of any server), which a basic reply never echoes (it echoes the transmit timestamp);
-//! 2. holds the reply, and sends the time server a query: origin := the reply's receive
+//! 2. holds the reply, and sends its next hop a query: origin := the reply's receive
 //!    timestamp, receive and transmit := two values of its own;
-//! 3. the interleaved answer (its origin is the query's receive field) carries the reply's
-//!    real transmit time: the held reply's T3 moves by (that - T3), both read off the time
-//!    server's own clock, so no assumption is made that it is the relay's. Then the reply goes
-//!    on, its own residence (the hold included) corrected as any other.
+//! 3. the interleaved answer (its origin is the query's receive field) carries the time the
+//!    reply really left the next hop: the held reply's T3 moves by the difference ([`Shift`]),
+//!    both read off the time server's clock, so nothing is assumed of the relay's. Then the
+//!    reply goes on, its own residence (the hold included) corrected as any other.
 //!
-//! A server that answers the query in basic mode (ntpd, ntpsec, a chronyd without the client
-//! log), a lost query or an unbelievable lag releases the reply as it is (today's correction).
-//! Three basic answers in a row and no request is marked for [`RETRY_AFTER`].
+//! The client relay does it through the server relay ([`NextHop::ServerRelay`]: chronyd's lag
+//! and the server relay's prediction error both go); the server relay, for requests that reach
+//! it unmarked, of the time server ([`NextHop::TimeServer`]). A next hop that answers in basic
+//! mode (ntpd, ntpsec, a chronyd without the client log), a lost query or an unbelievable shift
+//! releases the reply as it is (today's correction). Three such in a row and no request is
+//! marked for [`RETRY_AFTER`].
 //!
 //! At most one exchange is measured at a time and [`RATE`] a second (burst [`BURST`]): each one
 //! costs the time server a second exchange and two entries of its interleaved table (2 048 by
 //! default in chronyd, `clientloglimit`), which its interleaved clients need to outlive their
 //! polling interval. Devices polling every few seconds are all measured; under load a sample is,
-//! and the others keep their basic T3 (a warm time server's lag is small).
+//! and the others keep their predicted T3.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +45,11 @@ pub const MARK: NtpTimestamp = NtpTimestamp(1);
 /// How long a reply is held for the query's answer before it goes on without it. Far above a
 /// loopback or LAN round trip; a reply is late by this much only when the query was lost.
 pub const HOLD_LIMIT: Duration = Duration::from_millis(10);
+
+/// The longest a reply is held behind a long path (a client relay's tunnel across a WAN):
+/// the device's own timeout is a second or more, and the hold is corrected for like any
+/// residence.
+pub const MAX_HOLD_LIMIT: Duration = Duration::from_millis(100);
 
 /// How long a marked request's reply is looked for (then the next request may be marked).
 pub const MARK_LIMIT: Duration = Duration::from_secs(1);
@@ -63,6 +72,39 @@ pub const MAX_LAG: Duration = Duration::from_millis(10);
 /// A lag below zero by less than this is the time server's random fill of the bits below its
 /// precision (chronyd's), and taken as zero.
 const FUZZ: Duration = Duration::from_micros(1);
+
+/// How far a held reply's T3 moves when the answer comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shift {
+    /// Later: the time server's send lag (or, behind a server relay, the lag its prediction
+    /// missed).
+    Later(Duration),
+    /// Earlier: behind a server relay only, whose predicted departure was later than the one
+    /// it measured.
+    Earlier(Duration),
+}
+
+impl Shift {
+    /// A reply residence with this shift added; None if it would be negative.
+    pub fn apply(self, residence: Duration) -> Option<Duration> {
+        match self {
+            Shift::Later(by) => residence.checked_add(by),
+            Shift::Earlier(by) => residence.checked_sub(by),
+        }
+    }
+}
+
+/// Whom the queries reach, which says what their answers' T3 is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextHop {
+    /// The time server itself (the server relay): T3 is its kernel transmit time, never
+    /// earlier than the T3 it wrote.
+    TimeServer,
+    /// A server relay (the client relay): T3 is the time server's kernel transmit time plus
+    /// the server relay's measured residence, which may be earlier or later than the
+    /// residence it predicted for the held reply.
+    ServerRelay,
+}
 
 /// A reply held for its query's answer.
 #[derive(Debug, Clone)]
@@ -94,7 +136,7 @@ pub enum Answer<R> {
     NotOurs,
     /// The held reply goes on, with the time server's send lag to correct its T3 by (`Some`),
     /// or without (`None`: answered in basic mode, or a lag that cannot be believed).
-    Release(Held<R>, Option<Duration>),
+    Release(Held<R>, Option<Shift>),
     /// A query's answer for a reply no longer held (released at its deadline).
     Stale,
 }
@@ -105,8 +147,10 @@ pub enum Answer<R> {
 pub struct TimeServerTx<R> {
     enabled: bool,
     slot: Slot<R>,
+    next_hop: NextHop,
     /// Generic cell rate: the theoretical arrival time of the next measurement.
     next_allowed: Option<Instant>,
+    /// Queries answered in basic mode or not at all, in a row.
     basic_answers: u32,
     retry_at: Option<Instant>,
     /// The last query's answer keys, after its reply was released at the deadline: a late
@@ -118,6 +162,7 @@ impl<R> Default for TimeServerTx<R> {
     fn default() -> Self {
         TimeServerTx {
             enabled: false,
+            next_hop: NextHop::TimeServer,
             slot: Slot::Free,
             next_allowed: None,
             basic_answers: 0,
@@ -137,6 +182,10 @@ impl<R> TimeServerTx<R> {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    pub fn set_next_hop(&mut self, next_hop: NextHop) {
+        self.next_hop = next_hop;
     }
 
     /// A request about to go to the time server: marks it (sets its origin to [`MARK`]) when it
@@ -187,10 +236,11 @@ impl<R> TimeServerTx<R> {
 
     /// The reply to a marked request (keyed by its transmit timestamp): returns the query to
     /// send the time server when the reply is held (then it comes back with [`Self::answer`]
-    /// or [`Self::expire`]); None when it goes on at once.
+    /// or, `limit` from now, [`Self::expire`]); None when it goes on at once.
     pub fn hold(
         &mut self,
         now: Instant,
+        limit: Duration,
         transmit: u64,
         reply: &ReplyView,
         datagram: &[u8],
@@ -221,7 +271,7 @@ impl<R> TimeServerTx<R> {
             t3: reply.transmit,
             query_receive,
             query_transmit,
-            deadline: now + HOLD_LIMIT,
+            deadline: now + limit,
         });
         self.stale = None;
         Ok(query)
@@ -247,16 +297,22 @@ impl<R> TimeServerTx<R> {
             return Answer::NotOurs;
         };
         if !interleaved {
-            self.basic_answers += 1;
-            if self.basic_answers >= BASIC_ANSWERS_TO_GIVE_UP {
-                self.basic_answers = 0;
-                self.retry_at = Some(now + RETRY_AFTER);
-            }
+            self.unmeasured(now);
             return Answer::Release(held, None);
         }
         self.basic_answers = 0;
-        let lag = lag(held.t3, reply.transmit);
-        Answer::Release(held, lag)
+        let shift = shift(self.next_hop, held.t3, reply.transmit);
+        Answer::Release(held, shift)
+    }
+
+    /// A query answered in basic mode, or not in time: after a few in a row, the next hop is
+    /// not asked for a while (a time server that cannot say, a path too long to wait for).
+    fn unmeasured(&mut self, now: Instant) {
+        self.basic_answers += 1;
+        if self.basic_answers >= BASIC_ANSWERS_TO_GIVE_UP {
+            self.basic_answers = 0;
+            self.retry_at = Some(now + RETRY_AFTER);
+        }
     }
 
     /// A held reply whose query was not answered by its deadline goes on as it is.
@@ -269,6 +325,7 @@ impl<R> TimeServerTx<R> {
             return None;
         };
         self.stale = Some((held.query_receive, held.query_transmit));
+        self.unmeasured(now);
         Some(held)
     }
 
@@ -281,14 +338,20 @@ impl<R> TimeServerTx<R> {
     }
 }
 
-/// The time server's send lag: its kernel transmit time minus the T3 it wrote, if believable.
-fn lag(t3: NtpTimestamp, transmitted: NtpTimestamp) -> Option<Duration> {
+/// How far the held reply's T3 (`t3`) moves to the answer's (`transmitted`), if believable:
+/// from the time server, its send lag (never below zero but for its random fill); from a
+/// server relay, either way.
+fn shift(next_hop: NextHop, t3: NtpTimestamp, transmitted: NtpTimestamp) -> Option<Shift> {
     let units = transmitted.0.wrapping_sub(t3.0) as i64;
-    let lag = ntp::duration_of_units(units.unsigned_abs());
-    if units < 0 {
-        return (lag < FUZZ).then_some(Duration::ZERO);
+    let by = ntp::duration_of_units(units.unsigned_abs());
+    if by > MAX_LAG {
+        return None;
     }
-    (lag <= MAX_LAG).then_some(lag)
+    match (units < 0, next_hop) {
+        (false, _) => Some(Shift::Later(by)),
+        (true, NextHop::ServerRelay) => Some(Shift::Earlier(by)),
+        (true, NextHop::TimeServer) => (by < FUZZ).then_some(Shift::Later(Duration::ZERO)),
+    }
 }
 
 #[cfg(test)]
@@ -330,7 +393,14 @@ mod tests {
         assert_eq!(marked.transmit, view.transmit, "its key is untouched");
         let answer = reply(T1, T2, T3);
         let query = tx
-            .hold(now, T1, &check_reply(&answer).unwrap(), &answer, 7)
+            .hold(
+                now,
+                HOLD_LIMIT,
+                T1,
+                &check_reply(&answer).unwrap(),
+                &answer,
+                7,
+            )
             .expect("held");
         let q = check_request(&query).unwrap();
         assert_eq!(q.version, 4);
@@ -348,7 +418,7 @@ mod tests {
         let lag_units = ntp::ntp_units(Duration::from_micros(12));
         let interleaved = reply(q.receive.0, T2 + 0x1000, T3 + lag_units);
         match tx.answer(now, &check_reply(&interleaved).unwrap()) {
-            Answer::Release(held, Some(lag)) => {
+            Answer::Release(held, Some(Shift::Later(lag))) => {
                 assert_eq!(held.route, 7);
                 assert_eq!(held.reply, reply(T1, T2, T3), "as the time server sent it");
                 assert!(lag.abs_diff(Duration::from_micros(12)) < Duration::from_nanos(2));
@@ -449,6 +519,7 @@ mod tests {
                 assert!(
                     tx.hold(
                         later,
+                        HOLD_LIMIT,
                         T1 + u64::from(i),
                         &check_reply(&kod).unwrap(),
                         &kod,
@@ -465,13 +536,43 @@ mod tests {
 
     #[test]
     fn lags_below_zero_or_beyond_belief_are_not_used() {
+        let lag = |t3, transmitted| shift(NextHop::TimeServer, t3, transmitted);
         let t3 = NtpTimestamp(T3);
-        assert_eq!(lag(t3, t3), Some(Duration::ZERO));
+        let zero = Some(Shift::Later(Duration::ZERO));
+        assert_eq!(lag(t3, t3), zero);
         let fuzz = ntp::ntp_units(Duration::from_nanos(200));
-        assert_eq!(lag(t3, NtpTimestamp(T3 - fuzz)), Some(Duration::ZERO));
+        assert_eq!(lag(t3, NtpTimestamp(T3 - fuzz)), zero);
         let back = ntp::ntp_units(Duration::from_micros(5));
         assert_eq!(lag(t3, NtpTimestamp(T3 - back)), None);
         let far = ntp::ntp_units(MAX_LAG + Duration::from_micros(1));
         assert_eq!(lag(t3, NtpTimestamp(T3 + far)), None);
+        // Behind a server relay, a departure it predicted too late moves T3 back.
+        let relay = |transmitted| shift(NextHop::ServerRelay, t3, transmitted);
+        match relay(NtpTimestamp(T3 - back)) {
+            Some(Shift::Earlier(by)) => {
+                assert!(by.abs_diff(Duration::from_micros(5)) < Duration::from_nanos(2))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(relay(NtpTimestamp(T3 - far)), None);
+        assert_eq!(
+            Shift::Earlier(Duration::from_micros(5)).apply(Duration::from_micros(3)),
+            None,
+            "never a negative residence"
+        );
+    }
+
+    #[test]
+    fn unanswered_queries_in_a_row_stop_the_marking_too() {
+        let mut now = Instant::now();
+        let mut tx = on();
+        for _ in 0..BASIC_ANSWERS_TO_GIVE_UP {
+            marked_and_held(&mut tx, now);
+            assert!(tx.expire(now + HOLD_LIMIT).is_some());
+            now += Duration::from_secs(1);
+        }
+        let mut datagram = request();
+        let view = check_request(&datagram).unwrap();
+        assert!(!tx.mark(now, &view, false, &mut datagram), "given up");
     }
 }

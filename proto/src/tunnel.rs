@@ -36,10 +36,11 @@ use tracing::{debug, warn};
 use crate::admission::{AuditLimiter, HandshakeGuard, HandshakeLimits, Side};
 use crate::backoff::Backoff;
 use crate::engine::{ClientSettings, DtlsEngine, Engine, Event, Failure, PeerIdentity};
-use crate::forward::{Departure, Forward, ReplyStamp};
+use crate::forward::{Departure, Forward, ReplyFate, ReplyStamp};
 use crate::health::{DeathCause, Health, HealthPolicy, Verdict};
 use crate::ntp;
 use crate::stats::{Counter, RttGauge, Stats};
+use crate::time_server_tx::NextHop;
 
 /// Outstanding requests per tunnel. NTP clients poll at most a few times a second each; this
 /// leaves room for bursts from many local clients.
@@ -236,6 +237,9 @@ const DEFENCE_LOG_BURST: f64 = 200.0;
 struct QueuedRequest {
     transmit: u64,
     datagram: BytesMut,
+    /// The relay's own query about a held reply ([`crate::time_server_tx`]), not a local
+    /// client's request: no departure, not counted as forwarded.
+    query: bool,
 }
 
 struct QueuedReply {
@@ -338,9 +342,12 @@ impl Tunnel {
         tunnel
     }
 
-    /// Turns the residence correction of replies on or off (docs/TIMESTAMPS.md).
+    /// Turns the residence correction of replies on or off (docs/TIMESTAMPS.md), and with it
+    /// the asking, through the server relay, when a basic reply really left it and the time
+    /// server ([`crate::time_server_tx`]).
     pub fn set_timestamp_correction(&mut self, on: bool) {
         self.forward.set_correction(on);
+        self.forward.set_time_server_tx(on, NextHop::ServerRelay);
     }
 
     /// Where residence times and correction outcomes are reported.
@@ -448,6 +455,7 @@ impl Tunnel {
         self.requests.push_back(QueuedRequest {
             transmit: request.transmit.0,
             datagram,
+            query: false,
         });
     }
 
@@ -557,6 +565,13 @@ impl Tunnel {
     /// Time passed: retransmissions, expiries, checks, retries and rekeys due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.forward.expire(now);
+        if let Some((route, reply)) = self.forward.release_overdue(now) {
+            self.replies.push_back(QueuedReply {
+                to: route.to,
+                datagram: BytesMut::from(&reply[..]),
+                stamp: route.stamp,
+            });
+        }
         let due: Vec<AssociationId> = self
             .associations
             .iter()
@@ -831,15 +846,30 @@ impl Tunnel {
             }
             return;
         }
-        let Some(route) = self.forward.reply(now, rx, &mut payload) else {
-            return;
-        };
-        if is_current {
+        let fate = self.forward.time_server_reply(now, rx, &mut payload);
+        // A reply held for its query's answer came all the same: the association is alive.
+        if is_current && !matches!(fate, ReplyFate::Dropped) {
             let rtt = self.forward.rtt().get().map(|(last, _)| last);
             if let Some(health) = self.current_mut().and_then(|a| a.health.as_mut()) {
                 health.reply_received(now, rtt);
             }
         }
+        let (route, payload) = match fate {
+            ReplyFate::Route(route) => (route, payload),
+            ReplyFate::Held { query } => {
+                // The reply waits for the server relay to say when it, and the time server,
+                // really sent it: the query goes the same way.
+                self.stats.incr(Counter::TimeServerTxQueries);
+                self.requests.push_back(QueuedRequest {
+                    transmit: 0,
+                    datagram: BytesMut::from(&query[..]),
+                    query: true,
+                });
+                return;
+            }
+            ReplyFate::Released { route, reply } => (route, BytesMut::from(&reply[..])),
+            ReplyFate::Dropped => return,
+        };
         self.replies.push_back(QueuedReply {
             to: route.to,
             datagram: payload,
@@ -1096,9 +1126,10 @@ impl Tunnel {
             return;
         };
         let (id, peer) = (association.id, association.peer);
-        let departure = self.forward.request_sent(now, wall, request.transmit);
+        let departure =
+            (!request.query).then(|| self.forward.request_sent(now, wall, request.transmit));
         match association.engine.send(now, peer, &request.datagram) {
-            Ok(()) => self.drain_engine_departing(id, true, Some(departure)),
+            Ok(()) => self.drain_engine_departing(id, !request.query, departure),
             Err(error) => {
                 self.stats.incr(Counter::DropNoAssociation);
                 debug!(tunnel = %self.config.name, %error, "request dropped");

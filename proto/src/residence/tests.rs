@@ -194,7 +194,9 @@ fn a_time_servers_own_send_lag_moves_a_basic_replys_transmit_timestamp_with_its_
             request: us(10),
             reply: us(20),
             interleaved_previous: None,
-            time_server_lag: Some(Duration::from_micros(12)),
+            time_server_lag: Some(crate::time_server_tx::Shift::Later(Duration::from_micros(
+                12,
+            ))),
         },
     )
     .unwrap();
@@ -210,7 +212,9 @@ fn a_time_servers_own_send_lag_moves_a_basic_replys_transmit_timestamp_with_its_
             request: us(10),
             reply: us(20),
             interleaved_previous: Some(us(3)),
-            time_server_lag: Some(Duration::from_micros(12)),
+            time_server_lag: Some(crate::time_server_tx::Shift::Later(Duration::from_micros(
+                12,
+            ))),
         },
     )
     .unwrap();

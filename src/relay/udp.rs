@@ -49,7 +49,7 @@ use nix::sys::socket::{
     recvmmsg, sendmmsg, setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
-use ntp_dtls_proto::forward::Departure;
+use ntp_dtls_proto::forward::{Departure, Movable};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -474,6 +474,9 @@ pub struct SendQueue {
     sources: Vec<Option<IpAddr>>,
     /// What to report when each leaves (see [`SendQueue::departed`]).
     departures: Vec<Option<Departure>>,
+    /// Whether any of them may be restamped at the send (the client relay's replies): the
+    /// server relay's records never are, and need no look.
+    movable: bool,
     stamps: TxStamps,
     /// Scratch for one sendmmsg's destination addresses, made for the datagrams it sends only
     /// (an array of [`BATCH`], 128 bytes each, cost more to fill than the call it was for).
@@ -490,6 +493,7 @@ impl Default for SendQueue {
             tagged: Vec::with_capacity(BATCH),
             sources: Vec::with_capacity(BATCH),
             departures: Vec::with_capacity(BATCH),
+            movable: false,
             stamps: TxStamps::default(),
             addresses: Vec::with_capacity(BATCH),
             spent: Vec::with_capacity(BATCH),
@@ -506,7 +510,6 @@ fn restamp(
     departures: &mut [Option<Departure>],
     queued: &mut [(Option<SocketAddr>, bytes::BytesMut)],
 ) {
-    use ntp_dtls_proto::forward::Movable;
     if !departures
         .iter()
         .flatten()
@@ -633,6 +636,7 @@ impl SendQueue {
         self.queued.push((destination, datagram));
         self.tagged.push(tagged);
         self.sources.push(source);
+        self.movable |= departure.is_some_and(|d| d.movable != Movable::Fixed);
         self.departures.push(departure);
     }
 
@@ -676,7 +680,7 @@ impl SendQueue {
         // flushes measure nothing, and switch it off as before.
         let wanted = socket.tx_timestamps && self.departures.iter().flatten().any(|d| d.measure);
         let measure = wanted && socket.generate_tx_timestamps(true);
-        if socket.tx_timestamps && !wanted {
+        if !wanted && socket.tx_on.load(Ordering::Relaxed) {
             socket.generate_tx_timestamps(false);
         }
         // (Still generating if switching off failed last time: then every datagram has a key,
@@ -691,10 +695,12 @@ impl SendQueue {
                 .take_while(|s| **s == source)
                 .count();
             let end = start + run;
-            restamp(
-                &mut self.departures[start..end],
-                &mut self.queued[start..end],
-            );
+            if self.movable {
+                restamp(
+                    &mut self.departures[start..end],
+                    &mut self.queued[start..end],
+                );
+            }
             match send_chunk(
                 socket,
                 &self.queued[start..end],
@@ -749,6 +755,7 @@ impl SendQueue {
         self.tagged.clear();
         self.sources.clear();
         self.departures.clear();
+        self.movable = false;
         // A late timestamp (a driver that stamps after the call returned) is read with a
         // later flush.
         if stamping || !self.stamps.in_flight.is_empty() {

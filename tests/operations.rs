@@ -52,22 +52,6 @@ fn awaited_metric(addr: &str, name: &str, want: f64) -> f64 {
     }
 }
 
-/// A value of the Prometheus text served at `addr`, read over plain HTTP.
-fn metric(addr: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
-}
-
 #[test]
 fn metrics_move_as_traffic_flows_and_status_summarises_them() {
     let pki = Pki::generate(&["localhost"]);

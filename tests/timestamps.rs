@@ -30,18 +30,10 @@ fn metrics_addr(daemon: &Daemon) -> String {
 
 /// `ntp_dtls_timestamps_total{result=..,reason=..}` of the relay serving metrics at `addr`.
 fn timestamps(addr: &str, result: &str, reason: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    let name = format!("ntp_dtls_timestamps_total{{result=\"{result}\",reason=\"{reason}\"}}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+    metric(
+        addr,
+        &format!("ntp_dtls_timestamps_total{{result=\"{result}\",reason=\"{reason}\"}}"),
+    )
 }
 
 /// Both relays with metrics, the server relay towards `upstream`; `extra` for both.
@@ -280,18 +272,7 @@ fn a_reply_with_a_mac_comes_back_byte_for_byte_and_a_plain_one_is_corrected() {
 
 /// `ntp_dtls_NAME_total` of the relay serving metrics at `addr`.
 fn counter(addr: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    let name = format!("ntp_dtls_{name}_total ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+    metric(addr, &format!("ntp_dtls_{name}_total "))
 }
 
 #[test]

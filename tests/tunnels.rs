@@ -39,16 +39,9 @@ fn client_with_hosts(hosts: &Path, args: &[String]) -> Option<Daemon> {
 /// The value of the first sample of `name` whose labels contain every one of `labels`, from
 /// the Prometheus text at the relay's `--metrics` address.
 fn gauge(daemon: &Daemon, name: &str, labels: &[&str]) -> f64 {
-    use std::io::{Read, Write};
     let ready = daemon.wait_for_line(" ready ", READY_TIMEOUT);
     let addr = find_field(&ready, "metrics").expect("metrics= in the ready line");
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
+    let text = metrics_text(addr);
     text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))

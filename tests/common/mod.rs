@@ -695,6 +695,28 @@ pub fn ntp_diff(a: u64, b: u64) -> f64 {
 }
 
 /// A client (mode 3, version 4) request with the given transmit timestamp.
+/// The Prometheus text a relay serves at `addr` (`--metrics`), read over plain HTTP.
+pub fn metrics_text(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of the sample `series` (a name with its labels, as printed) at `addr`.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    let text = metrics_text(addr);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+}
+
 pub fn ntp_client_request(transmit: u64) -> [u8; 48] {
     let mut p = [0u8; 48];
     p[0] = 0x23; // LI 0, VN 4, mode 3

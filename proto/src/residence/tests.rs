@@ -185,42 +185,44 @@ fn a_reply_is_corrected_whole_or_left_alone() {
 
 #[test]
 fn a_time_servers_own_send_lag_moves_a_basic_replys_transmit_timestamp_with_its_residence() {
-    let us = |n| Ok(Duration::from_micros(n));
+    use crate::time_server_tx::Shift;
+    let us = |n| Duration::from_micros(n);
     let original = reply(ts(9, 0x1000_0001), ts(9, 0x2000_0000));
-    let mut p = original;
-    let c = correct(
-        &mut p,
-        &Residences {
-            request: us(10),
-            reply: us(20),
-            interleaved_previous: None,
-            time_server_lag: Some(crate::time_server_tx::Shift::Later(Duration::from_micros(
-                12,
-            ))),
-        },
-    )
-    .unwrap();
+    // Request residence 10 us, reply residence 20 us; the shift the answer gave.
+    let correct_with = |interleaved_previous: Option<u64>, shift| {
+        let mut p = original;
+        correct(
+            &mut p,
+            &Residences {
+                request: Ok(us(10)),
+                reply: Ok(us(20)),
+                interleaved_previous: interleaved_previous.map(|n| Ok(us(n))),
+                time_server_lag: Some(shift),
+            },
+        )
+    };
+    let t3_moved = |c: &Correction| {
+        c.rewritten
+            .transmit_after
+            .diff_seconds(c.rewritten.transmit_before)
+    };
+    let c = correct_with(None, Shift::Later(us(12))).unwrap();
     assert_eq!(c.kind, Corrected::TimeServerTx);
     let r = c.rewritten;
     assert!((r.receive_before.diff_seconds(r.receive_after) - 10e-6).abs() < 1e-9);
-    assert!((r.transmit_after.diff_seconds(r.transmit_before) - 32e-6).abs() < 1e-9);
+    assert!((t3_moved(&c) - 32e-6).abs() < 1e-9);
+    // Behind a server relay whose predicted departure was 5 us late: T3 moves 5 us less.
+    let c = correct_with(None, Shift::Earlier(us(5))).unwrap();
+    assert!((t3_moved(&c) - 15e-6).abs() < 1e-9);
+    // Never to a negative residence: the reply passes as it came.
+    assert_eq!(
+        correct_with(None, Shift::Earlier(us(25))).unwrap_err(),
+        Unchanged::NegativeResidence
+    );
     // An interleaved reply's T3 is already the time server's transmit time: no lag added.
-    let mut p = original;
-    let c = correct(
-        &mut p,
-        &Residences {
-            request: us(10),
-            reply: us(20),
-            interleaved_previous: Some(us(3)),
-            time_server_lag: Some(crate::time_server_tx::Shift::Later(Duration::from_micros(
-                12,
-            ))),
-        },
-    )
-    .unwrap();
+    let c = correct_with(Some(3), Shift::Later(us(12))).unwrap();
     assert_eq!(c.kind, Corrected::Interleaved);
-    let r = c.rewritten;
-    assert!((r.transmit_after.diff_seconds(r.transmit_before) - 3e-6).abs() < 1e-9);
+    assert!((t3_moved(&c) - 3e-6).abs() < 1e-9);
 }
 
 #[test]

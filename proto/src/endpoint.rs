@@ -430,7 +430,18 @@ impl Endpoint {
     /// The next request for the time server, if any (what [`Endpoint::poll_transmit`] would
     /// return first): a shell sends these before it finishes replies, so a reply's transmit
     /// time is not taken before a system call it then waits behind.
+    #[inline]
     pub fn poll_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
+        // Inlined emptiness test: with the builtin source, or between requests, the shell's
+        // per-pass calls cost no call (callgrind: 36 instructions a reply, once the query
+        // branch below made the whole function too large to inline).
+        if self.to_time_server.is_empty() {
+            return None;
+        }
+        self.next_request(now, wall)
+    }
+
+    fn next_request(&mut self, now: Instant, wall: SystemTime) -> Option<Transmit> {
         let request = self.to_time_server.pop_front()?;
         if request.query {
             return Some(Transmit {

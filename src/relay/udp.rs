@@ -474,9 +474,6 @@ pub struct SendQueue {
     sources: Vec<Option<IpAddr>>,
     /// What to report when each leaves (see [`SendQueue::departed`]).
     departures: Vec<Option<Departure>>,
-    /// Whether any of them may be restamped at the send (the client relay's replies): the
-    /// server relay's records never are, and need no look.
-    movable: bool,
     stamps: TxStamps,
     /// Scratch for one sendmmsg's destination addresses, made for the datagrams it sends only
     /// (an array of [`BATCH`], 128 bytes each, cost more to fill than the call it was for).
@@ -493,7 +490,6 @@ impl Default for SendQueue {
             tagged: Vec::with_capacity(BATCH),
             sources: Vec::with_capacity(BATCH),
             departures: Vec::with_capacity(BATCH),
-            movable: false,
             stamps: TxStamps::default(),
             addresses: Vec::with_capacity(BATCH),
             spent: Vec::with_capacity(BATCH),
@@ -636,7 +632,6 @@ impl SendQueue {
         self.queued.push((destination, datagram));
         self.tagged.push(tagged);
         self.sources.push(source);
-        self.movable |= departure.is_some_and(|d| d.movable != Movable::Fixed);
         self.departures.push(departure);
     }
 
@@ -675,9 +670,9 @@ impl SendQueue {
         // Transmit timestamps only while a departure to be measured goes out (each costs the
         // kernel a queued message and us its reading). Switched on for such a flush and left
         // on after it, off again by the first flush without one: at a device's pace every
-        // flush measures, and two system calls per flush go (one of them between a reply's
-        // stamp and its send, in the window its prediction must cover); under load most
-        // flushes measure nothing, and switch it off as before.
+        // flush measures, and so saves two system calls (one of them between a reply's stamp
+        // and its send, in the window its prediction must cover); under load most flushes
+        // measure nothing, and switch it off as before.
         let wanted = socket.tx_timestamps && self.departures.iter().flatten().any(|d| d.measure);
         let measure = wanted && socket.generate_tx_timestamps(true);
         if !wanted && socket.tx_on.load(Ordering::Relaxed) {
@@ -695,12 +690,10 @@ impl SendQueue {
                 .take_while(|s| **s == source)
                 .count();
             let end = start + run;
-            if self.movable {
-                restamp(
-                    &mut self.departures[start..end],
-                    &mut self.queued[start..end],
-                );
-            }
+            restamp(
+                &mut self.departures[start..end],
+                &mut self.queued[start..end],
+            );
             match send_chunk(
                 socket,
                 &self.queued[start..end],
@@ -755,7 +748,6 @@ impl SendQueue {
         self.tagged.clear();
         self.sources.clear();
         self.departures.clear();
-        self.movable = false;
         // A late timestamp (a driver that stamps after the call returned) is read with a
         // later flush.
         if stamping || !self.stamps.in_flight.is_empty() {
